@@ -1,0 +1,78 @@
+"""Hermes' one error type and its kinds: each carries its HTTP status and stable code.
+
+The table in DESIGN.md §2 is implemented here and nowhere else; handlers only
+turn a `HermesError` into their event's response shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class HermesError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "code": self.code, **self.extra}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class InvalidRequest(HermesError):
+    status, code = 400, "invalid_request"
+
+
+class ModelNotConfigured(HermesError):
+    status, code = 404, "model_not_configured"
+
+
+class ModelNotFound(HermesError):
+    status, code = 404, "model_not_found"
+
+
+class RouteNotFound(HermesError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(HermesError):
+    status, code = 405, "method_not_allowed"
+
+
+class PromptTooLarge(HermesError):
+    status, code = 413, "prompt_too_large"
+
+
+class ModelBusy(HermesError):
+    status, code = 429, "model_busy"
+
+
+class HostBusy(HermesError):
+    status, code = 429, "host_busy"
+
+
+class UpstreamError(HermesError):
+    status, code = 502, "upstream_error"
+
+
+class UpstreamUnavailable(HermesError):
+    status, code = 503, "upstream_unavailable"
+
+
+class LimiterUnavailable(HermesError):
+    status, code = 503, "limiter_unavailable"
+
+
+class UpstreamTimeout(HermesError):
+    status, code = 504, "upstream_timeout"
+
+
+class InternalError(HermesError):
+    """A bug: reported without details so nothing internal leaks to callers."""

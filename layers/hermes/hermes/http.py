@@ -1,0 +1,94 @@
+"""What every HTTP function shares: the FastAPI app factory with Hermes' error shape,
+and helpers to read a JSON body and the Lambda deadline from a request."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from hermes import __version__
+from hermes.errors import (
+    HermesError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PromptTooLarge,
+    RouteNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+# Time kept back from the Lambda deadline to release the lease and send the answer.
+LAMBDA_SAFETY_S = 1.0
+# Generous for JSON escaping (up to 6 bytes per character) around the largest prompt.
+BODY_BYTES_PER_PROMPT_CHAR = 6
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def error_response(error: HermesError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def create_app(title: str) -> FastAPI:
+    """A FastAPI app whose every failure, including unknown routes, is Hermes' JSON error."""
+    app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(HermesError)
+    async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(InvalidRequest(f"field '{field}': {first.get('msg', 'invalid')}"))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(
+                RouteNotFound(f"no route {request.method} {request.url.path}")
+            )
+        if exc.status_code == 405:
+            return error_response(
+                MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+            )
+        return JSONResponse(
+            {"error": str(exc.detail), "code": f"http_{exc.status_code}"}, exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(InternalError("internal error; see the service logs"))
+
+    return app
+
+
+async def read_json_body(request: Request, max_prompt_chars: int) -> Any:
+    """The parsed JSON body, or InvalidRequest / PromptTooLarge. Content-Type is not
+    required: the seed's own `curl -d '{...}'` example sends form-encoded headers."""
+    limit = max_prompt_chars * BODY_BYTES_PER_PROMPT_CHAR + BODY_OVERHEAD_BYTES
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PromptTooLarge(f"request body has {len(raw)} bytes; the limit is {limit}")
+    if not raw.strip():
+        raise InvalidRequest('the request body is empty; send a JSON object such as {"prompt": "..."}')
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
+
+
+def lambda_time_left_s(request: Request) -> float | None:
+    """Seconds this Lambda invocation can still spend, or None outside Lambda."""
+    context = request.scope.get("aws.context")
+    if context is None or not hasattr(context, "get_remaining_time_in_millis"):
+        return None
+    return float(context.get_remaining_time_in_millis()) / 1000 - LAMBDA_SAFETY_S

@@ -1,0 +1,157 @@
+"""`make run`: Hermes on http://localhost:$PORT without Docker.
+
+Serves each function's own handler app on the routes template.yaml declares, with
+the environment the template gives it, and a DynamoDB whose tables come from the
+template: an embedded store, or the server named by AWS_ENDPOINT_URL_DYNAMODB so
+several runners can share one store (as Lambda instances share one table).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from local.template import ROOT, Function, functions, http_routes, load_template, resolve, table_definitions
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class MountedRoute:
+    method: str
+    pattern: re.Pattern[str]
+    app: ASGIApp
+
+
+def path_pattern(path: str) -> re.Pattern[str]:
+    """API Gateway path → regex: {name} is one segment, {name+} is greedy."""
+    regex = re.sub(r"\\\{[^/]+?\\\+\\\}", "(?:.+)", re.escape(path))
+    regex = re.sub(r"\\\{[^/]+?\\\}", "(?:[^/]+)", regex)
+    return re.compile(regex)
+
+
+class Router:
+    """Dispatches like API Gateway's HTTP API: route match, else JSON 404/405."""
+
+    def __init__(self, routes: list[MountedRoute]) -> None:
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # uvicorn runs with lifespan="off"
+            return
+        matching = [r for r in self.routes if r.pattern.fullmatch(scope["path"])]
+        for route in matching:
+            if route.method in (scope["method"], "ANY"):
+                await route.app(scope, receive, send)
+                return
+        if matching:
+            allowed = ", ".join(sorted({r.method for r in matching}))
+            await _json(send, 405, {"error": f"method {scope['method']} is not allowed on {scope['path']}",
+                                    "code": "method_not_allowed"}, [(b"allow", allowed.encode())])
+        else:
+            await _json(send, 404, {"error": f"no route {scope['method']} {scope['path']}", "code": "not_found"})
+
+
+async def _json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def apply_function_environment(template: dict[str, Any], fns: dict[str, Function]) -> None:
+    """Set each variable the template gives the functions, unless the caller already set it
+    (so OLLAMA_URL=... make run overrides the OllamaUrl parameter's default)."""
+    for fn in fns.values():
+        for name, value in fn.environment.items():
+            os.environ.setdefault(name, str(resolve(value, template)))
+
+
+def ensure_tables(template: dict[str, Any]) -> None:
+    """Create the template's tables if missing: idempotent, safe for several runners at once."""
+    import boto3
+
+    client = boto3.client("dynamodb")
+    existing = set(client.list_tables()["TableNames"])
+    for name, definition in table_definitions(template).items():
+        if name in existing:
+            continue
+        try:
+            client.create_table(**definition)
+        except client.exceptions.ResourceInUseException:
+            pass  # another runner created it first
+        client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1})
+
+
+def load_handler_app(fn: Function) -> ASGIApp:
+    """Import the function's handler module from its CodeUri and return the ASGI app its
+    Mangum handler wraps: the same code Lambda runs, minus the event translation."""
+    module_name, attr = fn.handler.rsplit(".", 1)
+    spec = importlib.util.spec_from_file_location(f"hermes_function_{fn.logical_id}", fn.code_uri / f"{module_name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = getattr(module, attr)
+    return handler.app  # type: ignore[no-any-return]
+
+
+def build_app() -> Router:
+    """Prepare the environment, the store and the tables, then mount every declared route."""
+    template = load_template()
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    if not os.environ.get("AWS_ENDPOINT_URL_DYNAMODB"):
+        from local.embedded_dynamodb import start_embedded_dynamodb
+
+        os.environ["AWS_ENDPOINT_URL_DYNAMODB"] = start_embedded_dynamodb()
+        os.environ["HERMES_LOCAL_STORE"] = "embedded"
+    fns = functions(template)
+    apply_function_environment(template, fns)
+    ensure_tables(template)
+    sys.path.insert(0, str(ROOT / "layers" / "hermes"))
+    apps = {name: load_handler_app(fn) for name, fn in fns.items()}
+    return Router([MountedRoute(r.method, path_pattern(r.path), apps[r.function]) for r in http_routes(template)])
+
+
+def describe(port: int, host: str) -> str:
+    from hermes.config import get_settings
+
+    settings = get_settings()
+    store = os.environ.get("HERMES_LOCAL_STORE") == "embedded" and "embedded (in-process)" or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
+    lines = [f"Hermes listening on http://{host}:{port}",
+             f"  DynamoDB: {store}",
+             f"  Ollama:   {settings.ollama_url}"]
+    for name, model in sorted(settings.models.items()):
+        lines.append(f"  model {name}: {model.backend_model} via Ollama, max_concurrency={model.max_concurrency}, "
+                     f"timeout={model.timeout} ms")
+    lines += [f"  route {r.method} {r.path} -> {r.function}" for r in http_routes()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import uvicorn
+
+    from hermes.config import ConfigError
+
+    port = int(os.environ.get("PORT") or 4020)
+    host = os.environ.get("HOST") or "127.0.0.1"
+    try:
+        app = build_app()
+        print(describe(port, host), flush=True)
+    except ConfigError as exc:
+        sys.exit(f"hermes: configuration error: {exc}")
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                access_log=os.environ.get("HERMES_ACCESS_LOG", "1") == "1", lifespan="off")
+
+
+if __name__ == "__main__":
+    main()
