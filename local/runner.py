@@ -8,6 +8,7 @@ several runners can share one store (as Lambda instances share one table).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,10 +18,20 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from local.template import ROOT, Function, functions, http_routes, load_template, resolve, table_definitions
+from local.template import (
+    ROOT,
+    Function,
+    functions,
+    http_routes,
+    load_template,
+    resolve,
+    table_definitions,
+)
 
 Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
 
 
 @dataclass(frozen=True)
@@ -53,17 +64,38 @@ class Router:
                 return
         if matching:
             allowed = ", ".join(sorted({r.method for r in matching}))
-            await _json(send, 405, {"error": f"method {scope['method']} is not allowed on {scope['path']}",
-                                    "code": "method_not_allowed"}, [(b"allow", allowed.encode())])
+            await _json(
+                send,
+                405,
+                {
+                    "error": f"method {scope['method']} is not allowed on {scope['path']}",
+                    "code": "method_not_allowed",
+                },
+                [(b"allow", allowed.encode())],
+            )
         else:
-            await _json(send, 404, {"error": f"no route {scope['method']} {scope['path']}", "code": "not_found"})
+            await _json(
+                send,
+                404,
+                {"error": f"no route {scope['method']} {scope['path']}", "code": "not_found"},
+            )
 
 
-async def _json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _json(
+    send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -84,10 +116,9 @@ def ensure_tables(template: dict[str, Any]) -> None:
     for name, definition in table_definitions(template).items():
         if name in existing:
             continue
-        try:
+        # Another runner may create it first.
+        with contextlib.suppress(client.exceptions.ResourceInUseException):
             client.create_table(**definition)
-        except client.exceptions.ResourceInUseException:
-            pass  # another runner created it first
         client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1})
 
 
@@ -95,7 +126,9 @@ def load_handler_app(fn: Function) -> ASGIApp:
     """Import the function's handler module from its CodeUri and return the ASGI app its
     Mangum handler wraps: the same code Lambda runs, minus the event translation."""
     module_name, attr = fn.handler.rsplit(".", 1)
-    spec = importlib.util.spec_from_file_location(f"hermes_function_{fn.logical_id}", fn.code_uri / f"{module_name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"hermes_function_{fn.logical_id}", fn.code_uri / f"{module_name}.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -119,20 +152,32 @@ def build_app() -> Router:
     ensure_tables(template)
     sys.path.insert(0, str(ROOT / "layers" / "hermes"))
     apps = {name: load_handler_app(fn) for name, fn in fns.items()}
-    return Router([MountedRoute(r.method, path_pattern(r.path), apps[r.function]) for r in http_routes(template)])
+    return Router(
+        [
+            MountedRoute(r.method, path_pattern(r.path), apps[r.function])
+            for r in http_routes(template)
+        ]
+    )
 
 
 def describe(port: int, host: str) -> str:
     from hermes.config import get_settings
 
     settings = get_settings()
-    store = os.environ.get("HERMES_LOCAL_STORE") == "embedded" and "embedded (in-process)" or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
-    lines = [f"Hermes listening on http://{host}:{port}",
-             f"  DynamoDB: {store}",
-             f"  Ollama:   {settings.ollama_url}"]
+    store = (
+        os.environ.get("HERMES_LOCAL_STORE") == "embedded" and "embedded (in-process)"
+    ) or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
+    lines = [
+        f"Hermes listening on http://{host}:{port}",
+        f"  DynamoDB: {store}",
+        f"  Ollama:   {settings.ollama_url}",
+    ]
     for name, model in sorted(settings.models.items()):
-        lines.append(f"  model {name}: {model.backend_model} via Ollama, max_concurrency={model.max_concurrency}, "
-                     f"timeout={model.timeout} ms")
+        lines.append(
+            f"  model {name}: {model.backend_model} via Ollama, "
+            f"max_concurrency={model.max_concurrency}, "
+            f"timeout={model.timeout} ms"
+        )
     lines += [f"  route {r.method} {r.path} -> {r.function}" for r in http_routes()]
     return "\n".join(lines)
 
@@ -149,8 +194,14 @@ def main() -> None:
         print(describe(port, host), flush=True)
     except ConfigError as exc:
         sys.exit(f"hermes: configuration error: {exc}")
-    uvicorn.run(app, host=host, port=port, log_level="warning",
-                access_log=os.environ.get("HERMES_ACCESS_LOG", "1") == "1", lifespan="off")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=os.environ.get("HERMES_ACCESS_LOG", "1") == "1",
+        lifespan="off",
+    )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def http_routes(template: dict[str, Any] | None = None) -> list[Route]:
     for name, props in resources(template, "AWS::Serverless::Function").items():
         for event in props.get("Events", {}).values():
             if event["Type"] == "HttpApi":
-                routes.append(Route(event["Properties"]["Method"].upper(), event["Properties"]["Path"], name))
+                routes.append(
+                    Route(event["Properties"]["Method"].upper(), event["Properties"]["Path"], name)
+                )
     return routes
 
 

@@ -17,7 +17,11 @@ os.environ.update(
     AWS_SECRET_ACCESS_KEY="testing",
     AWS_DEFAULT_REGION="us-east-1",
 )
-for _name in [n for n in os.environ if n.startswith("HERMES_") or n in ("OLLAMA_URL", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_PROFILE")]:
+for _name in [
+    n
+    for n in os.environ
+    if n.startswith("HERMES_") or n in ("OLLAMA_URL", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_PROFILE")
+]:
     del os.environ[_name]
 
 

@@ -2,9 +2,8 @@
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from mangum import Mangum
 
-from hermes.http import create_app, lambda_time_left_s, read_json_body
+from hermes.http import create_app, lambda_handler, lambda_time_left_s, read_json_body
 from hermes.service import get_service
 
 app = create_app("Hermes LLM")
@@ -18,5 +17,4 @@ async def generate(model: str, request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
-# lifespan="off": Lambda has no startup/shutdown, and Mangum would otherwise run them per call.
-handler = Mangum(app, lifespan="off")
+handler = lambda_handler(app)

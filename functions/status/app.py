@@ -1,9 +1,8 @@
 """GET /v1/status: health, configured limits and live usage."""
 
 from fastapi.responses import JSONResponse
-from mangum import Mangum
 
-from hermes.http import create_app
+from hermes.http import create_app, lambda_handler
 from hermes.service import get_service
 
 app = create_app("Hermes status")
@@ -15,4 +14,4 @@ async def status() -> JSONResponse:
     return JSONResponse(body, status_code=code)
 
 
-handler = Mangum(app, lifespan="off")
+handler = lambda_handler(app)

@@ -36,28 +36,44 @@ class DynamoDBLocal:
     def start(self) -> DynamoDBLocal:
         java = shutil.which("java")
         if java is None:
-            raise RuntimeError("java is missing: run `make install` (installs openjdk-17-jre-headless)")
+            raise RuntimeError(
+                "java is missing: run `make install` (installs openjdk-17-jre-headless)"
+            )
         jar = _jar_dir()
         # -sharedDb: one database whatever credentials/region each client uses.
         self._process = subprocess.Popen(
-            [java, f"-Djava.library.path={jar / 'DynamoDBLocal_lib'}", "-jar",
-             str(jar / "DynamoDBLocal.jar"), "-inMemory", "-sharedDb", "-port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                java,
+                f"-Djava.library.path={jar / 'DynamoDBLocal_lib'}",
+                "-jar",
+                str(jar / "DynamoDBLocal.jar"),
+                "-inMemory",
+                "-sharedDb",
+                "-port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 self.client().list_tables()
                 return self
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 if self._process.poll() is not None:
                     raise RuntimeError("DynamoDB Local exited at start") from None
                 time.sleep(0.2)
         raise RuntimeError("DynamoDB Local did not start within 30 s")
 
     def client(self):  # type: ignore[no-untyped-def]
-        return boto3.client("dynamodb", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="local", aws_secret_access_key="local")
+        return boto3.client(
+            "dynamodb",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
 
     def reset_tables(self) -> None:
         """Drop and recreate the template's tables: each test starts from an empty store."""

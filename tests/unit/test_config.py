@@ -42,11 +42,29 @@ def test_a_bad_ollama_url_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("entry", "field"),
     [
-        ({"max_concurrency": 0, "memory_cost": "low", "timeout": 1000, "backend_model": "x"}, "models.m.max_concurrency"),
-        ({"max_concurrency": 1, "memory_cost": "huge", "timeout": 1000, "backend_model": "x"}, "models.m.memory_cost"),
-        ({"max_concurrency": 1, "memory_cost": "low", "timeout": "30s", "backend_model": "x"}, "models.m.timeout"),
+        (
+            {"max_concurrency": 0, "memory_cost": "low", "timeout": 1000, "backend_model": "x"},
+            "models.m.max_concurrency",
+        ),
+        (
+            {"max_concurrency": 1, "memory_cost": "huge", "timeout": 1000, "backend_model": "x"},
+            "models.m.memory_cost",
+        ),
+        (
+            {"max_concurrency": 1, "memory_cost": "low", "timeout": "30s", "backend_model": "x"},
+            "models.m.timeout",
+        ),
         ({"max_concurrency": 1, "memory_cost": "low", "timeout": 1000}, "models.m.backend_model"),
-        ({"max_concurrency": 1, "memory_cost": "low", "timeout": 1000, "backend_model": "x", "tiemout": 1}, "models.m.tiemout"),
+        (
+            {
+                "max_concurrency": 1,
+                "memory_cost": "low",
+                "timeout": 1000,
+                "backend_model": "x",
+                "tiemout": 1,
+            },
+            "models.m.tiemout",
+        ),
     ],
 )
 def test_a_bad_model_field_is_named_in_the_error(tmp_path: Path, entry: dict, field: str) -> None:
@@ -57,7 +75,7 @@ def test_a_bad_model_field_is_named_in_the_error(tmp_path: Path, entry: dict, fi
 
 def test_model_names_are_restricted_to_url_safe_characters(tmp_path: Path) -> None:
     entry = {"max_concurrency": 1, "memory_cost": "low", "timeout": 1000, "backend_model": "x"}
-    with pytest.raises(ConfigError, match="models.a/b"):
+    with pytest.raises(ConfigError, match=r"models\.a/b"):
         load_models(write_models(tmp_path, {"models": {"a/b": entry}}))
 
 
@@ -70,9 +88,18 @@ def test_unreadable_or_invalid_models_file_is_reported(tmp_path: Path) -> None:
         load_models(bad)
 
 
-def test_models_file_is_chosen_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = {"max_concurrency": 3, "memory_cost": "low", "timeout": 5000, "backend_model": "tiny:1b"}
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(write_models(tmp_path, {"models": {"tiny": entry}})))
+def test_models_file_is_chosen_by_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = {
+        "max_concurrency": 3,
+        "memory_cost": "low",
+        "timeout": 5000,
+        "backend_model": "tiny:1b",
+    }
+    monkeypatch.setenv(
+        "HERMES_MODELS_FILE", str(write_models(tmp_path, {"models": {"tiny": entry}}))
+    )
     assert list(get_settings().models) == ["tiny"]
 
 

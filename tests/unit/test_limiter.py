@@ -97,7 +97,9 @@ def test_changed_max_concurrency_applies_without_migration(limiter: Limiter) -> 
 
 def test_uncontended_admission_costs_two_dynamodb_requests(limiter: Limiter) -> None:
     calls: list[str] = []
-    limiter._ddb.meta.events.register("before-call.dynamodb.*", lambda model, **_: calls.append(model.name))
+    limiter._ddb.meta.events.register(
+        "before-call.dynamodb.*", lambda model, **_: calls.append(model.name)
+    )
     lease = limiter.acquire(gemma(), 10_000)
     limiter.release(lease)
     assert calls == ["UpdateItem", "UpdateItem"]

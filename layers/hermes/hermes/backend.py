@@ -66,7 +66,8 @@ class OllamaClient:
         data = _json_or_none(response)
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
             raise UpstreamError("Ollama answered /api/ps with an unexpected body")
-        return data["models"]
+        models: list[dict[str, Any]] = data["models"]
+        return models
 
     async def _request(
         self, method: str, path: str, backend_model: str | None, timeout_s: float, **kwargs: Any
@@ -106,5 +107,6 @@ def _error_text(response: httpx.Response) -> str:
     except ValueError:
         return response.text[:200] or response.reason_phrase
     if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"][:500]
+        message: str = data["error"]
+        return message[:500]
     return str(data)[:200]

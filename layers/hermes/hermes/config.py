@@ -111,7 +111,9 @@ def get_settings() -> Settings:
     models_file = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
     ollama_url = os.environ.get("OLLAMA_URL") or "http://localhost:11434"
     if not ollama_url.startswith(("http://", "https://")):
-        raise ConfigError(f"environment variable OLLAMA_URL must be an http(s) URL, got {ollama_url!r}")
+        raise ConfigError(
+            f"environment variable OLLAMA_URL must be an http(s) URL, got {ollama_url!r}"
+        )
     return Settings(
         models=load_models(models_file),
         ollama_url=ollama_url.rstrip("/"),

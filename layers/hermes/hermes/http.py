@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from mangum import Mangum
 from starlette.exceptions import HTTPException
 
 from hermes import __version__
@@ -52,9 +54,7 @@ def create_app(title: str) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(
-                RouteNotFound(f"no route {request.method} {request.url.path}")
-            )
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
             return error_response(
                 MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
@@ -79,7 +79,9 @@ async def read_json_body(request: Request, max_prompt_chars: int) -> Any:
     if len(raw) > limit:
         raise PromptTooLarge(f"request body has {len(raw)} bytes; the limit is {limit}")
     if not raw.strip():
-        raise InvalidRequest('the request body is empty; send a JSON object such as {"prompt": "..."}')
+        raise InvalidRequest(
+            'the request body is empty; send a JSON object such as {"prompt": "..."}'
+        )
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -92,3 +94,32 @@ def lambda_time_left_s(request: Request) -> float | None:
     if context is None or not hasattr(context, "get_remaining_time_in_millis"):
         return None
     return float(context.get_remaining_time_in_millis()) / 1000 - LAMBDA_SAFETY_S
+
+
+LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
+def lambda_handler(app: FastAPI) -> LambdaHandler:
+    """The Lambda entry point for an HTTP function: Mangum, plus a JSON answer for events
+    Mangum itself cannot read (it raises, which Lambda and API Gateway would turn into a 500).
+    `.app` exposes the ASGI app so the local runner serves the very same code."""
+    # lifespan="off": Lambda has no startup/shutdown, and Mangum would run them per call.
+    mangum = Mangum(app, lifespan="off")
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        try:
+            return mangum(event, context)
+        except Exception as exc:
+            log.warning("unreadable event: %s", exc)
+            error = InvalidRequest(f"this function cannot read the event ({type(exc).__name__})")
+            if isinstance(event, dict) and "requestContext" in event:
+                return {
+                    "statusCode": error.status,
+                    "headers": {"content-type": "application/json"},
+                    "body": json.dumps(error.body()),
+                    "isBase64Encoded": False,
+                }
+            return error.body()
+
+    handler.app = app  # type: ignore[attr-defined]
+    return handler

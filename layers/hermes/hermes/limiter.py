@@ -88,7 +88,9 @@ class Limiter:
                 )
             log.info("reaped expired leases, retrying admission (round %d)", round_ + 1)
         claim = lease.claims[0]
-        raise claim.busy("capacity still contended after reaping; retry later", retry_after=retry_after_s)
+        raise claim.busy(
+            "capacity still contended after reaping; retry later", retry_after=retry_after_s
+        )
 
     def _try_acquire(self, lease: Lease) -> list[tuple[Claim, dict[str, Any]]]:
         """One conditional write; returns the (claim, current item) pairs that were full."""
@@ -99,9 +101,14 @@ class Limiter:
                 {
                     "TableName": self._table,
                     "Key": {"pk": {"S": claim.pool}},
-                    "UpdateExpression": "SET #used = if_not_exists(#used, :zero) + :w, #lease = :lease",
+                    "UpdateExpression": (
+                        "SET #used = if_not_exists(#used, :zero) + :w, #lease = :lease"
+                    ),
                     "ConditionExpression": "attribute_not_exists(#used) OR #used <= :room",
-                    "ExpressionAttributeNames": {"#used": "used", "#lease": LEASE_PREFIX + lease.lease_id},
+                    "ExpressionAttributeNames": {
+                        "#used": "used",
+                        "#lease": LEASE_PREFIX + lease.lease_id,
+                    },
                     "ExpressionAttributeValues": {
                         ":zero": {"N": "0"},
                         ":w": {"N": str(claim.weight)},
@@ -129,7 +136,7 @@ class Limiter:
             except _TransactionCancelled as cancelled:
                 full = [
                     (claim, reason.get("Item", {}))
-                    for claim, reason in zip(lease.claims, cancelled.reasons)
+                    for claim, reason in zip(lease.claims, cancelled.reasons, strict=False)
                     if reason.get("Code") == "ConditionalCheckFailed"
                 ]
                 if full:
@@ -175,7 +182,9 @@ class Limiter:
             try:
                 self._call(
                     "transact_write_items",
-                    TransactItems=[{"Update": self._release_update(lease, c)} for c in lease.claims],
+                    TransactItems=[
+                        {"Update": self._release_update(lease, c)} for c in lease.claims
+                    ],
                 )
                 return True
             except _TransactionCancelled:
@@ -233,11 +242,12 @@ class Limiter:
         try:
             return getattr(self._ddb, operation)(**kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            response: dict[str, Any] = dict(exc.response)  # loosen botocore's TypedDict
+            code = response.get("Error", {}).get("Code", "")
             if code == "ConditionalCheckFailedException":
-                raise _ConditionFailed(exc.response.get("Item", {})) from None
+                raise _ConditionFailed(response.get("Item", {})) from None
             if code == "TransactionCanceledException":
-                raise _TransactionCancelled(exc.response.get("CancellationReasons", [])) from None
+                raise _TransactionCancelled(response.get("CancellationReasons", [])) from None
             log.error("DynamoDB %s failed: %s", operation, code)
             raise LimiterUnavailable(
                 f"the lease table is unavailable ({code or 'error'}); no request is admitted",

@@ -1,4 +1,4 @@
-"""The body of POST /v1/llm/{model}, validated strictly so bad input gets a 400 that names the field."""
+"""The body of POST /v1/llm/{model}, validated strictly: bad input gets a 400 naming the field."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ class HermesService:
         if config is None:
             configured = sorted(self.settings.models)
             raise ModelNotConfigured(
-                f"model '{name[:100]}' is not configured; configured models: {', '.join(configured)}",
+                f"model '{name[:100]}' is not configured; "
+                f"configured models: {', '.join(configured)}",
                 configured_models=configured,
             )
         return config
@@ -49,7 +50,7 @@ class HermesService:
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
     ) -> dict[str, Any]:
-        """Run one prompt. `deadline_s` is what the caller can still wait (e.g. Lambda time left)."""
+        """Run one prompt; `deadline_s` is what the caller can still wait (Lambda time left)."""
         config = self.model(model_name)
         request = parse_generate_request(body, self.settings.max_prompt_chars)
         timeout_s = config.timeout / 1000
@@ -69,12 +70,15 @@ class HermesService:
                     request.prompt,
                     timeout_s=timeout_s,
                     system=request.system,
-                    options=request.options.model_dump(exclude_none=True) if request.options else None,
+                    options=request.options.model_dump(exclude_none=True)
+                    if request.options
+                    else None,
                     format=request.format,
                 )
         except TimeoutError:
             raise UpstreamTimeout(
-                f"model '{model_name}' did not answer within {timeout_s:g} s; its slot was released",
+                f"model '{model_name}' did not answer within {timeout_s:g} s; "
+                "its slot was released",
                 timeout_ms=round(timeout_s * 1000),
             ) from None
         finally:

@@ -1,0 +1,180 @@
+"""The local runner over real sockets: Hermes process ↔ DynamoDB Local ↔ Ollama emulator."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.dynamodb_local import DynamoDBLocal, free_port
+from tests.support.hermes_process import HermesProcess
+from tests.support.ollama_emulator import OllamaEmulator
+
+
+@pytest.fixture(scope="module")
+def shared_env(
+    dynamodb_local: DynamoDBLocal, emulator: OllamaEmulator, models_file: Path
+) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
+        "OLLAMA_URL": emulator.url,
+        "HERMES_MODELS_FILE": str(models_file),
+        "HERMES_LEASE_MARGIN_MS": "500",
+        "HERMES_MAX_PROMPT_CHARS": "1000",
+    }
+
+
+@pytest.fixture(scope="module")
+def hermes(shared_env: dict[str, str], dynamodb_local: DynamoDBLocal) -> Iterator[HermesProcess]:
+    dynamodb_local.reset_tables()
+    with HermesProcess(shared_env) as process:
+        yield process
+
+
+@pytest.fixture(autouse=True)
+def clean_emulator(emulator: OllamaEmulator) -> None:
+    emulator.reset()
+
+
+def post(
+    base: str, model: str, body: object = None, *, content: str | None = None, timeout: float = 30
+) -> httpx.Response:
+    if content is not None:
+        return httpx.post(f"{base}/v1/llm/{model}", content=content, timeout=timeout)
+    return httpx.post(f"{base}/v1/llm/{model}", json=body, timeout=timeout)
+
+
+def in_flight(base: str, model: str) -> int:
+    models = httpx.get(f"{base}/v1/status", timeout=5).json()["models"]
+    return next(m["in_flight"] for m in models if m["name"] == model)
+
+
+def test_a_prompt_returns_the_result(hermes: HermesProcess) -> None:
+    # The seed's quick start, byte for byte: curl -d sends no JSON content type.
+    response = httpx.post(
+        f"{hermes.url}/v1/llm/gemma",
+        content='{"prompt":"hi"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200
+    assert response.json()["result"]
+
+
+def test_status_is_healthy_with_live_usage(hermes: HermesProcess) -> None:
+    response = httpx.get(f"{hermes.url}/v1/status", timeout=5)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "healthy"
+    assert {m["name"]: m["in_flight"] for m in body["models"]} == {
+        "gemma": 0,
+        "ghost": 0,
+        "llama3": 0,
+        "mistral": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "status", "code"),
+    [
+        ("gemma", {"content": "{not json"}, 400, "invalid_request"),
+        ("gemma", {"body": {"prompt": None}}, 400, "invalid_request"),
+        (
+            "gemma",
+            {"body": {"prompt": "hi", "options": {"temperature": -1}}},
+            400,
+            "invalid_request",
+        ),
+        ("claude", {"body": {"prompt": "hi"}}, 404, "model_not_configured"),
+        ("ghost", {"body": {"prompt": "hi"}}, 404, "model_not_found"),
+        ("gemma", {"body": {"prompt": "x" * 1001}}, 413, "prompt_too_large"),
+    ],
+)
+def test_error_codes(
+    hermes: HermesProcess, model: str, kwargs: dict, status: int, code: str
+) -> None:
+    response = post(hermes.url, model, kwargs.get("body"), content=kwargs.get("content"))
+    assert (response.status_code, response.json()["code"]) == (status, code)
+
+
+def test_unknown_routes_and_methods_are_json(hermes: HermesProcess) -> None:
+    missing = httpx.get(f"{hermes.url}/v2/anything")
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    wrong = httpx.delete(f"{hermes.url}/v1/status")
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
+
+
+def test_an_ollama_failure_is_502_and_the_slot_comes_back(
+    hermes: HermesProcess, emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="error", status=500)
+    response = post(hermes.url, "gemma", {"prompt": "hi"})
+    assert (response.status_code, response.json()["code"]) == (502, "upstream_error")
+    assert in_flight(hermes.url, "gemma") == 0
+
+
+def test_a_hanging_ollama_gives_504_and_releases_the_slot(
+    hermes: HermesProcess, emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="mistral:7b", mode="hang")
+    started = time.monotonic()
+    response = post(hermes.url, "mistral", {"prompt": "hi"})
+    assert (response.status_code, response.json()["code"]) == (504, "upstream_timeout")
+    assert time.monotonic() - started < 3  # mistral's test timeout is 1 s
+    assert in_flight(hermes.url, "mistral") == 0
+    emulator.set_behaviour(model="mistral:7b", mode="ok")
+    assert post(hermes.url, "mistral", {"prompt": "hi"}).status_code == 200
+
+
+def test_concurrent_llama3_requests_run_one_at_a_time(
+    hermes: HermesProcess, emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="llama3:8b", mode="ok", delay_ms=400)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: post(hermes.url, "llama3", {"prompt": "hi"}), range(8)))
+    codes = Counter((r.status_code, r.json().get("code")) for r in responses)
+    assert emulator.stats()["peak_in_flight"]["llama3:8b"] == 1
+    assert codes[(200, None)] >= 1
+    assert codes[(200, None)] + codes[(429, "model_busy")] == 8, codes
+    assert all(r.headers["retry-after"] for r in responses if r.status_code == 429)
+
+
+def test_two_runners_sharing_one_store_never_exceed_the_limit(
+    hermes: HermesProcess, shared_env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=300)
+    with HermesProcess(shared_env) as second, ThreadPoolExecutor(12) as pool:
+        urls = [hermes.url, second.url] * 6
+        responses = list(pool.map(lambda url: post(url, "gemma", {"prompt": "hi"}), urls))
+    codes = Counter(r.status_code for r in responses)
+    assert emulator.stats()["peak_in_flight"]["gemma3:1b"] <= 2
+    assert codes[200] >= 2 and codes[200] + codes[429] == 12, codes
+
+
+def test_ollama_down_is_503_upstream_unavailable(shared_env: dict[str, str]) -> None:
+    env = {**shared_env, "OLLAMA_URL": f"http://127.0.0.1:{free_port()}"}
+    with HermesProcess(env) as runner:
+        response = post(runner.url, "gemma", {"prompt": "hi"})
+        assert (response.status_code, response.json()["code"]) == (503, "upstream_unavailable")
+        assert in_flight(runner.url, "gemma") == 0
+        status = httpx.get(f"{runner.url}/v1/status", timeout=5)
+        assert (status.status_code, status.json()["checks"]["ollama"]["status"]) == (503, "error")
+
+
+def test_dynamodb_down_fails_closed_with_503(
+    shared_env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    store = DynamoDBLocal().start()
+    store.reset_tables()
+    with HermesProcess({**shared_env, "AWS_ENDPOINT_URL_DYNAMODB": store.url}) as runner:
+        assert post(runner.url, "gemma", {"prompt": "hi"}).status_code == 200
+        store.stop()
+        response = post(runner.url, "gemma", {"prompt": "hi"})
+        assert (response.status_code, response.json()["code"]) == (503, "limiter_unavailable")
+        assert emulator.stats()["requests"].get("gemma3:1b") == 1  # never admitted blindly
+        status = httpx.get(f"{runner.url}/v1/status", timeout=5)
+        assert (status.status_code, status.json()["status"]) == (503, "unhealthy")
+        assert status.json()["checks"]["dynamodb"]["status"] == "error"

@@ -1,0 +1,68 @@
+"""A Hermes local runner in its own process, standing in for one Lambda instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from local.template import ROOT
+from tests.support.dynamodb_local import free_port
+
+
+class HermesProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PORT": str(self.port), "HERMES_ACCESS_LOG": "0", **env}
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self, timeout_s: float = 30) -> HermesProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "local.runner"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"runner exited: {self.process.stdout.read() if self.process.stdout else ''}"
+                )
+            try:
+                httpx.get(f"{self.url}/v1/status", timeout=5)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("runner did not start in time")
+
+    def kill(self) -> None:
+        """SIGKILL: no finally, no release, exactly like a Lambda that timed out."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> str:
+        if self.process is None:
+            return ""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.stdout.read() if self.process.stdout else ""
+
+    def __enter__(self) -> HermesProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

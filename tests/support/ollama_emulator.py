@@ -1,0 +1,766 @@
+"""Ollama emulator for Hermes' tests and benchmarks.
+
+A Starlette app speaking enough of Ollama's HTTP API (native ``/api/*`` and the OpenAI-compatible
+``/v1/*``) for the official ``ollama`` and ``openai`` clients, plus a control API (``/_emulator/*``)
+to inject faults per model tag and read exact in-flight accounting.
+
+In-process::
+
+    with OllamaEmulator() as emu:
+        ollama.Client(host=emu.url).generate(model="gemma3:1b", prompt="hi there")
+        emu.stats()["requests"]["gemma3:1b"]  # -> 1
+
+As a process: ``python -m tests.support.ollama_emulator --port 11434`` (``--port 0`` picks a free
+port; the "listening on" line tells which).
+
+Control API (``OllamaEmulator`` has the same as methods, acting on the state directly):
+
+- ``POST /_emulator/behaviour`` ``{"model": tag | "*", "mode": one of MODES, "delay_ms",
+  "token_delay_ms", "tokens", "status"}``: replaces that key's behaviour (a tag's wins over "*").
+- ``POST /_emulator/weights`` ``{tag | "*": int}``: merged into the current weights.
+- ``GET /_emulator/stats``: in_flight, peak_in_flight, requests, weight_in_use, peak_weight,
+  busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights.
+- ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
+
+Choices worth knowing:
+
+- Answers are ``"Echo:"`` followed by the prompt's (or last message's) words, one token each,
+  cycling the words when the prompt is shorter than the token count. ``format``/``response_format``
+  JSON yields ``{"echo": ...}`` split into the same number of chunks.
+- ``/api/ps`` lists the models that served a request since the last reset (Ollama lists loaded
+  models only), not every known model.
+- Weights are charged per request, like Hermes' memory budget: ``weight_in_use`` is the sum over
+  models of weight x in-flight requests. Models without a weight count 1 (or ``weights["*"]``).
+- Requests for unknown models (and malformed requests) are rejected before accounting.
+- Reset clears counters, peaks, busy time and behaviours but not the live ``in_flight`` gauge, so
+  a request straddling a reset is still decremented correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+DEFAULT_MODELS = ("gemma3:1b", "llama3:8b", "mistral:7b")
+OLLAMA_VERSION = "0.12.0"
+BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+MODES = ("ok", "hang", "error", "busy", "cut_stream", "not_found")
+CUT_AFTER = 2  # chunks sent before cut_stream drops the connection
+_ids = itertools.count(1)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _base(name: str) -> str:
+    return name.removesuffix(":latest")  # Ollama treats "llama3" and "llama3:latest" alike
+
+
+def _not_found(model: str) -> str:
+    return f'model "{model}" not found, try pulling it first'
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _error_body(openai: bool, status: int, message: str) -> dict[str, Any]:
+    if not openai:
+        return {"error": message}
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class BadRequest(Exception):
+    """Malformed request: answered 400 in the shape of the API that was called."""
+
+
+class _CutStream(Exception):
+    """Raised mid-response so uvicorn closes the socket: ASGI has no other way to abort."""
+
+
+class _QuietCut(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _CutStream))
+
+
+_QUIET_CUT = _QuietCut()  # one instance, so repeated addFilter calls are no-ops
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    mode: str = "ok"
+    delay_ms: int = 0  # before the first byte
+    token_delay_ms: int = 0  # between streamed tokens
+    tokens: int | None = None  # None: the emulator-wide default
+    status: int = 500  # for mode "error"
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> Behaviour:
+        def integer(key: str, default: int | None, low: int) -> Any:
+            value = body.get(key, default)
+            if value is None and default is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BadRequest(f"{key} must be an integer >= {low}")
+            return value
+
+        mode = body.get("mode", "ok")
+        if mode not in MODES:
+            raise BadRequest(f"mode must be one of {', '.join(MODES)}")
+        return cls(
+            mode,
+            integer("delay_ms", 0, 0),
+            integer("token_delay_ms", 0, 0),
+            integer("tokens", None, 1),
+            integer("status", 500, 100),
+        )
+
+
+_OK = Behaviour()
+
+
+def _model_info(name: str) -> dict[str, Any]:
+    family, _, tag = name.partition(":")
+    try:
+        billions = float(tag[:-1]) if tag.lower().endswith("b") else 7.0
+    except ValueError:
+        billions = 7.0
+    return {
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "size": int(billions * 0.6e9),  # roughly a Q4 quantisation
+        "parameter_count": int(billions * 1e9),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": f"{billions:g}B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+class EmulatorState:
+    """Known models, injected behaviours and accounting, shared by the server and test threads."""
+
+    def __init__(self, models: Sequence[str] = DEFAULT_MODELS, tokens: int = 5) -> None:
+        self.default_tokens = tokens
+        self.started_at = _now_iso()
+        self.models = {_base(m): m for m in models}
+        self.info = {m: _model_info(m) for m in models}  # precomputed: requests do no hashing
+        self.behaviours: dict[str, Behaviour] = {}
+        self.weights: dict[str, int] = {}
+        self.in_flight = dict.fromkeys(models, 0)
+        self.weight_in_use = 0
+        self.live: set[asyncio.Event] = set()  # one per running request; event-loop thread only
+        self._lock = threading.Lock()  # the test thread reads/mutates while the loop serves
+        self._clear()
+
+    def _clear(self) -> None:
+        now = time.monotonic()
+        self.peak = dict(self.in_flight)
+        self.requests = dict.fromkeys(self.in_flight, 0)
+        self.busy = dict.fromkeys(self.in_flight, 0.0)
+        self.since = dict.fromkeys(self.in_flight, now)  # when in_flight[tag] last changed
+        self.peak_weight = self.weight_in_use
+        self.used = {tag for tag, n in self.in_flight.items() if n}
+        self.reset_at = now
+
+    def resolve(self, name: str) -> str | None:
+        return self.models.get(_base(name))
+
+    def _key(self, model: str) -> str:
+        tag = "*" if model == "*" else self.resolve(model)
+        if tag is None:
+            raise BadRequest(_not_found(model))
+        return tag
+
+    def behaviour(self, tag: str) -> Behaviour:
+        with self._lock:
+            return self.behaviours.get(tag) or self.behaviours.get("*") or _OK
+
+    def set_behaviour(self, model: str, behaviour: Behaviour) -> None:
+        key = self._key(model)
+        with self._lock:
+            self.behaviours[key] = behaviour
+
+    def set_weights(self, weights: Mapping[str, Any]) -> None:
+        for value in weights.values():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequest("weights must be integers >= 0")
+        keyed = {self._key(model): value for model, value in weights.items()}
+        with self._lock:
+            self.weights.update(keyed)
+            self._reweigh()
+
+    def _reweigh(self) -> None:
+        default = self.weights.get("*", 1)
+        self.weight_in_use = sum(
+            self.weights.get(t, default) * n for t, n in self.in_flight.items()
+        )
+        self.peak_weight = max(self.peak_weight, self.weight_in_use)
+
+    def _add(self, tag: str, delta: int) -> None:
+        now = time.monotonic()
+        self.busy[tag] += self.in_flight[tag] * (now - self.since[tag])
+        self.since[tag] = now
+        self.in_flight[tag] += delta
+        self.peak[tag] = max(self.peak[tag], self.in_flight[tag])
+        self._reweigh()
+
+    def enter(self, tag: str) -> None:
+        with self._lock:
+            self.requests[tag] += 1
+            self.used.add(tag)
+            self._add(tag, 1)
+
+    def leave(self, tag: str) -> None:
+        with self._lock:
+            self._add(tag, -1)
+
+    def reset(self, weights: bool = False) -> None:
+        with self._lock:
+            self.behaviours.clear()
+            if weights:
+                self.weights.clear()
+                self._reweigh()
+            self._clear()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            busy = {t: b + self.in_flight[t] * (now - self.since[t]) for t, b in self.busy.items()}
+            return {
+                "in_flight": dict(self.in_flight),
+                "peak_in_flight": dict(self.peak),
+                "requests": dict(self.requests),
+                "weight_in_use": self.weight_in_use,
+                "peak_weight": self.peak_weight,
+                "busy_time_s": busy,  # / elapsed_s = time-averaged in-flight requests
+                "elapsed_s": now - self.reset_at,
+                "behaviours": {k: asdict(b) for k, b in self.behaviours.items()},
+                "weights": dict(self.weights),
+            }
+
+
+@dataclass
+class _Job:
+    api: str  # "generate" | "chat" | "openai_chat" | "openai_completion"
+    model: str  # as requested, echoed back like Ollama does
+    tag: str  # as configured, the accounting key
+    stream: bool
+    prompt: str
+    prompt_tokens: int
+    limit: int | None  # num_predict / max_tokens
+    json_mode: bool
+    include_usage: bool
+
+    @property
+    def openai(self) -> bool:
+        return self.api.startswith("openai")
+
+
+def _text_of(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    raise BadRequest("message content must be a string")
+
+
+def _object(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{key} must be an object")
+    return value
+
+
+def _parse_job(api: str, body: dict[str, Any], tag: str) -> _Job:
+    openai = api.startswith("openai")
+    stream = body.get("stream")
+    stream = not openai if stream is None else stream
+    if not isinstance(stream, bool):
+        raise BadRequest("stream must be a boolean")
+    if api in ("generate", "openai_completion"):
+        prompt = body.get("prompt") or ""
+        if isinstance(prompt, list) and openai:
+            prompt = " ".join(map(str, prompt))
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string")
+        context = f"{body.get('system') or ''} {prompt}"
+    else:
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("messages must be a list of objects")
+        if openai and not messages:
+            raise BadRequest("[] is too short - 'messages'")
+        texts = [_text_of(m.get("content")) for m in messages]
+        prompt, context = (texts[-1] if texts else ""), " ".join(texts)
+    if openai:
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        fmt = _object(body, "response_format").get("type")
+    else:
+        limit, fmt = _object(body, "options").get("num_predict"), body.get("format")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        limit = None  # absent, or a value Ollama would treat as "no limit"
+    return _Job(
+        api=api,
+        model=body["model"],
+        tag=tag,
+        stream=stream,
+        prompt=prompt,
+        prompt_tokens=len(context.split()),
+        limit=limit,
+        json_mode=fmt in ("json", "json_object", "json_schema") or isinstance(fmt, dict),
+        include_usage=stream and bool(_object(body, "stream_options").get("include_usage")),
+    )
+
+
+def _tokens(prompt: str, n: int, json_mode: bool) -> list[str]:
+    words = prompt.split() or ["..."]
+    tokens = ["Echo:"] + [" " + words[i % len(words)] for i in range(n - 1)]
+    if not json_mode:
+        return tokens
+    text = json.dumps({"echo": "".join(tokens)})
+    return [text[len(text) * i // n : len(text) * (i + 1) // n] for i in range(n)]
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    # The body has been read already, so the next message can only be http.disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+async def _pause(gone: asyncio.Event, ms: float) -> bool:
+    """Sleep ``ms``; True if the client went away (or the server is stopping) meanwhile."""
+    if ms <= 0:
+        return gone.is_set()
+    try:
+        await asyncio.wait_for(gone.wait(), ms / 1000)
+        return True
+    except TimeoutError:
+        return False
+
+
+class _Completion(Response):
+    """One model call. Raw ASGI rather than StreamingResponse: it controls every byte (cut_stream),
+    notices disconnects while sleeping (hang, delays) and keeps in-flight accounting exact."""
+
+    def __init__(self, state: EmulatorState, job: _Job) -> None:
+        # No super().__init__(): nothing of Response is used beyond being awaitable as ASGI.
+        self.state, self.job, self.started = state, job, False
+        self.head: dict[str, Any] = {"model": job.model}
+        if job.openai:
+            chat = job.api == "openai_chat"
+            self.head = {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{next(_ids)}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": job.model,
+                "system_fingerprint": "fp_ollama",
+            }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.monotonic_ns()
+        self.state.enter(self.job.tag)
+        self.send = send
+        gone = asyncio.Event()  # set on client disconnect or server shutdown
+        self.state.live.add(gone)
+        watcher = asyncio.create_task(_watch_disconnect(receive, gone))
+        try:
+            await self._respond(self.state.behaviour(self.job.tag), gone, t0)
+        finally:
+            watcher.cancel()
+            self.state.live.discard(gone)
+            self.state.leave(self.job.tag)
+
+    async def _respond(self, b: Behaviour, gone: asyncio.Event, t0: int) -> None:
+        job = self.job
+        if b.mode == "hang":
+            await gone.wait()
+            return await self._abandon()
+        if await _pause(gone, b.delay_ms):
+            return await self._abandon()
+        faults = {
+            "error": (b.status, "emulated failure"),
+            "busy": (503, BUSY_MESSAGE),
+            "not_found": (404, _not_found(job.model)),
+        }
+        if b.mode in faults:
+            status, message = faults[b.mode]
+            return await self._send(_dumps(_error_body(job.openai, status, message)), status)
+        n, reason = b.tokens or self.state.default_tokens, "stop"
+        if job.limit is not None and job.limit < n:
+            n, reason = job.limit, "length"
+        tokens = _tokens(job.prompt, n, job.json_mode)
+        cut = b.mode == "cut_stream"
+        if not job.stream:
+            if await _pause(gone, b.token_delay_ms * (n - 1)):
+                return await self._abandon()
+            timings = self._timings(t0, time.monotonic_ns(), n)
+            body = _dumps(self._full("".join(tokens), reason, timings))
+            if cut:  # headers promise the whole body, half of it arrives, then the socket closes
+                await self._start("application/json", len(body))
+                await self._body(body[: len(body) // 2])
+                raise _CutStream
+            return await self._send(body)
+        await self._start("text/event-stream" if job.openai else "application/x-ndjson")
+        t1 = time.monotonic_ns()
+        for i, token in enumerate(tokens[:CUT_AFTER] if cut else tokens):
+            if i and await _pause(gone, b.token_delay_ms):
+                return await self._abandon()
+            await self._line(self._delta(token))
+        if cut:
+            raise _CutStream
+        for obj in self._final(reason, self._timings(t0, t1, n)):
+            await self._line(obj)
+        await self._body(b"data: [DONE]\n\n" if job.openai else b"", more=False)
+
+    async def _start(self, media_type: str, length: int | None = None, status: int = 200) -> None:
+        headers = [(b"content-type", media_type.encode())]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _body(self, data: bytes, more: bool = True) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def _send(self, body: bytes, status: int = 200) -> None:
+        await self._start("application/json", len(body), status)
+        await self._body(body, more=False)
+
+    async def _line(self, obj: dict[str, Any]) -> None:  # one NDJSON line or SSE event
+        await self._body(
+            b"data: " + _dumps(obj) + b"\n\n" if self.job.openai else _dumps(obj) + b"\n"
+        )
+
+    async def _abandon(self) -> None:
+        # Client gone: uvicorn drops whatever we send. Server stopping: end the response cleanly.
+        if self.started:
+            await self._body(b"", more=False)
+        else:
+            await self._send(_dumps({"error": "emulator shutting down"}), 503)
+
+    def _timings(self, t0: int, t1: int, count: int) -> dict[str, int]:
+        now = time.monotonic_ns()
+        return {  # max(1, ...): clients divide by these to get tokens/s
+            "total_duration": max(1, now - t0),
+            "load_duration": 1,
+            "prompt_eval_count": self.job.prompt_tokens,
+            "prompt_eval_duration": max(1, t1 - t0),
+            "eval_count": count,
+            "eval_duration": max(1, now - t1),
+        }
+
+    def _delta(self, text: str) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        if self.job.api == "generate":
+            return {**self.head, "created_at": _now_iso(), "response": text, "done": False}
+        if self.job.api == "chat":
+            return {**self.head, "created_at": _now_iso(), "message": message, "done": False}
+        choice = {"delta": message} if self.job.api == "openai_chat" else {"text": text}
+        return {**self.head, "choices": [{"index": 0, **choice, "finish_reason": None}]}
+
+    def _full(self, text: str, reason: str, timings: dict[str, int]) -> dict[str, Any]:
+        if not self.job.openai:
+            obj = {**self._delta(text), "done": True, "done_reason": reason, **timings}
+            return obj | {"context": []} if self.job.api == "generate" else obj
+        choice: dict[str, Any]
+        if self.job.api == "openai_chat":
+            choice = {"message": {"role": "assistant", "content": text}}
+            obj = {**self.head, "object": "chat.completion"}
+        else:
+            choice, obj = {"text": text, "logprobs": None}, dict(self.head)
+        choices = [{"index": 0, **choice, "finish_reason": reason}]
+        return obj | {"choices": choices, "usage": self._usage(timings)}
+
+    def _usage(self, timings: dict[str, int]) -> dict[str, int]:
+        prompt, completion = timings["prompt_eval_count"], timings["eval_count"]
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _final(self, reason: str, timings: dict[str, int]) -> list[dict[str, Any]]:
+        if not self.job.openai:
+            return [self._full("", reason, timings)]
+        last = self._delta("")
+        last["choices"][0]["finish_reason"] = reason
+        if not self.job.include_usage:
+            return [last]
+        return [last, {**self.head, "choices": [], "usage": self._usage(timings)}]
+
+
+async def _json_body(request: Request, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw and optional:
+        return {}
+    if not raw:
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def create_app(state: EmulatorState) -> Starlette:
+    def completion(api: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            body = await _json_body(request)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise BadRequest("model is required")
+            tag = state.resolve(model)
+            if tag is None:
+                error = _error_body(api.startswith("openai"), 404, _not_found(model))
+                return JSONResponse(error, 404)
+            return _Completion(state, _parse_job(api, body, tag))
+
+        return endpoint
+
+    def entry(tag: str, **extra: Any) -> dict[str, Any]:
+        info = state.info[tag]
+        fields = {k: info[k] for k in ("size", "digest", "details")}
+        return {"name": tag, "model": tag, **extra, **fields}
+
+    async def tags(request: Request) -> Response:
+        models = [entry(t, modified_at=state.started_at) for t in state.info]
+        return JSONResponse({"models": models})
+
+    async def ps(request: Request) -> Response:
+        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+        models = [
+            entry(t, expires_at=expires, size_vram=state.info[t]["size"], context_length=4096)
+            for t in state.info
+            if t in state.used
+        ]
+        return JSONResponse({"models": models})
+
+    async def show(request: Request) -> Response:
+        body = await _json_body(request)
+        name = body.get("model") or body.get("name") or ""
+        tag = state.resolve(str(name))
+        if tag is None:
+            return JSONResponse({"error": _not_found(str(name))}, 404)
+        info, family = state.info[tag], state.info[tag]["details"]["family"]
+        return JSONResponse(
+            {
+                "modelfile": f"# Modelfile generated by ollama-emulator\nFROM {tag}\n",
+                "parameters": 'stop "<end_of_turn>"',
+                "template": "{{ .Prompt }}",
+                "details": info["details"],
+                "model_info": {
+                    "general.architecture": family,
+                    "general.parameter_count": info["parameter_count"],
+                    f"{family}.context_length": 8192,
+                },
+                "capabilities": ["completion"],
+                "modified_at": state.started_at,
+            }
+        )
+
+    async def models(request: Request) -> Response:
+        data = [
+            {"id": t, "object": "model", "created": 0, "owned_by": "library"} for t in state.info
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def behaviour(request: Request) -> Response:
+        body = await _json_body(request)
+        state.set_behaviour(str(body.get("model", "*")), Behaviour.parse(body))
+        return JSONResponse({"behaviours": state.stats()["behaviours"]})
+
+    async def weights(request: Request) -> Response:
+        state.set_weights(await _json_body(request))
+        return JSONResponse({"weights": state.stats()["weights"]})
+
+    async def reset(request: Request) -> Response:
+        state.reset(weights=bool((await _json_body(request, optional=True)).get("weights")))
+        return JSONResponse({"ok": True})
+
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        openai = request.url.path.startswith("/v1/")
+        return JSONResponse(_error_body(openai, 400, str(exc)), 400)
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(state.stats())
+
+    async def root(request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    post = ["POST"]
+    routes = [
+        Route("/", root),
+        Route("/api/generate", completion("generate"), methods=post),
+        Route("/api/chat", completion("chat"), methods=post),
+        Route("/api/tags", tags),
+        Route("/api/ps", ps),
+        Route("/api/version", version),
+        Route("/api/show", show, methods=post),
+        Route("/v1/chat/completions", completion("openai_chat"), methods=post),
+        Route("/v1/completions", completion("openai_completion"), methods=post),
+        Route("/v1/models", models),
+        Route("/_emulator/behaviour", behaviour, methods=post),
+        Route("/_emulator/weights", weights, methods=post),
+        Route("/_emulator/reset", reset, methods=post),
+        Route("/_emulator/stats", stats),
+    ]
+    return Starlette(routes=routes, exception_handlers={BadRequest: bad_request})
+
+
+class _NoDelayHTTP(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    # asyncio only sets TCP_NODELAY on accepted sockets whose listener was created with
+    # proto=IPPROTO_TCP (true when uvicorn binds host/port itself, false for a socket made with
+    # socket.socket() and passed in). uvicorn never sets it, so do it for every connection.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, state: EmulatorState, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            create_app(state),
+            host=host,
+            port=port,
+            http=_NoDelayHTTP,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUT)
+        super().__init__(config)
+        self.state = state
+        self.ready = threading.Event()
+
+    @property
+    def port(self) -> int:
+        return int(self.servers[0].sockets[0].getsockname()[1])
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.ready.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for gone in list(self.state.live):  # wake hanging requests: don't wait out the grace
+            gone.set()
+        await super().shutdown(sockets)
+
+
+class OllamaEmulator:
+    """Runs the emulator on a background thread; use as a context manager."""
+
+    def __init__(
+        self,
+        models: Sequence[str] = DEFAULT_MODELS,
+        *,
+        tokens: int = 5,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.state = EmulatorState(models, tokens)
+        self.host, self.port, self.url = host, port, ""
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        self._server = server = _Server(self.state, self.host, self.port)
+        self._thread = threading.Thread(target=server.run, name="ollama-emulator", daemon=True)
+        self._thread.start()
+        while not server.ready.wait(0.01):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"ollama emulator failed to start on {self.host}:{self.port}")
+        self.port = server.port
+        self.url = f"http://{self.host}:{self.port}"
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+    def set_behaviour(
+        self,
+        model: str = "*",
+        mode: str = "ok",
+        *,
+        delay_ms: int = 0,
+        token_delay_ms: int = 0,
+        tokens: int | None = None,
+        status: int = 500,
+    ) -> None:
+        fields = {"mode": mode, "delay_ms": delay_ms, "token_delay_ms": token_delay_ms}
+        fields |= {"tokens": tokens, "status": status}
+        self.state.set_behaviour(model, Behaviour.parse(fields))
+
+    def set_weights(self, weights: Mapping[str, int]) -> None:
+        self.state.set_weights(weights)
+
+    def reset(self, *, weights: bool = False) -> None:
+        self.state.reset(weights=weights)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Ollama HTTP API emulator for tests/benchmarks")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434, help="0 picks a free port")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated")
+    parser.add_argument("--tokens", type=int, default=5, help="tokens per answer")
+    args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    server = _Server(EmulatorState(models, args.tokens), args.host, args.port)
+
+    def announce() -> None:
+        server.ready.wait()
+        print(f"ollama-emulator listening on http://{args.host}:{server.port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

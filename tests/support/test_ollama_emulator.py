@@ -1,0 +1,238 @@
+"""The Ollama emulator speaks what the official clients expect; its faults and accounting hold."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from .ollama_emulator import BUSY_MESSAGE, EmulatorState, OllamaEmulator
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "hello world from the hermes tests"
+ECHO = "Echo: hello world from the"  # "Echo:" + 4 prompt words = 5 tokens
+USER: Any = [{"role": "user", "content": PROMPT}]  # Any: the openai stubs want TypedDicts
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[OllamaEmulator]:
+    with OllamaEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def emu(server: OllamaEmulator) -> OllamaEmulator:
+    server.reset(weights=True)
+    return server
+
+
+@pytest.fixture
+def client(emu: OllamaEmulator) -> ollama.Client:
+    return ollama.Client(host=emu.url)
+
+
+def settle(emu: OllamaEmulator) -> dict[str, Any]:
+    """Stats once nothing is in flight: the server may notice a disconnect a moment later."""
+    deadline = time.monotonic() + 2
+    while any((stats := emu.stats())["in_flight"].values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stats
+
+
+def test_generate_stream_and_not(client: ollama.Client, emu: OllamaEmulator) -> None:
+    whole = client.generate(model="gemma3:1b", prompt=PROMPT)
+    assert (whole.response, whole.done, whole.done_reason) == (ECHO, True, "stop")
+    assert whole.eval_count == 5 and whole.prompt_eval_count == 6 and whole.total_duration
+
+    parts = list(client.generate(model="gemma3:1b", prompt=PROMPT, stream=True))
+    assert [p.response for p in parts[:-1]] == ["Echo:", " hello", " world", " from", " the"]
+    assert not any(p.done for p in parts[:-1])
+    final = parts[-1]
+    assert (final.done, final.done_reason, final.response, final.context) == (True, "stop", "", [])
+    assert final.eval_count == 5 and final.eval_duration and final.load_duration is not None
+    assert emu.stats()["requests"]["gemma3:1b"] == 2
+
+    limited = client.generate(model="gemma3:1b", prompt=PROMPT, options={"num_predict": 2})
+    assert (limited.response, limited.done_reason) == ("Echo: hello", "length")
+    assert EmulatorState(["llama3"]).resolve("llama3:latest") == "llama3"
+
+
+def test_chat(client: ollama.Client) -> None:
+    reply = client.chat(model="llama3:8b", messages=[{"role": "system", "content": "x"}, *USER])
+    assert (reply.message.role, reply.message.content) == ("assistant", ECHO)
+    parts = list(client.chat(model="llama3:8b", messages=USER, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == ECHO
+    assert parts[-1].done and parts[-1].done_reason == "stop" and len(parts) == 6
+
+
+def test_list_ps_show_version(client: ollama.Client, emu: OllamaEmulator) -> None:
+    assert [m.model for m in client.list().models] == ["gemma3:1b", "llama3:8b", "mistral:7b"]
+    assert client.ps().models == []  # ps lists the models used since the last reset
+    client.generate(model="mistral:7b", prompt="hi")
+    (loaded,) = client.ps().models
+    assert loaded.model == "mistral:7b" and loaded.expires_at and loaded.size_vram
+    shown = client.show("mistral:7b")
+    assert shown.details and shown.details.family == "mistral" and shown.modelinfo
+    assert httpx.get(f"{emu.url}/api/version").json() == {"version": "0.12.0"}
+    with pytest.raises(ollama.ResponseError) as err:
+        client.show("nope")
+    assert err.value.status_code == 404
+
+
+def test_unknown_model_and_bad_body(client: ollama.Client, emu: OllamaEmulator) -> None:
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as err:
+            list(client.generate(model="nope:1b", prompt="hi", stream=stream))
+        assert err.value.status_code == 404
+        assert err.value.error == 'model "nope:1b" not found, try pulling it first'
+    bad = httpx.post(f"{emu.url}/api/chat", content=b"{not json")
+    assert bad.status_code == 400 and "error" in bad.json()
+    assert sum(emu.stats()["requests"].values()) == 0  # rejected before reaching a model
+
+
+def test_error_busy_not_found(client: ollama.Client, emu: OllamaEmulator) -> None:
+    control = httpx.post(
+        f"{emu.url}/_emulator/behaviour", json={"model": "gemma3:1b", "mode": "busy"}
+    )
+    control.raise_for_status()
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="gemma3:1b", prompt="hi")
+    assert (err.value.status_code, err.value.error) == (503, BUSY_MESSAGE)
+    assert client.generate(model="llama3:8b", prompt="hi").done  # other models unaffected
+
+    emu.set_behaviour("*", "error", status=502)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="llama3:8b", messages=USER)
+    assert (err.value.status_code, err.value.error) == (502, "emulated failure")
+
+    emu.set_behaviour("mistral:7b", "not_found")
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="mistral:7b", prompt="hi")
+    assert err.value.status_code == 404
+    assert settle(emu)["requests"] == {"gemma3:1b": 1, "llama3:8b": 2, "mistral:7b": 1}
+
+
+def test_hang_until_client_gives_up(emu: OllamaEmulator) -> None:
+    emu.set_behaviour("gemma3:1b", "hang")
+    impatient = ollama.Client(host=emu.url, timeout=0.3)
+    with pytest.raises(httpx.ReadTimeout):
+        impatient.generate(model="gemma3:1b", prompt="hi")
+    stats = settle(emu)
+    assert stats["in_flight"]["gemma3:1b"] == 0 and stats["peak_in_flight"]["gemma3:1b"] == 1
+    assert 0.25 < stats["busy_time_s"]["gemma3:1b"] < 1
+
+
+def test_peak_in_flight_weight_and_busy_time(emu: OllamaEmulator) -> None:
+    emu.set_behaviour("*", delay_ms=300)
+    emu.set_weights({"gemma3:1b": 2, "llama3:8b": 4})
+    client = ollama.Client(host=emu.url)
+    models = ["gemma3:1b"] * 3 + ["llama3:8b"]
+    with ThreadPoolExecutor(len(models)) as pool:
+        replies = list(pool.map(lambda m: client.generate(model=m, prompt="hi"), models))
+    assert all(r.done for r in replies)
+    stats = settle(emu)
+    assert stats["peak_in_flight"] == {"gemma3:1b": 3, "llama3:8b": 1, "mistral:7b": 0}
+    assert (stats["weight_in_use"], stats["peak_weight"]) == (0, 10)  # 3 x 2 + 1 x 4
+    assert 0.85 < stats["busy_time_s"]["gemma3:1b"] < 1.5  # 3 requests x 0.3 s
+    assert stats["elapsed_s"] > 0.3  # busy_time_s / elapsed_s: average in flight
+
+    emu.reset()
+    assert emu.stats()["weights"] == {"gemma3:1b": 2, "llama3:8b": 4}  # kept unless asked
+    assert emu.stats()["peak_weight"] == 0 and emu.stats()["requests"]["gemma3:1b"] == 0
+
+
+def test_cut_stream(client: ollama.Client, emu: OllamaEmulator) -> None:
+    emu.set_behaviour("gemma3:1b", "cut_stream")
+    received = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        for part in client.generate(model="gemma3:1b", prompt=PROMPT, stream=True):
+            received.append(part.response)
+    assert received == ["Echo:", " hello"]
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.generate(model="gemma3:1b", prompt=PROMPT)
+    assert settle(emu)["in_flight"]["gemma3:1b"] == 0
+
+
+def test_openai_routes(emu: OllamaEmulator) -> None:
+    oai = openai.OpenAI(base_url=emu.url + "/v1", api_key="x", max_retries=0)
+    done = oai.chat.completions.create(model="gemma3:1b", messages=USER)
+    assert done.choices[0].message.content == ECHO and done.choices[0].finish_reason == "stop"
+    assert done.usage and done.usage.completion_tokens == 5
+    chunks = list(
+        oai.chat.completions.create(
+            model="gemma3:1b",
+            messages=USER,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ECHO
+    assert chunks[-1].usage and chunks[-1].usage.total_tokens == 11
+    assert oai.completions.create(model="llama3:8b", prompt=PROMPT).choices[0].text == ECHO
+    assert [m.id for m in oai.models.list()] == ["gemma3:1b", "llama3:8b", "mistral:7b"]
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="nope", messages=USER)
+    emu.set_behaviour("gemma3:1b", "busy")
+    with pytest.raises(openai.APIStatusError) as err:
+        oai.completions.create(model="gemma3:1b", prompt="hi")
+    assert err.value.status_code == 503
+    assert settle(emu)["requests"] == {"gemma3:1b": 3, "llama3:8b": 1, "mistral:7b": 0}
+
+
+def test_tcp_nodelay_on_accepted_sockets(emu: OllamaEmulator) -> None:
+    with httpx.Client(base_url=emu.url) as http:
+        http.get("/api/tags")
+        assert emu._server is not None
+        sockets = [
+            c.transport.get_extra_info("socket") for c in emu._server.server_state.connections
+        ]
+        assert sockets
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+
+
+def test_stop_releases_hanging_requests() -> None:
+    emu = OllamaEmulator(["m:1b"]).start()
+    emu.set_behaviour("*", "hang")
+    result: list[Any] = []
+
+    def call() -> None:
+        result.append(httpx.post(f"{emu.url}/api/generate", json={"model": "m:1b", "prompt": "x"}))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while not emu.stats()["in_flight"]["m:1b"]:
+        time.sleep(0.01)
+    started = time.monotonic()
+    emu.stop()
+    caller.join(2)
+    assert time.monotonic() - started < 1.5
+    assert result and result[0].status_code == 503
+
+
+def test_cli() -> None:
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "tests.support.ollama_emulator", "--port", "0"]
+    command += ["--models", "a:1b,b", "--tokens", "3"]
+    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline().strip()
+            assert line.startswith("ollama-emulator listening on http://127.0.0.1:")
+            client = ollama.Client(host=line.rsplit(" ", 1)[1])
+            assert [m.model for m in client.list().models] == ["a:1b", "b"]
+            assert client.generate(model="b:latest", prompt="x y z").response == "Echo: x y"
+        finally:
+            process.terminate()
+    assert process.returncode is not None

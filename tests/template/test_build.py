@@ -1,0 +1,136 @@
+"""`sam build` output works on its own: a fresh interpreter that sees only the built function,
+the built layer and the boto3 the Lambda runtime provides answers events/ through the handler.
+This is as close to `sam local invoke` as a machine without Docker gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import botocore
+import pytest
+
+from local.embedded_dynamodb import start_embedded_dynamodb
+from local.template import ROOT, table_definitions
+from tests.support.ollama_emulator import OllamaEmulator
+
+pytestmark = pytest.mark.template
+RUNTIME_PACKAGES = ["boto3", "botocore", "jmespath", "s3transfer", "dateutil", "urllib3", "six.py"]
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sam-build")
+    result = subprocess.run(
+        [
+            Path(sys.executable).parent / "sam",
+            "build",
+            "--build-dir",
+            str(out),
+            "--parameter-overrides",
+            "Architecture=x86_64",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SAM_CLI_TELEMETRY": "0"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def lambda_runtime_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the python3.11 Lambda runtime itself provides: boto3 and its dependencies."""
+    site = Path(botocore.__file__).parent.parent
+    out = tmp_path_factory.mktemp("runtime")
+    for name in RUNTIME_PACKAGES:
+        src = site / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, str]]:
+    endpoint = start_embedded_dynamodb()
+    client = boto3.client("dynamodb", endpoint_url=endpoint)
+    for definition in table_definitions().values():
+        client.create_table(**definition)
+    with OllamaEmulator() as emulator:
+        yield {
+            "AWS_ENDPOINT_URL_DYNAMODB": endpoint,
+            "OLLAMA_URL": emulator.url,
+            "HERMES_LEASE_TABLE": "LeaseTable",
+        }
+
+
+INVOKE = """
+import json, sys
+from app import handler
+class Context:
+    function_name = "test"; aws_request_id = "req-1"
+    def get_remaining_time_in_millis(self): return 30000
+print(json.dumps(handler(json.load(open(sys.argv[1])), Context())))
+"""
+
+
+def invoke_built(
+    build_dir: Path, runtime: Path, function: str, event: str, env: dict[str, str]
+) -> dict:
+    path = os.pathsep.join(
+        [str(build_dir / function), str(build_dir / "HermesLayer" / "python"), str(runtime)]
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", INVOKE, str(ROOT / "events" / event)],  # -S: no site-packages
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": path,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "x",
+            **env,
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_built_llm_function_answers_a_prompt(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "LlmFunction", "llm_generate.json", backends
+    )
+    assert response["statusCode"] == 200, response
+    assert json.loads(response["body"])["result"]
+
+
+def test_built_llm_function_rejects_bad_input(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "LlmFunction", "llm_invalid_json.json", backends
+    )
+    assert response["statusCode"] == 400
+    assert json.loads(response["body"])["code"] == "invalid_request"
+
+
+def test_built_status_function_reports_health(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "StatusFunction", "status.json", backends
+    )
+    body = json.loads(response["body"])
+    assert response["statusCode"] == 200, body
+    assert body["status"] == "healthy"
+    assert [m["name"] for m in body["models"]] == ["gemma", "llama3", "mistral"]

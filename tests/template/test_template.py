@@ -1,0 +1,69 @@
+"""The template is the source of truth: it must lint clean and agree with the models file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from hermes.config import DEFAULT_MODELS_FILE, load_models
+from local.template import ROOT, functions, http_routes, load_template
+
+pytestmark = pytest.mark.template
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "SAM_CLI_TELEMETRY": "0"}
+
+
+def test_cfn_lint_is_clean() -> None:
+    result = subprocess.run(
+        [BIN / "cfn-lint", "template.yaml"], cwd=ROOT, capture_output=True, text=True, env=ENV
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sam_validate_lint_is_clean() -> None:
+    result = subprocess.run(
+        [BIN / "sam", "validate", "--lint"], cwd=ROOT, capture_output=True, text=True, env=ENV
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is a valid SAM Template" in result.stdout + result.stderr
+
+
+def test_reserved_concurrency_covers_every_model_slot() -> None:
+    models = load_models(DEFAULT_MODELS_FILE)
+    default = load_template()["Parameters"]["LlmReservedConcurrency"]
+    total = sum(m.max_concurrency for m in models.values())
+    assert int(default["Default"]) >= total
+    assert int(default["MinValue"]) >= total
+
+
+def test_llm_function_outlives_the_slowest_model() -> None:
+    models = load_models(DEFAULT_MODELS_FILE)
+    assert functions()["LlmFunction"].timeout * 1000 > max(m.timeout for m in models.values())
+
+
+def test_every_route_has_an_event_and_every_event_a_route() -> None:
+    routes = {f"{r.method} {r.path}" for r in http_routes()}
+    events = {
+        json.loads(p.read_text())["routeKey"]
+        for p in (ROOT / "events").glob("*.json")
+        if "routeKey" in p.read_text()
+    }
+    assert routes == events
+
+
+def test_layer_requirements_match_the_project_pins() -> None:
+    layer = {
+        line.split("==")[0].lower(): line.strip()
+        for line in (ROOT / "layers/hermes/requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {re.split(r"[=<>\[]", d)[0].lower(): d for d in project if not d.startswith("boto3")}
+    assert layer == pinned

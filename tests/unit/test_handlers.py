@@ -1,0 +1,204 @@
+"""The Lambda entry points, called exactly as Lambda calls them, with the events under events/.
+DynamoDB is moto; Ollama is the emulator on a real loopback socket."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from hermes.errors import ModelBusy
+from hermes.limiter import Claim
+from hermes.service import get_service
+from local.template import ROOT
+from tests.support.ollama_emulator import OllamaEmulator
+
+
+class LambdaContext:
+    function_name = "hermes-test"
+    aws_request_id = "test-request"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:hermes-test"
+
+    def __init__(self, remaining_ms: int = 60_000) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def load_function(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        f"fn_{name}", ROOT / "functions" / name / "app.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def event(
+    name: str, path: str | None = None, method: str | None = None, **changes: Any
+) -> dict[str, Any]:
+    """An events/ file, optionally sent to another path or with another method."""
+    data = copy.deepcopy(json.loads((ROOT / "events" / name).read_text()))
+    data.update(changes)
+    if path is not None:
+        data["rawPath"] = data["requestContext"]["http"]["path"] = path
+        if path.startswith("/v1/llm/"):
+            data["pathParameters"] = {"model": path.rsplit("/", 1)[1]}
+    if method is not None:
+        data["requestContext"]["http"]["method"] = method
+    return data
+
+
+def invoke(
+    function: str, name: str, context: LambdaContext | None = None, **changes: Any
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    response = load_function(function).handler(event(name, **changes), context or LambdaContext())
+    return response["statusCode"], json.loads(response["body"]), response["headers"]
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[OllamaEmulator]:
+    with OllamaEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture(autouse=True)
+def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.reset()
+    monkeypatch.setenv("OLLAMA_URL", emulator.url)
+
+
+def test_given_a_prompt_when_posted_then_the_result_comes_back() -> None:
+    status, body, _ = invoke("llm", "llm_generate.json")
+    assert status == 200
+    assert body["result"] and body["model"] == "gemma" and body["backend_model"] == "gemma3:1b"
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_options_and_system_reach_the_backend() -> None:
+    status, body, _ = invoke("llm", "llm_generate_with_options.json")
+    assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    ("event_name", "status", "code"),
+    [
+        ("llm_invalid_json.json", 400, "invalid_request"),
+        ("llm_missing_prompt.json", 400, "invalid_request"),
+        ("llm_bad_option.json", 400, "invalid_request"),
+        ("llm_unknown_model.json", 404, "model_not_configured"),
+    ],
+)
+def test_bad_requests_get_a_json_error_and_never_a_500(
+    event_name: str, status: int, code: str
+) -> None:
+    got, body, _ = invoke("llm", event_name)
+    assert (got, body["code"]) == (status, code)
+    assert isinstance(body["error"], str) and "detail" not in body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[]",
+        '"hi"',
+        "null",
+        '{"prompt": null}',
+        '{"prompt": 42}',
+        '{"prompt": ""}',
+        '{"prompt": "x", "options": []}',
+        '{"prompt": "x", "format": "yaml"}',
+        '{"prompt": "x", "options": {"num_ctx": true}}',
+        "\udcff",
+    ],
+)
+def test_malformed_bodies_are_invalid_requests(body: str) -> None:
+    status, got, _ = invoke("llm", "llm_generate.json", body=body)
+    assert (status, got["code"]) == (400, "invalid_request")
+
+
+def test_a_prompt_over_the_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMES_MAX_PROMPT_CHARS", "10")
+    status, body, _ = invoke("llm", "llm_generate.json", body=json.dumps({"prompt": "x" * 11}))
+    assert (status, body["code"]) == (413, "prompt_too_large")
+
+
+def test_a_full_model_answers_429_with_retry_after() -> None:
+    service = get_service()
+    service.limiter.acquire([Claim("model#llama3", 1, 1, ModelBusy)], 60_000)
+    status, body, headers = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
+    assert (status, body["code"]) == (429, "model_busy")
+    assert int(headers["retry-after"]) >= 1
+
+
+def test_a_model_ollama_lacks_is_404_with_a_pull_hint(emulator: OllamaEmulator) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="not_found")
+    status, body, _ = invoke("llm", "llm_generate.json")
+    assert (status, body["code"]) == (404, "model_not_found")
+    assert "ollama pull gemma3:1b" in body["error"]
+    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+
+
+def test_an_ollama_error_is_502_and_frees_the_slot(emulator: OllamaEmulator) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="error", status=500)
+    status, body, _ = invoke("llm", "llm_generate.json")
+    assert (status, body["code"]) == (502, "upstream_error")
+    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+
+
+def test_the_lambda_deadline_bounds_the_model_timeout(emulator: OllamaEmulator) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="hang")
+    status, body, _ = invoke("llm", "llm_generate.json", context=LambdaContext(remaining_ms=1_500))
+    assert (status, body["code"]) == (504, "upstream_timeout")
+    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+
+
+def test_unknown_route_and_method_are_json() -> None:
+    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/nothing")
+    assert (status, body["code"]) == (404, "not_found")
+    status, body, _ = invoke("llm", "llm_generate.json", method="GET")
+    assert (status, body["code"]) == (405, "method_not_allowed")
+
+
+def test_an_event_that_is_not_http_gets_a_json_error_not_an_exception() -> None:
+    assert (
+        load_function("llm").handler({"hello": "world"}, LambdaContext())["code"]
+        == "invalid_request"
+    )
+
+
+def test_status_reports_models_usage_and_health() -> None:
+    status, body, _ = invoke("status", "status.json")
+    assert status == 200 and body["status"] == "healthy"
+    assert {c: body["checks"][c]["status"] for c in ("ollama", "dynamodb")} == {
+        "ollama": "ok",
+        "dynamodb": "ok",
+    }
+    gemma = next(m for m in body["models"] if m["name"] == "gemma")
+    assert gemma == {
+        "name": "gemma",
+        "backend_model": "gemma3:1b",
+        "max_concurrency": 2,
+        "in_flight": 0,
+        "memory_cost": "medium",
+        "timeout_ms": 30000,
+    }
+    assert body["version"] and body["uptime_seconds"] >= 0 and body["process"]["rss_mb"] > 0
+    assert isinstance(body["ollama"]["loaded_models"], list)
+
+
+def test_status_is_503_naming_ollama_when_it_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:9")
+    status, body, _ = invoke("status", "status.json")
+    assert (status, body["status"], body["checks"]["ollama"]["status"]) == (
+        503,
+        "degraded",
+        "error",
+    )
