@@ -170,12 +170,17 @@ def describe(port: int, host: str) -> str:
     lines = [
         f"Hermes listening on http://{host}:{port}",
         f"  DynamoDB: {store}",
-        f"  Ollama:   {settings.ollama_url}",
     ]
+    for host, config in sorted(settings.hosts.items()):
+        lines.append(
+            f"  host {host}: Ollama at {settings.host_url(host)}, "
+            f"memory_budget={config.memory_budget}"
+        )
     for name, model in sorted(settings.models.items()):
         lines.append(
-            f"  model {name}: {model.backend_model} via Ollama, "
-            f"max_concurrency={model.max_concurrency}, "
+            f"  model {name}: {model.backend_model} on host {model.host}, "
+            f"max_concurrency={model.max_concurrency}, memory_cost={model.memory_cost}, "
+            f"queue_timeout={model.queue_timeout_ms} ms, "
             f"timeout={model.timeout} ms"
         )
     lines += [f"  route {r.method} {r.path} -> {r.function}" for r in http_routes()]

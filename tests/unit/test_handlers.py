@@ -6,7 +6,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -189,7 +192,18 @@ def test_status_reports_models_usage_and_health() -> None:
         "in_flight": 0,
         "memory_cost": "medium",
         "timeout_ms": 30000,
+        "host": "default",
+        "queue_timeout_ms": 0,
     }
+    assert body["hosts"] == [
+        {
+            "name": "default",
+            "url": body["hosts"][0]["url"],
+            "status": "ok",
+            "memory_budget": 8,
+            "memory_in_use": 0,
+        }
+    ]
     assert body["version"] and body["uptime_seconds"] >= 0 and body["process"]["rss_mb"] > 0
     assert isinstance(body["ollama"]["loaded_models"], list)
 
@@ -202,3 +216,68 @@ def test_status_is_503_naming_ollama_when_it_is_down(monkeypatch: pytest.MonkeyP
         "degraded",
         "error",
     )
+
+
+def write_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, **overrides: dict
+) -> None:
+    config = json.loads((ROOT / "layers/hermes/hermes/models.json").read_text())
+    config["hosts"]["default"]["memory_budget"] = budget
+    for name, changes in overrides.items():
+        config["models"][name].update(changes)
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+
+
+def test_when_the_memory_budget_binds_the_answer_is_host_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_models(tmp_path, monkeypatch, budget=4)
+    service = get_service()
+    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)  # weight 4
+    status, body, headers = invoke("llm", "llm_generate.json")  # gemma has free slots
+    assert (status, body["code"]) == (429, "host_busy")
+    assert headers["retry-after"]
+    _, status_body, _ = invoke("status", "status.json")
+    assert status_body["hosts"][0]["memory_in_use"] == 4
+
+
+def test_a_waiting_request_is_admitted_when_a_slot_frees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 3000})
+    service = get_service()
+    held = service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    threading.Timer(0.3, service.limiter.release, [held]).start()
+    started = time.monotonic()
+    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
+    assert status == 200, body
+    assert 0.25 < time.monotonic() - started < 3
+
+
+def test_waiting_ends_with_429_at_the_queue_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 500})
+    service = get_service()
+    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    started = time.monotonic()
+    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
+    waited = time.monotonic() - started
+    assert (status, body["code"]) == (429, "model_busy")
+    assert 0.3 < waited < 1.5
+
+
+def test_waiting_never_outlasts_the_lambda_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 20_000})
+    service = get_service()
+    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    started = time.monotonic()
+    status, body, _ = invoke(
+        "llm", "llm_generate.json", path="/v1/llm/llama3", context=LambdaContext(remaining_ms=1_600)
+    )
+    assert (status, body["code"]) == (429, "model_busy")
+    assert time.monotonic() - started < 1.2  # 1.6 s left minus the 1 s safety margin

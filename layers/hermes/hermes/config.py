@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.json")
 
+MemoryCost = Literal["low", "medium", "high"]
 # memory_cost names the seed uses, as weights charged against a host's memory budget.
-MEMORY_WEIGHTS = {"low": 1, "medium": 2, "high": 4}
+DEFAULT_MEMORY_WEIGHTS: dict[MemoryCost, int] = {"low": 1, "medium": 2, "high": 4}
+DEFAULT_HOST = "default"
 
 
 class ConfigError(Exception):
@@ -29,25 +31,44 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_concurrency: int = Field(ge=1, le=1000)
-    memory_cost: Literal["low", "medium", "high"]
+    memory_cost: MemoryCost
     timeout: int = Field(ge=1, le=15 * 60 * 1000, description="milliseconds")
     backend_model: str = Field(min_length=1, max_length=200)
+    host: str = DEFAULT_HOST
+    # 0 = answer 429 at once (the seed's behaviour); >0 = retry admission up to this long.
+    queue_timeout_ms: int = Field(default=0, ge=0, le=15 * 60 * 1000)
 
-    @property
-    def memory_weight(self) -> int:
-        return MEMORY_WEIGHTS[self.memory_cost]
+
+class HostConfig(BaseModel):
+    """An Ollama host; its memory budget is in the same units as the memory weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_budget: int = Field(ge=1, le=100_000)
+    url: str | None = Field(default=None, pattern=r"^https?://", description="default OLLAMA_URL")
 
 
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: dict[str, ModelConfig] = Field(min_length=1)
+    hosts: dict[str, HostConfig] = Field(
+        default_factory=lambda: {DEFAULT_HOST: HostConfig(memory_budget=8)}, min_length=1
+    )
+    memory_weights: dict[MemoryCost, int] = Field(
+        default_factory=lambda: dict(DEFAULT_MEMORY_WEIGHTS)
+    )
+
+    def weight(self, model: ModelConfig) -> int:
+        return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     models: dict[str, ModelConfig]
+    hosts: dict[str, HostConfig]
+    memory_weights: dict[MemoryCost, int]
     ollama_url: str
     lease_table: str
     max_prompt_chars: int
@@ -57,8 +78,18 @@ class Settings(BaseModel):
     # Each /v1/status probe gets at most this long, so status answers within ~2 s.
     probe_timeout_s: float
 
+    def weight(self, model: ModelConfig) -> int:
+        return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
+
+    def host_url(self, host: str) -> str:
+        return (self.hosts[host].url or self.ollama_url).rstrip("/")
+
 
 def load_models(path: Path) -> dict[str, ModelConfig]:
+    return load_config(path).models
+
+
+def load_config(path: Path) -> ModelsFile:
     try:
         raw = json.loads(path.read_text())
     except OSError as exc:
@@ -71,13 +102,25 @@ def load_models(path: Path) -> dict[str, ModelConfig]:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"models file {path}: field '{field}': {first['msg']}") from exc
-    for name in parsed.models:
+    for name, model in parsed.models.items():
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(
                 f"models file {path}: field 'models.{name}': model names may use only "
                 "letters, digits, '-', '_' and '.'"
             )
-    return parsed.models
+        host = parsed.hosts.get(model.host)
+        if host is None:
+            raise ConfigError(
+                f"models file {path}: field 'models.{name}.host': no host '{model.host}' "
+                f"in 'hosts' ({', '.join(sorted(parsed.hosts))})"
+            )
+        if parsed.weight(model) > host.memory_budget:
+            raise ConfigError(
+                f"models file {path}: field 'models.{name}.memory_cost': weight "
+                f"{parsed.weight(model)} exceeds host '{model.host}' memory_budget "
+                f"{host.memory_budget}, so it could never run"
+            )
+    return parsed
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:
@@ -114,8 +157,11 @@ def get_settings() -> Settings:
         raise ConfigError(
             f"environment variable OLLAMA_URL must be an http(s) URL, got {ollama_url!r}"
         )
+    config = load_config(models_file)
     return Settings(
-        models=load_models(models_file),
+        models=config.models,
+        hosts=config.hosts,
+        memory_weights=config.memory_weights,
         ollama_url=ollama_url.rstrip("/"),
         lease_table=os.environ.get("HERMES_LEASE_TABLE") or "LeaseTable",
         max_prompt_chars=_env_int("HERMES_MAX_PROMPT_CHARS", 100_000, 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import resource
 import time
 from functools import lru_cache
@@ -16,22 +17,31 @@ from typing import Any
 from hermes import __version__
 from hermes.backend import OllamaClient
 from hermes.config import ModelConfig, Settings, get_settings
-from hermes.errors import HermesError, ModelBusy, ModelNotConfigured, UpstreamTimeout
-from hermes.limiter import Claim, Limiter
+from hermes.errors import HermesError, HostBusy, ModelBusy, ModelNotConfigured, UpstreamTimeout
+from hermes.limiter import Claim, Lease, Limiter
 from hermes.schemas import parse_generate_request
 
 STARTED_AT = time.monotonic()
+# Bounded waiting: full-jitter exponential backoff between admission attempts.
+BACKOFF_BASE_S = 0.02
+BACKOFF_CAP_S = 0.25
 
 
 def model_pool(name: str) -> str:
     return f"model#{name}"
 
 
+def host_pool(name: str) -> str:
+    return f"host#{name}"
+
+
 class HermesService:
-    def __init__(self, settings: Settings, limiter: Limiter, backend: OllamaClient) -> None:
+    def __init__(
+        self, settings: Settings, limiter: Limiter, backends: dict[str, OllamaClient]
+    ) -> None:
         self.settings = settings
         self.limiter = limiter
-        self.backend = backend
+        self.backends = backends  # one client per Ollama host
 
     def model(self, name: str) -> ModelConfig:
         config = self.settings.models.get(name)
@@ -45,7 +55,39 @@ class HermesService:
         return config
 
     def claims(self, name: str, config: ModelConfig) -> list[Claim]:
-        return [Claim(model_pool(name), config.max_concurrency, 1, ModelBusy)]
+        """A slot of the model and its weight on its host's memory budget, taken together."""
+        budget = self.settings.hosts[config.host].memory_budget
+        return [
+            Claim(model_pool(name), config.max_concurrency, 1, ModelBusy),
+            Claim(host_pool(config.host), budget, self.settings.weight(config), HostBusy),
+        ]
+
+    async def admit(
+        self, name: str, config: ModelConfig, deadline: float | None
+    ) -> tuple[Lease, float]:
+        """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
+        a time.monotonic() value). Returns the lease and the seconds the call may run."""
+        claims = self.claims(name, config)
+        wait_until = time.monotonic() + config.queue_timeout_ms / 1000
+        if deadline is not None:
+            wait_until = min(wait_until, deadline)
+        attempt = 0
+        while True:
+            run_s = config.timeout / 1000
+            if deadline is not None:
+                run_s = max(0.001, min(run_s, deadline - time.monotonic()))
+            lease_ms = math.ceil(run_s * 1000) + self.settings.lease_margin_ms
+            try:
+                # Blocking on purpose: an awaited acquire could be cancelled after DynamoDB
+                # granted the lease but before the caller's try/finally owns it.
+                lease = self.limiter.acquire(claims, lease_ms, self.settings.retry_after_s)
+                return lease, run_s
+            except (ModelBusy, HostBusy):
+                pause = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+                if time.monotonic() + pause >= wait_until:
+                    raise
+            await asyncio.sleep(pause)
+            attempt += 1
 
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
@@ -53,19 +95,12 @@ class HermesService:
         """Run one prompt; `deadline_s` is what the caller can still wait (Lambda time left)."""
         config = self.model(model_name)
         request = parse_generate_request(body, self.settings.max_prompt_chars)
-        timeout_s = config.timeout / 1000
-        if deadline_s is not None:
-            timeout_s = max(0.001, min(timeout_s, deadline_s))
-        lease_ms = math.ceil(timeout_s * 1000) + self.settings.lease_margin_ms
-        # Blocking on purpose: an awaited acquire could be cancelled after DynamoDB granted
-        # the lease but before the try/finally below owns it, leaking the slot until expiry.
-        lease = self.limiter.acquire(
-            self.claims(model_name, config), lease_ms, self.settings.retry_after_s
-        )
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        lease, timeout_s = await self.admit(model_name, config, deadline)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
-                data = await self.backend.generate(
+                data = await self.backends[config.host].generate(
                     config.backend_model,
                     request.prompt,
                     timeout_s=timeout_s,
@@ -99,13 +134,12 @@ class HermesService:
         """Health and usage; every probe is bounded so this answers within ~2 s."""
         timeout = self.settings.probe_timeout_s
         names = sorted(self.settings.models)
-        ollama_probe = _timed(self.backend.loaded_models(timeout), timeout)
-        usage_probe = _timed(
-            asyncio.to_thread(self.limiter.usage, [model_pool(n) for n in names]), timeout
-        )
-        (loaded, ollama_check), (usage, dynamodb_check) = await asyncio.gather(
-            ollama_probe, usage_probe
-        )
+        hosts = sorted(self.settings.hosts)
+        pools = [model_pool(n) for n in names] + [host_pool(h) for h in hosts]
+        probes = [_timed(self.backends[h].loaded_models(timeout), timeout) for h in hosts]
+        probes.append(_timed(asyncio.to_thread(self.limiter.usage, pools), timeout))
+        *host_results, (usage, dynamodb_check) = await asyncio.gather(*probes)
+        ollama_check = _combine([check for _, check in host_results])
         if dynamodb_check["status"] != "ok":
             state = "unhealthy"
         elif ollama_check["status"] != "ok":
@@ -124,13 +158,28 @@ class HermesService:
                     "max_concurrency": self.settings.models[name].max_concurrency,
                     "in_flight": usage.get(model_pool(name)) if usage is not None else None,
                     "memory_cost": self.settings.models[name].memory_cost,
+                    "host": self.settings.models[name].host,
+                    "queue_timeout_ms": self.settings.models[name].queue_timeout_ms,
                     "timeout_ms": self.settings.models[name].timeout,
                 }
                 for name in names
             ],
+            "hosts": [
+                {
+                    "name": host,
+                    "url": self.backends[host].base_url,
+                    "status": check["status"],
+                    "memory_budget": self.settings.hosts[host].memory_budget,
+                    "memory_in_use": usage.get(host_pool(host)) if usage is not None else None,
+                }
+                for host, (_, check) in zip(hosts, host_results, strict=True)
+            ],
+            "memory_weights": self.settings.memory_weights,
             "ollama": {
                 "loaded_models": [
-                    {k: m.get(k) for k in ("name", "size", "size_vram", "expires_at")}
+                    {"host": host}
+                    | {k: m.get(k) for k in ("name", "size", "size_vram", "expires_at")}
+                    for host, (loaded, _) in zip(hosts, host_results, strict=True)
                     for m in loaded or []
                 ]
             },
@@ -149,6 +198,14 @@ async def _timed(probe: Any, timeout_s: float) -> tuple[Any, dict[str, Any]]:
     except TimeoutError:
         return None, _check("error", started, f"no answer within {timeout_s * 1.5:g} s")
     return value, _check("ok", started)
+
+
+def _combine(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One check for all Ollama hosts: ok only when every host answered."""
+    failed = [c for c in checks if c["status"] != "ok"]
+    combined = dict(failed[0] if failed else checks[0])
+    combined["latency_ms"] = max(c["latency_ms"] for c in checks)
+    return combined
 
 
 def _check(status: str, started: float, error: str | None = None) -> dict[str, Any]:
@@ -188,6 +245,5 @@ def get_service() -> HermesService:
             tcp_keepalive=True,
         ),
     )
-    return HermesService(
-        settings, Limiter(dynamodb, settings.lease_table), OllamaClient(settings.ollama_url)
-    )
+    backends = {host: OllamaClient(settings.host_url(host)) for host in settings.hosts}
+    return HermesService(settings, Limiter(dynamodb, settings.lease_table), backends)
