@@ -7,12 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from hermes.errors import HostBusy, ModelBusy
-from hermes.limiter import Claim, Limiter
+from hermes.limiter import Counter, Limiter
 from tests.support.dynamodb_local import DynamoDBLocal
 
 
 def race(
-    limiter: Limiter, claims: list[Claim], capacity: int, threads: int = 16, rounds: int = 15
+    limiter: Limiter, counters: list[Counter], threads: int = 16, rounds: int = 15
 ) -> tuple[int, int]:
     holders = 0
     peak = 0
@@ -23,7 +23,7 @@ def race(
         nonlocal holders, peak, admitted
         for _ in range(rounds):
             try:
-                lease = limiter.acquire(claims, 10_000)
+                lease = limiter.acquire("host#gpu", counters, 10_000)
             except (ModelBusy, HostBusy):
                 continue
             with lock:
@@ -44,16 +44,19 @@ def test_sixteen_threads_never_exceed_two_slots(
     hermes_env: dict[str, str], dynamodb_local: DynamoDBLocal
 ) -> None:
     limiter = Limiter(dynamodb_local.client(), "LeaseTable")
-    peak, admitted = race(limiter, [Claim("model#gemma", 2, 1, ModelBusy)], 2)
+    peak, admitted = race(limiter, [Counter("inflight_gemma", 2, 1, ModelBusy, "gemma")])
     assert 0 < peak <= 2 and admitted > 0
-    assert limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+    assert limiter.usage(["host#gpu"]) == {"host#gpu": {}}
 
 
-def test_transactional_claims_hold_under_the_same_race(
+def test_slot_and_budget_together_hold_under_the_same_race(
     hermes_env: dict[str, str], dynamodb_local: DynamoDBLocal
 ) -> None:
     limiter = Limiter(dynamodb_local.client(), "LeaseTable")
-    claims = [Claim("model#mistral", 3, 1, ModelBusy), Claim("host#gpu", 4, 2, HostBusy)]
-    peak, admitted = race(limiter, claims, 2)
+    counters = [
+        Counter("inflight_mistral", 3, 1, ModelBusy, "mistral"),
+        Counter("memory", 4, 2, HostBusy, "budget"),  # the budget binds at 2
+    ]
+    peak, admitted = race(limiter, counters)
     assert 0 < peak <= 2 and admitted > 0
-    assert limiter.usage(["model#mistral", "host#gpu"]) == {"model#mistral": 0, "host#gpu": 0}
+    assert limiter.usage(["host#gpu"]) == {"host#gpu": {}}

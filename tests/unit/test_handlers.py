@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from hermes.errors import ModelBusy
-from hermes.limiter import Claim
-from hermes.service import get_service
+from hermes.limiter import Lease
+from hermes.service import HermesService, get_service, host_pool, model_counter
 from local.template import ROOT
 from tests.support.ollama_emulator import OllamaEmulator
 
@@ -64,6 +63,17 @@ def invoke(
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     response = load_function(function).handler(event(name, **changes), context or LambdaContext())
     return response["statusCode"], json.loads(response["body"]), response["headers"]
+
+
+def hold(service: HermesService, model: str) -> Lease:
+    """Occupy one slot of `model` as another instance would."""
+    config = service.model(model)
+    return service.limiter.acquire(host_pool(config.host), service.counters(model, config), 60_000)
+
+
+def in_flight(model: str) -> int:
+    usage = get_service().limiter.usage([host_pool("default")])
+    return usage[host_pool("default")].get(model_counter(model), 0)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +145,7 @@ def test_a_prompt_over_the_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_a_full_model_answers_429_with_retry_after() -> None:
     service = get_service()
-    service.limiter.acquire([Claim("model#llama3", 1, 1, ModelBusy)], 60_000)
+    hold(service, "llama3")
     status, body, headers = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
     assert (status, body["code"]) == (429, "model_busy")
     assert int(headers["retry-after"]) >= 1
@@ -146,21 +156,21 @@ def test_a_model_ollama_lacks_is_404_with_a_pull_hint(emulator: OllamaEmulator) 
     status, body, _ = invoke("llm", "llm_generate.json")
     assert (status, body["code"]) == (404, "model_not_found")
     assert "ollama pull gemma3:1b" in body["error"]
-    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+    assert in_flight("gemma") == 0
 
 
 def test_an_ollama_error_is_502_and_frees_the_slot(emulator: OllamaEmulator) -> None:
     emulator.set_behaviour(model="gemma3:1b", mode="error", status=500)
     status, body, _ = invoke("llm", "llm_generate.json")
     assert (status, body["code"]) == (502, "upstream_error")
-    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+    assert in_flight("gemma") == 0
 
 
 def test_the_lambda_deadline_bounds_the_model_timeout(emulator: OllamaEmulator) -> None:
     emulator.set_behaviour(model="gemma3:1b", mode="hang")
     status, body, _ = invoke("llm", "llm_generate.json", context=LambdaContext(remaining_ms=1_500))
     assert (status, body["code"]) == (504, "upstream_timeout")
-    assert get_service().limiter.usage(["model#gemma"]) == {"model#gemma": 0}
+    assert in_flight("gemma") == 0
 
 
 def test_unknown_route_and_method_are_json() -> None:
@@ -235,7 +245,7 @@ def test_when_the_memory_budget_binds_the_answer_is_host_busy(
 ) -> None:
     write_models(tmp_path, monkeypatch, budget=4)
     service = get_service()
-    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)  # weight 4
+    hold(service, "llama3")  # weight 4
     status, body, headers = invoke("llm", "llm_generate.json")  # gemma has free slots
     assert (status, body["code"]) == (429, "host_busy")
     assert headers["retry-after"]
@@ -248,7 +258,7 @@ def test_a_waiting_request_is_admitted_when_a_slot_frees(
 ) -> None:
     write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 3000})
     service = get_service()
-    held = service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    held = hold(service, "llama3")
     threading.Timer(0.3, service.limiter.release, [held]).start()
     started = time.monotonic()
     status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
@@ -261,7 +271,7 @@ def test_waiting_ends_with_429_at_the_queue_timeout(
 ) -> None:
     write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 500})
     service = get_service()
-    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    hold(service, "llama3")
     started = time.monotonic()
     status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
     waited = time.monotonic() - started
@@ -274,7 +284,7 @@ def test_waiting_never_outlasts_the_lambda_deadline(
 ) -> None:
     write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 20_000})
     service = get_service()
-    service.limiter.acquire(service.claims("llama3", service.model("llama3")), 60_000)
+    hold(service, "llama3")
     started = time.monotonic()
     status, body, _ = invoke(
         "llm", "llm_generate.json", path="/v1/llm/llama3", context=LambdaContext(remaining_ms=1_600)

@@ -1,23 +1,25 @@
 """Cross-instance admission control on DynamoDB leases. The only code that touches the lease table.
 
-A *pool* is one item (`pk`) with a capacity: a model's slots, or later a host's
-memory budget. Admission adds the caller's weight to `used` and records a lease
-attribute `l_<id>` = {w: weight, exp: expiry ms} in one conditional write, so no
-two writers can overshoot the capacity. Release removes the caller's own lease
-attribute and subtracts its weight, conditional on that attribute still existing,
-so a release can never free somebody else's slot.
+A *pool* is one item (`pk`), e.g. an Ollama host. It holds counters: the host's
+memory in use and the in-flight count of each model served there. Admission adds
+the caller's weight to every counter it claims and records a lease attribute
+`l_<id>` = {exp: expiry ms, w: {counter: weight}} in ONE conditional UpdateItem,
+whose condition checks every counter against its capacity. So the model slot and
+the memory budget are taken atomically, with no transaction, and no two writers
+can overshoot. Release removes the caller's own lease attribute and subtracts its
+weights, conditional on that attribute still existing, so a release can never
+free somebody else's capacity.
 
 A Lambda that crashes or times out never runs its `finally`, so its lease stays.
 Whoever next finds the pool full reads the item (returned by the failed write),
 removes the leases whose expiry has passed and tries again: recovery needs no
-sweeper and never waits on DynamoDB TTL. Capacity comes from the caller on every
-write, so a changed `max_concurrency` applies at once, with no migration.
+sweeper and never waits on DynamoDB TTL. Capacities come from the caller on every
+write, so a changed `max_concurrency` or budget applies at once, with no migration.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -37,25 +39,22 @@ MAX_ROUNDS = 4
 
 
 @dataclass(frozen=True)
-class Claim:
-    """Take `weight` units of `pool`, whose capacity is `capacity`; `busy` is raised when full."""
+class Counter:
+    """Take `weight` of counter `name`, whose capacity is `capacity`; `busy` when it is full."""
 
-    pool: str
+    name: str
     capacity: int
     weight: int
     busy: type[HermesError]
+    label: str
 
 
 @dataclass(frozen=True)
 class Lease:
     lease_id: str
-    claims: tuple[Claim, ...]
+    pool: str
+    counters: tuple[Counter, ...]
     expires_at_ms: int
-
-
-class Full(Exception):
-    def __init__(self, claim: Claim) -> None:
-        self.claim = claim
 
 
 class Limiter:
@@ -69,105 +68,88 @@ class Limiter:
 
     # -- admission -------------------------------------------------------------
 
-    def acquire(self, claims: Sequence[Claim], lease_ms: int, retry_after_s: int = 1) -> Lease:
-        """Admit all claims atomically or raise the first full claim's `busy` error."""
-        lease = Lease(uuid.uuid4().hex, tuple(claims), self._now_ms() + lease_ms)
-        for round_ in range(MAX_ROUNDS):
-            full_items = self._try_acquire(lease)
-            if not full_items:
+    def acquire(
+        self, pool: str, counters: Sequence[Counter], lease_ms: int, retry_after_s: int = 1
+    ) -> Lease:
+        """Take every counter at once, or raise the `busy` error of the first full one."""
+        lease = Lease(uuid.uuid4().hex, pool, tuple(counters), self._now_ms() + lease_ms)
+        for _ in range(MAX_ROUNDS):
+            try:
+                self._call("update_item", **self._acquire_update(lease))
                 return lease
-            reaped = False
-            for claim, item in full_items:
-                reaped |= self._reap_expired(claim.pool, item)
-            if not reaped:
-                claim = full_items[0][0]
-                raise claim.busy(
-                    f"'{claim.pool.split('#', 1)[-1]}' is at capacity ({claim.capacity}); "
-                    "retry later",
+            except _ConditionFailed as failed:
+                item = failed.item
+            if self._reap_expired(pool, item):
+                continue  # capacity came back from crashed holders: try again
+            full = next(
+                (c for c in lease.counters if _value(item, c.name) + c.weight > c.capacity), None
+            )
+            if full is not None:
+                raise full.busy(
+                    f"{full.label} is at capacity ({full.capacity}); retry later",
                     retry_after=retry_after_s,
                 )
-            log.info("reaped expired leases, retrying admission (round %d)", round_ + 1)
-        claim = lease.claims[0]
-        raise claim.busy(
-            "capacity still contended after reaping; retry later", retry_after=retry_after_s
-        )
+            # The item changed between our write and its snapshot: simply try again.
+        first = lease.counters[0]
+        raise first.busy(f"{first.label} is contended; retry later", retry_after=retry_after_s)
 
-    def _try_acquire(self, lease: Lease) -> list[tuple[Claim, dict[str, Any]]]:
-        """One conditional write; returns the (claim, current item) pairs that were full."""
-        expires = {"N": str(lease.expires_at_ms)}
-        updates = []
-        for claim in lease.claims:
-            updates.append(
-                {
-                    "TableName": self._table,
-                    "Key": {"pk": {"S": claim.pool}},
-                    "UpdateExpression": (
-                        "SET #used = if_not_exists(#used, :zero) + :w, #lease = :lease"
-                    ),
-                    "ConditionExpression": "attribute_not_exists(#used) OR #used <= :room",
-                    "ExpressionAttributeNames": {
-                        "#used": "used",
-                        "#lease": LEASE_PREFIX + lease.lease_id,
-                    },
-                    "ExpressionAttributeValues": {
-                        ":zero": {"N": "0"},
-                        ":w": {"N": str(claim.weight)},
-                        ":room": {"N": str(claim.capacity - claim.weight)},
-                        ":lease": {"M": {"w": {"N": str(claim.weight)}, "exp": expires}},
-                    },
-                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-                }
-            )
-        if len(updates) == 1:
-            try:
-                self._call("update_item", **updates[0])
-            except _ConditionFailed as failed:
-                return [(lease.claims[0], failed.item)]
-            return []
-        return self._transact_acquire(lease, updates)
-
-    def _transact_acquire(
-        self, lease: Lease, updates: list[dict[str, Any]]
-    ) -> list[tuple[Claim, dict[str, Any]]]:
-        for attempt in range(5):
-            try:
-                self._call("transact_write_items", TransactItems=[{"Update": u} for u in updates])
-                return []
-            except _TransactionCancelled as cancelled:
-                full = [
-                    (claim, reason.get("Item", {}))
-                    for claim, reason in zip(lease.claims, cancelled.reasons, strict=False)
-                    if reason.get("Code") == "ConditionalCheckFailed"
-                ]
-                if full:
-                    return full
-                # Only conflicts with concurrent transactions: back off briefly and retry.
-                time.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
-        raise LimiterUnavailable("the lease table stayed contended; retry later", retry_after=1)
+    def _acquire_update(self, lease: Lease) -> dict[str, Any]:
+        names = {"#lease": LEASE_PREFIX + lease.lease_id}
+        values: dict[str, Any] = {":zero": {"N": "0"}}
+        sets, conditions = [], []
+        for i, counter in enumerate(lease.counters):
+            names[f"#c{i}"] = counter.name
+            values[f":w{i}"] = {"N": str(counter.weight)}
+            values[f":room{i}"] = {"N": str(counter.capacity - counter.weight)}
+            sets.append(f"#c{i} = if_not_exists(#c{i}, :zero) + :w{i}")
+            conditions.append(f"(attribute_not_exists(#c{i}) OR #c{i} <= :room{i})")
+        weights = {c.name: {"N": str(c.weight)} for c in lease.counters}
+        values[":lease"] = {"M": {"exp": {"N": str(lease.expires_at_ms)}, "w": {"M": weights}}}
+        return {
+            "TableName": self._table,
+            "Key": {"pk": {"S": lease.pool}},
+            "UpdateExpression": "SET " + ", ".join([*sets, "#lease = :lease"]),
+            "ConditionExpression": " AND ".join(conditions),
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
 
     def _reap_expired(self, pool: str, item: dict[str, Any]) -> bool:
         """Remove leases past their expiry from `pool`; True when something was freed."""
         now = self._now_ms()
-        expired = {
-            name: int(value["M"]["w"]["N"])
+        expired = [
+            (name, _weights(value))
             for name, value in item.items()
             if name.startswith(LEASE_PREFIX) and int(value["M"]["exp"]["N"]) < now
-        }
+        ]
         if not expired:
             return False
-        names = {f"#l{i}": name for i, name in enumerate(expired)}
+        freed: dict[str, int] = {}
+        for _, weights in expired:
+            for counter, weight in weights.items():
+                freed[counter] = freed.get(counter, 0) + weight
+        names = {f"#l{i}": name for i, (name, _) in enumerate(expired)}
+        names |= {f"#c{i}": counter for i, counter in enumerate(freed)}
+        sets = [f"#c{i} = #c{i} - :f{i}" for i in range(len(freed))]
         try:
             self._call(
                 "update_item",
                 TableName=self._table,
                 Key={"pk": {"S": pool}},
-                UpdateExpression=f"REMOVE {', '.join(names)} SET #used = #used - :freed",
-                ConditionExpression=" AND ".join(f"attribute_exists({n})" for n in names),
-                ExpressionAttributeNames={**names, "#used": "used"},
-                ExpressionAttributeValues={":freed": {"N": str(sum(expired.values()))}},
+                UpdateExpression=f"REMOVE {', '.join(n for n in names if n.startswith('#l'))}"
+                + (f" SET {', '.join(sets)}" if sets else ""),
+                ConditionExpression=" AND ".join(
+                    f"attribute_exists(#l{i})" for i in range(len(expired))
+                ),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={
+                    f":f{i}": {"N": str(weight)} for i, weight in enumerate(freed.values())
+                }
+                or None,
             )
         except _ConditionFailed:
-            # Another instance reaped or the owner released first: capacity moved anyway.
+            # Another instance reaped them or an owner released first: capacity moved anyway.
             return True
         log.warning("took over %d expired lease(s) in %s", len(expired), pool)
         return True
@@ -175,62 +157,49 @@ class Limiter:
     # -- release -----------------------------------------------------------------
 
     def release(self, lease: Lease) -> bool:
-        """Free the caller's own lease. False when it was already gone (expired and taken over)."""
+        """Free the caller's own lease. False when it was already gone (expired and taken
+        over) or DynamoDB failed; then the lease simply expires."""
+        names = {"#lease": LEASE_PREFIX + lease.lease_id}
+        names |= {f"#c{i}": c.name for i, c in enumerate(lease.counters)}
+        sets = [f"#c{i} = #c{i} - :w{i}" for i in range(len(lease.counters))]
         try:
-            if len(lease.claims) == 1:
-                return self._release_one(lease, lease.claims[0])
-            try:
-                self._call(
-                    "transact_write_items",
-                    TransactItems=[
-                        {"Update": self._release_update(lease, c)} for c in lease.claims
-                    ],
-                )
-                return True
-            except _TransactionCancelled:
-                # Part of the lease was taken over: free whatever is still ours, item by item.
-                return all([self._release_one(lease, c) for c in lease.claims])
-        except LimiterUnavailable as exc:
-            # The lease expires by itself; the caller's answer must not depend on this write.
-            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
-            return False
-
-    def _release_update(self, lease: Lease, claim: Claim) -> dict[str, Any]:
-        return {
-            "TableName": self._table,
-            "Key": {"pk": {"S": claim.pool}},
-            "UpdateExpression": "REMOVE #lease SET #used = #used - :w",
-            "ConditionExpression": "attribute_exists(#lease)",
-            "ExpressionAttributeNames": {"#lease": LEASE_PREFIX + lease.lease_id, "#used": "used"},
-            "ExpressionAttributeValues": {":w": {"N": str(claim.weight)}},
-        }
-
-    def _release_one(self, lease: Lease, claim: Claim) -> bool:
-        try:
-            self._call("update_item", **self._release_update(lease, claim))
+            self._call(
+                "update_item",
+                TableName=self._table,
+                Key={"pk": {"S": lease.pool}},
+                UpdateExpression=f"REMOVE #lease SET {', '.join(sets)}",
+                ConditionExpression="attribute_exists(#lease)",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues={
+                    f":w{i}": {"N": str(c.weight)} for i, c in enumerate(lease.counters)
+                },
+            )
         except _ConditionFailed:
-            log.warning("lease %s in %s had expired and was taken over", lease.lease_id, claim.pool)
+            log.warning("lease %s in %s had expired and was taken over", lease.lease_id, lease.pool)
+            return False
+        except LimiterUnavailable as exc:
+            # The caller's answer must not depend on this write; the lease expires by itself.
+            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
             return False
         return True
 
     # -- reading -----------------------------------------------------------------
 
-    def usage(self, pools: Sequence[str]) -> dict[str, int]:
-        """Weight held by unexpired leases per pool (one BatchGetItem)."""
-        keys = [{"pk": {"S": pool}} for pool in pools]
-        found: dict[str, int] = dict.fromkeys(pools, 0)
-        if not keys:
-            return found
-        request = {self._table: {"Keys": keys, "ConsistentRead": True}}
+    def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per pool, the weight unexpired leases hold on each counter (one BatchGetItem)."""
+        found: dict[str, dict[str, int]] = {pool: {} for pool in pools}
+        request = {self._table: {"Keys": [{"pk": {"S": p}} for p in pools], "ConsistentRead": True}}
         now = self._now_ms()
         for _ in range(3):
+            if not pools:
+                return found
             response = self._call("batch_get_item", RequestItems=request)
             for item in response.get("Responses", {}).get(self._table, []):
-                found[item["pk"]["S"]] = sum(
-                    int(value["M"]["w"]["N"])
-                    for name, value in item.items()
-                    if name.startswith(LEASE_PREFIX) and int(value["M"]["exp"]["N"]) >= now
-                )
+                totals = found[item["pk"]["S"]]
+                for name, value in item.items():
+                    if name.startswith(LEASE_PREFIX) and int(value["M"]["exp"]["N"]) >= now:
+                        for counter, weight in _weights(value).items():
+                            totals[counter] = totals.get(counter, 0) + weight
             request = response.get("UnprocessedKeys") or {}
             if not request:
                 return found
@@ -239,6 +208,7 @@ class Limiter:
     # -- DynamoDB adapter: ClientError codes become domain outcomes ----------------
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:
             return getattr(self._ddb, operation)(**kwargs)
         except ClientError as exc:
@@ -246,8 +216,6 @@ class Limiter:
             code = response.get("Error", {}).get("Code", "")
             if code == "ConditionalCheckFailedException":
                 raise _ConditionFailed(response.get("Item", {})) from None
-            if code == "TransactionCanceledException":
-                raise _TransactionCancelled(response.get("CancellationReasons", [])) from None
             log.error("DynamoDB %s failed: %s", operation, code)
             raise LimiterUnavailable(
                 f"the lease table is unavailable ({code or 'error'}); no request is admitted",
@@ -260,11 +228,14 @@ class Limiter:
             ) from None
 
 
+def _value(item: dict[str, Any], name: str) -> int:
+    return int(item[name]["N"]) if name in item else 0
+
+
+def _weights(lease_value: dict[str, Any]) -> dict[str, int]:
+    return {k: int(v["N"]) for k, v in lease_value["M"]["w"]["M"].items()}
+
+
 class _ConditionFailed(Exception):
     def __init__(self, item: dict[str, Any]) -> None:
         self.item = item
-
-
-class _TransactionCancelled(Exception):
-    def __init__(self, reasons: list[dict[str, Any]]) -> None:
-        self.reasons = reasons

@@ -18,7 +18,7 @@ from hermes import __version__
 from hermes.backend import OllamaClient
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import HermesError, HostBusy, ModelBusy, ModelNotConfigured, UpstreamTimeout
-from hermes.limiter import Claim, Lease, Limiter
+from hermes.limiter import Counter, Lease, Limiter
 from hermes.schemas import parse_generate_request
 
 STARTED_AT = time.monotonic()
@@ -27,12 +27,16 @@ BACKOFF_BASE_S = 0.02
 BACKOFF_CAP_S = 0.25
 
 
-def model_pool(name: str) -> str:
-    return f"model#{name}"
+MEMORY_COUNTER = "memory"
 
 
-def host_pool(name: str) -> str:
-    return f"host#{name}"
+def host_pool(host: str) -> str:
+    """The lease item of an Ollama host: its memory in use and its models' in-flight counts."""
+    return f"host#{host}"
+
+
+def model_counter(model: str) -> str:
+    return f"inflight_{model}"
 
 
 class HermesService:
@@ -54,12 +58,18 @@ class HermesService:
             )
         return config
 
-    def claims(self, name: str, config: ModelConfig) -> list[Claim]:
+    def counters(self, name: str, config: ModelConfig) -> list[Counter]:
         """A slot of the model and its weight on its host's memory budget, taken together."""
         budget = self.settings.hosts[config.host].memory_budget
         return [
-            Claim(model_pool(name), config.max_concurrency, 1, ModelBusy),
-            Claim(host_pool(config.host), budget, self.settings.weight(config), HostBusy),
+            Counter(model_counter(name), config.max_concurrency, 1, ModelBusy, f"model '{name}'"),
+            Counter(
+                MEMORY_COUNTER,
+                budget,
+                self.settings.weight(config),
+                HostBusy,
+                f"the memory budget of host '{config.host}'",
+            ),
         ]
 
     async def admit(
@@ -67,7 +77,7 @@ class HermesService:
     ) -> tuple[Lease, float]:
         """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
         a time.monotonic() value). Returns the lease and the seconds the call may run."""
-        claims = self.claims(name, config)
+        pool, counters = host_pool(config.host), self.counters(name, config)
         wait_until = time.monotonic() + config.queue_timeout_ms / 1000
         if deadline is not None:
             wait_until = min(wait_until, deadline)
@@ -80,7 +90,7 @@ class HermesService:
             try:
                 # Blocking on purpose: an awaited acquire could be cancelled after DynamoDB
                 # granted the lease but before the caller's try/finally owns it.
-                lease = self.limiter.acquire(claims, lease_ms, self.settings.retry_after_s)
+                lease = self.limiter.acquire(pool, counters, lease_ms, self.settings.retry_after_s)
                 return lease, run_s
             except (ModelBusy, HostBusy):
                 pause = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
@@ -135,7 +145,7 @@ class HermesService:
         timeout = self.settings.probe_timeout_s
         names = sorted(self.settings.models)
         hosts = sorted(self.settings.hosts)
-        pools = [model_pool(n) for n in names] + [host_pool(h) for h in hosts]
+        pools = [host_pool(h) for h in hosts]
         probes = [_timed(self.backends[h].loaded_models(timeout), timeout) for h in hosts]
         probes.append(_timed(asyncio.to_thread(self.limiter.usage, pools), timeout))
         *host_results, (usage, dynamodb_check) = await asyncio.gather(*probes)
@@ -156,7 +166,13 @@ class HermesService:
                     "name": name,
                     "backend_model": self.settings.models[name].backend_model,
                     "max_concurrency": self.settings.models[name].max_concurrency,
-                    "in_flight": usage.get(model_pool(name)) if usage is not None else None,
+                    "in_flight": (
+                        usage[host_pool(self.settings.models[name].host)].get(
+                            model_counter(name), 0
+                        )
+                        if usage is not None
+                        else None
+                    ),
                     "memory_cost": self.settings.models[name].memory_cost,
                     "host": self.settings.models[name].host,
                     "queue_timeout_ms": self.settings.models[name].queue_timeout_ms,
@@ -170,7 +186,9 @@ class HermesService:
                     "url": self.backends[host].base_url,
                     "status": check["status"],
                     "memory_budget": self.settings.hosts[host].memory_budget,
-                    "memory_in_use": usage.get(host_pool(host)) if usage is not None else None,
+                    "memory_in_use": (
+                        usage[host_pool(host)].get(MEMORY_COUNTER, 0) if usage is not None else None
+                    ),
                 }
                 for host, (_, check) in zip(hosts, host_results, strict=True)
             ],
