@@ -8,6 +8,7 @@ several runners can share one store (as Lambda instances share one table).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from local import dynamodb_local
 from local.template import (
     ROOT,
     Function,
@@ -136,6 +138,31 @@ def load_handler_app(fn: Function) -> ASGIApp:
     return handler.app  # type: ignore[no-any-return]
 
 
+STORE_DESCRIPTION = ""
+
+
+def start_embedded_store() -> str:
+    """DynamoDB Local when Java and the npm package are there (AWS's implementation, ~2 ms
+    per write), else moto's server serialized to one request at a time. Returns its URL."""
+    choice = os.environ.get("HERMES_LOCAL_STORE", "auto")
+    if choice not in ("auto", "dynamodb-local", "moto"):
+        sys.exit(f"hermes: HERMES_LOCAL_STORE must be auto, dynamodb-local or moto, not {choice!r}")
+    if choice != "moto" and (choice == "dynamodb-local" or dynamodb_local.available()):
+        store = dynamodb_local.DynamoDBLocal().start()
+        atexit.register(store.stop)
+        return _described(f"embedded DynamoDB Local on {store.url}", store.url)
+    from local.embedded_dynamodb import start_embedded_dynamodb
+
+    url = start_embedded_dynamodb()
+    return _described(f"embedded moto (in-process, serialized) on {url}", url)
+
+
+def _described(description: str, url: str) -> str:
+    global STORE_DESCRIPTION
+    STORE_DESCRIPTION = description
+    return url
+
+
 def build_app() -> Router:
     """Prepare the environment, the store and the tables, then mount every declared route."""
     template = load_template()
@@ -143,10 +170,7 @@ def build_app() -> Router:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     if not os.environ.get("AWS_ENDPOINT_URL_DYNAMODB"):
-        from local.embedded_dynamodb import start_embedded_dynamodb
-
-        os.environ["AWS_ENDPOINT_URL_DYNAMODB"] = start_embedded_dynamodb()
-        os.environ["HERMES_LOCAL_STORE"] = "embedded"
+        os.environ["AWS_ENDPOINT_URL_DYNAMODB"] = start_embedded_store()
     fns = functions(template)
     apply_function_environment(template, fns)
     ensure_tables(template)
@@ -164,16 +188,11 @@ def describe(port: int, host: str) -> str:
     from hermes.config import get_settings
 
     settings = get_settings()
-    store = (
-        os.environ.get("HERMES_LOCAL_STORE") == "embedded" and "embedded (in-process)"
-    ) or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
-    lines = [
-        f"Hermes listening on http://{host}:{port}",
-        f"  DynamoDB: {store}",
-    ]
-    for host, config in sorted(settings.hosts.items()):
+    store = STORE_DESCRIPTION or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
+    lines = [f"Hermes listening on http://{host}:{port}", f"  DynamoDB: {store}"]
+    for name, config in sorted(settings.hosts.items()):
         lines.append(
-            f"  host {host}: Ollama at {settings.host_url(host)}, "
+            f"  host {name}: Ollama at {settings.host_url(name)}, "
             f"memory_budget={config.memory_budget}"
         )
     for name, model in sorted(settings.models.items()):

