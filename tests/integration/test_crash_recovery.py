@@ -32,6 +32,9 @@ def test_a_killed_holders_slot_is_taken_over_after_its_lease_expires(
         emulator.set_behaviour(model="llama3:8b", mode="ok")
 
         # Lease = llama3's 5 s timeout + 0.5 s margin. Before that: busy.
+        status = httpx.get(f"{survivor.url}/v1/status", timeout=5).json()
+        llama3 = next(m for m in status["models"] if m["name"] == "llama3")
+        assert (llama3["in_flight"], status["hosts"][0]["memory_in_use"]) == (1, 4)
         busy = httpx.post(f"{survivor.url}/v1/llm/llama3", json={"prompt": "hi"}, timeout=10)
         assert (busy.status_code, busy.json()["code"]) == (429, "model_busy")
         assert time.monotonic() - granted_at < 5.0
@@ -48,3 +51,5 @@ def test_a_killed_holders_slot_is_taken_over_after_its_lease_expires(
         recovered_after = time.monotonic() - granted_at
         print(f"slot recovered {recovered_after:.2f} s after it was granted (lease 5.5 s)")
         assert recovered_after >= 5.0
+        status = httpx.get(f"{survivor.url}/v1/status", timeout=5).json()
+        assert status["hosts"][0]["memory_in_use"] == 0

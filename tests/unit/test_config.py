@@ -107,3 +107,38 @@ def test_a_non_numeric_limit_is_rejected(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("HERMES_MAX_PROMPT_CHARS", "lots")
     with pytest.raises(ConfigError, match="HERMES_MAX_PROMPT_CHARS"):
         get_settings()
+
+
+ENTRY = {"max_concurrency": 1, "memory_cost": "high", "timeout": 1000, "backend_model": "x"}
+
+
+def test_default_host_budget_and_weights() -> None:
+    settings = get_settings()
+    assert settings.hosts["default"].memory_budget == 8
+    assert settings.memory_weights == {"low": 1, "medium": 2, "high": 4}
+    assert all(m.host == "default" and m.queue_timeout_ms == 0 for m in settings.models.values())
+
+
+def test_a_model_on_an_unknown_host_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'models\.m\.host'"):
+        load_models(write_models(tmp_path, {"models": {"m": {**ENTRY, "host": "gpu9"}}}))
+
+
+def test_a_model_heavier_than_its_hosts_budget_is_rejected(tmp_path: Path) -> None:
+    config = {"models": {"m": ENTRY}, "hosts": {"default": {"memory_budget": 3}}}
+    with pytest.raises(ConfigError, match="exceeds host 'default' memory_budget 3"):
+        load_models(write_models(tmp_path, config))
+
+
+def test_weights_and_host_urls_are_configurable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = {
+        "models": {"m": {**ENTRY, "host": "gpu2"}},
+        "hosts": {"gpu2": {"memory_budget": 10, "url": "http://gpu2:11434/"}},
+        "memory_weights": {"low": 1, "medium": 3, "high": 5},
+    }
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(write_models(tmp_path, config)))
+    settings = get_settings()
+    assert settings.weight(settings.models["m"]) == 5
+    assert settings.host_url("gpu2") == "http://gpu2:11434"

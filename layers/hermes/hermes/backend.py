@@ -77,14 +77,24 @@ class OllamaClient:
             response = await self._client().request(method, path, timeout=timeout, **kwargs)
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"Ollama did not answer within {timeout_s:g} s") from None
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
             raise UpstreamUnavailable(
                 f"Ollama is unreachable at {self.base_url} ({type(exc).__name__})", retry_after=5
+            ) from None
+        except httpx.TransportError as exc:
+            # Connected, then the answer broke off (crash, OOM kill, proxy reset).
+            raise UpstreamError(
+                f"Ollama closed the connection mid-answer ({type(exc).__name__})"
             ) from None
         if response.status_code == 404 and backend_model is not None:
             raise ModelNotFound(
                 f"Ollama does not have model '{backend_model}'; run: ollama pull {backend_model}",
                 backend_model=backend_model,
+            )
+        if response.status_code == 503:
+            # Ollama's "server busy, please try again" (OLLAMA_MAX_QUEUE reached).
+            raise UpstreamUnavailable(
+                f"Ollama is overloaded: {_error_text(response)}", retry_after=1
             )
         if response.status_code >= 400:
             raise UpstreamError(
