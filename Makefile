@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: install run test test-unit format lint build validate clean java
+.PHONY: install run test test-unit format lint build validate bench clean java
 
 $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ java:
 
 install: $(VENV)/.installed node_modules/.installed java
 
-run: $(VENV)/.installed
+run: install
 	$(PY) -m local.runner
 
 test: install
@@ -47,6 +47,9 @@ validate: $(VENV)/.installed
 
 build: $(VENV)/.installed
 	$(VENV)/bin/sam build
+
+bench: install
+	$(PY) -m bench.run
 
 clean:
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache
