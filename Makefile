@@ -24,7 +24,8 @@ java:
 
 install: $(VENV)/.installed node_modules/.installed java
 
-run: install
+# Java is optional here: without it the runner embeds moto instead of DynamoDB Local.
+run: $(VENV)/.installed node_modules/.installed
 	$(PY) -m local.runner
 
 test: install
