@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from local import dynamodb_local
+from local.queue_poller import QueuePoller
 from local.template import (
     ROOT,
     Function,
     functions,
     http_routes,
     load_template,
+    queue_definitions,
+    queue_sources,
     resolve,
     table_definitions,
 )
@@ -101,12 +104,17 @@ async def _json(
     await send({"type": "http.response.body", "body": payload})
 
 
-def apply_function_environment(template: dict[str, Any], fns: dict[str, Function]) -> None:
+def apply_function_environment(
+    template: dict[str, Any], fns: dict[str, Function], names: dict[str, str]
+) -> None:
     """Set each variable the template gives the functions, unless the caller already set it
     (so OLLAMA_URL=... make run overrides the OllamaUrl parameter's default)."""
+    # No API Gateway in front of the runner: synchronous requests may run to the model's
+    # own timeout (HERMES_SYNC_BUDGET_MS=29000 reproduces the deployed limit).
+    os.environ.setdefault("HERMES_SYNC_BUDGET_MS", "0")
     for fn in fns.values():
         for name, value in fn.environment.items():
-            os.environ.setdefault(name, str(resolve(value, template)))
+            os.environ.setdefault(name, str(resolve(value, template, names)))
 
 
 def ensure_tables(template: dict[str, Any]) -> None:
@@ -124,9 +132,29 @@ def ensure_tables(template: dict[str, Any]) -> None:
         client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1})
 
 
-def load_handler_app(fn: Function) -> ASGIApp:
-    """Import the function's handler module from its CodeUri and return the ASGI app its
-    Mangum handler wraps: the same code Lambda runs, minus the event translation."""
+def ensure_queues(template: dict[str, Any]) -> dict[str, str]:
+    """Create the template's queues (dead-letter queues first, with their redrive policies);
+    returns logical id → queue URL, what `!Ref Queue` means in the functions' environment."""
+    import boto3
+
+    sqs = boto3.client("sqs")
+    urls: dict[str, str] = {}
+    for name, queue in queue_definitions(template).items():
+        attributes = dict(queue.attributes)
+        if queue.dead_letter is not None:
+            dlq_arn = sqs.get_queue_attributes(
+                QueueUrl=urls[queue.dead_letter], AttributeNames=["QueueArn"]
+            )["Attributes"]["QueueArn"]
+            attributes["RedrivePolicy"] = json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": queue.max_receive_count}
+            )
+        urls[name] = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    return urls
+
+
+def load_handler(fn: Function) -> Any:
+    """Import the function's handler from its CodeUri: the same code Lambda runs. HTTP
+    functions are served through the ASGI app their Mangum handler wraps (`.app`)."""
     module_name, attr = fn.handler.rsplit(".", 1)
     spec = importlib.util.spec_from_file_location(
         f"hermes_function_{fn.logical_id}", fn.code_uri / f"{module_name}.py"
@@ -134,8 +162,7 @@ def load_handler_app(fn: Function) -> ASGIApp:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    handler = getattr(module, attr)
-    return handler.app  # type: ignore[no-any-return]
+    return getattr(module, attr)
 
 
 STORE_DESCRIPTION = ""
@@ -151,9 +178,9 @@ def start_embedded_store() -> str:
         store = dynamodb_local.DynamoDBLocal().start()
         atexit.register(store.stop)
         return _described(f"embedded DynamoDB Local on {store.url}", store.url)
-    from local.embedded_dynamodb import start_embedded_dynamodb
+    from local.embedded_moto import start_embedded_moto
 
-    url = start_embedded_dynamodb()
+    url = start_embedded_moto()
     return _described(f"embedded moto (in-process, serialized) on {url}", url)
 
 
@@ -171,14 +198,28 @@ def build_app() -> Router:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     if not os.environ.get("AWS_ENDPOINT_URL_DYNAMODB"):
         os.environ["AWS_ENDPOINT_URL_DYNAMODB"] = start_embedded_store()
+    if not os.environ.get("AWS_ENDPOINT_URL_SQS"):
+        from local.embedded_moto import start_embedded_moto
+
+        os.environ["AWS_ENDPOINT_URL_SQS"] = start_embedded_moto()
     fns = functions(template)
-    apply_function_environment(template, fns)
     ensure_tables(template)
+    queue_urls = ensure_queues(template)
+    apply_function_environment(template, fns, queue_urls)
     sys.path.insert(0, str(ROOT / "layers" / "hermes"))
-    apps = {name: load_handler_app(fn) for name, fn in fns.items()}
+    handlers = {name: load_handler(fn) for name, fn in fns.items()}
+    for source in queue_sources(template):
+        fn = fns[source.function]
+        QueuePoller(
+            handlers[source.function],
+            fn.logical_id,
+            fn.timeout,
+            queue_urls[source.queue],
+            source.batch_size,
+        ).start()
     return Router(
         [
-            MountedRoute(r.method, path_pattern(r.path), apps[r.function])
+            MountedRoute(r.method, path_pattern(r.path), handlers[r.function].app)
             for r in http_routes(template)
         ]
     )
@@ -203,6 +244,9 @@ def describe(port: int, host: str) -> str:
             f"timeout={model.timeout} ms"
         )
     lines += [f"  route {r.method} {r.path} -> {r.function}" for r in http_routes()]
+    lines += [
+        f"  queue {q.queue} -> {q.function} (batches of {q.batch_size})" for q in queue_sources()
+    ]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ so the local runner and the tests never repeat what the template declares."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -113,16 +114,70 @@ def table_definitions(template: dict[str, Any] | None = None) -> dict[str, dict[
     return tables
 
 
-def resolve(value: Any, template: dict[str, Any], overrides: dict[str, str] | None = None) -> Any:
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    attributes: dict[str, str]
+    dead_letter: str | None
+    max_receive_count: int | None
+
+
+@dataclass(frozen=True)
+class QueueSource:
+    function: str
+    queue: str
+    batch_size: int
+
+
+def queue_definitions(template: dict[str, Any] | None = None) -> dict[str, Queue]:
+    """The template's SQS queues, named by logical id; dead-letter queues first."""
+    template = template or load_template()
+    queues = {}
+    for name, props in resources(template, "AWS::SQS::Queue").items():
+        attributes = {
+            key: str(resolve(props[key], template))
+            for key in ("VisibilityTimeout", "MessageRetentionPeriod")
+            if key in props
+        }
+        redrive = props.get("RedrivePolicy")
+        queues[name] = Queue(
+            name=name,
+            attributes=attributes,
+            dead_letter=redrive["deadLetterTargetArn"]["Fn::GetAtt"][0] if redrive else None,
+            max_receive_count=int(resolve(redrive["maxReceiveCount"], template))
+            if redrive
+            else None,
+        )
+    return dict(sorted(queues.items(), key=lambda item: item[1].dead_letter is not None))
+
+
+def queue_sources(template: dict[str, Any] | None = None) -> list[QueueSource]:
+    template = template or load_template()
+    found = []
+    for name, props in resources(template, "AWS::Serverless::Function").items():
+        for event in props.get("Events", {}).values():
+            if event["Type"] == "SQS":
+                queue = event["Properties"]["Queue"]["Fn::GetAtt"][0]
+                found.append(
+                    QueueSource(name, queue, int(event["Properties"].get("BatchSize", 10)))
+                )
+    return found
+
+
+def parameter_overrides() -> dict[str, str]:
+    """HERMES_PARAMETERS="Name=value Name2=value2", the format of sam's --parameter-overrides."""
+    pairs = (item.split("=", 1) for item in os.environ.get("HERMES_PARAMETERS", "").split())
+    return {name: value for name, value in pairs}
+
+
+def resolve(value: Any, template: dict[str, Any], names: dict[str, str] | None = None) -> Any:
     """Resolve the intrinsics used in environment variables for a local run: a Ref to a
-    parameter gives its override or default, a Ref to a resource gives its logical id
-    (the local table name)."""
+    parameter gives its default, a Ref to a resource gives its local name (`names`, e.g. a
+    queue's URL) or else its logical id (the local table name)."""
     if isinstance(value, dict) and set(value) == {"Ref"}:
         ref = value["Ref"]
         params = template.get("Parameters", {})
         if ref in params:
-            if overrides and ref in overrides:
-                return overrides[ref]
-            return str(params[ref].get("Default", ""))
-        return ref
+            return parameter_overrides().get(ref, str(params[ref].get("Default", "")))
+        return (names or {}).get(ref, ref)
     return value

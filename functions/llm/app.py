@@ -1,9 +1,10 @@
-"""POST /v1/llm/{model}: one prompt to one model, under Hermes' limits."""
+"""POST /v1/llm/{model}: one prompt to one model, under Hermes' limits.
+Also invoked directly by other functions with {"model", "prompt", "request_id"}."""
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from hermes.http import create_app, lambda_handler, lambda_time_left_s, read_json_body
+from hermes.http import create_app, lambda_handler, read_json_body, sync_deadline_s
 from hermes.service import get_service
 
 app = create_app("Hermes LLM")
@@ -13,8 +14,14 @@ app = create_app("Hermes LLM")
 async def generate(model: str, request: Request) -> JSONResponse:
     service = get_service()
     body = await read_json_body(request, service.settings.max_prompt_chars)
-    result = await service.generate(model, body, deadline_s=lambda_time_left_s(request))
-    return JSONResponse(result)
+    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    return JSONResponse(await service.generate(model, body, deadline_s=deadline))
 
 
-handler = lambda_handler(app)
+def direct_invoke(event: dict, context: object) -> dict:
+    from hermes.direct import handle_direct  # only direct invokes pay for powertools
+
+    return handle_direct(event, context)
+
+
+handler = lambda_handler(app, direct=direct_invoke)

@@ -16,7 +16,7 @@ import boto3
 import botocore
 import pytest
 
-from local.embedded_dynamodb import start_embedded_dynamodb
+from local.embedded_moto import start_embedded_moto
 from local.template import ROOT, table_definitions
 from tests.support.ollama_emulator import OllamaEmulator
 
@@ -58,7 +58,7 @@ def lambda_runtime_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[dict[str, str]]:
-    endpoint = start_embedded_dynamodb()
+    endpoint = start_embedded_moto()
     client = boto3.client("dynamodb", endpoint_url=endpoint)
     for definition in table_definitions().values():
         client.create_table(**definition)

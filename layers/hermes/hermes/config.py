@@ -77,6 +77,16 @@ class Settings(BaseModel):
     retry_after_s: int
     # Each /v1/status probe gets at most this long, so status answers within ~2 s.
     probe_timeout_s: float
+    # How long a synchronous HTTP request may run: API Gateway's HTTP API gives up at 30 s,
+    # so Hermes answers its own 504 first. 0 = unlimited (the local runner).
+    sync_budget_ms: int
+    # Async jobs (issue 4): their table, queue, idempotency store and retry policy.
+    jobs_table: str
+    jobs_queue_url: str
+    idempotency_table: str
+    job_max_attempts: int
+    job_retry_base_s: int
+    job_retention_s: int
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
@@ -168,4 +178,11 @@ def get_settings() -> Settings:
         lease_margin_ms=_env_int("HERMES_LEASE_MARGIN_MS", 5_000, 0),
         retry_after_s=_env_int("HERMES_RETRY_AFTER_S", 1, 1),
         probe_timeout_s=_env_float("HERMES_PROBE_TIMEOUT_S", 1.0),
+        sync_budget_ms=_env_int("HERMES_SYNC_BUDGET_MS", 0, 0),
+        jobs_table=os.environ.get("HERMES_JOBS_TABLE") or "JobsTable",
+        jobs_queue_url=os.environ.get("HERMES_JOBS_QUEUE_URL") or "",
+        idempotency_table=os.environ.get("HERMES_IDEMPOTENCY_TABLE") or "IdempotencyTable",
+        job_max_attempts=_env_int("HERMES_JOB_MAX_ATTEMPTS", 10, 1),
+        job_retry_base_s=_env_int("HERMES_JOB_RETRY_BASE_S", 5, 0),
+        job_retention_s=_env_int("HERMES_JOB_RETENTION_S", 7 * 24 * 3600, 60),
     )

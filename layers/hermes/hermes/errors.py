@@ -76,3 +76,22 @@ class UpstreamTimeout(HermesError):
 
 class InternalError(HermesError):
     """A bug: reported without details so nothing internal leaks to callers."""
+
+
+class JobNotFound(HermesError):
+    status, code = 404, "job_not_found"
+
+
+class RequestInProgress(HermesError):
+    """A retry arrived while the first call with the same request id is still running."""
+
+    status, code = 409, "request_in_progress"
+
+
+class QueueUnavailable(HermesError):
+    status, code = 503, "queue_unavailable"
+
+
+def is_retryable(error: HermesError) -> bool:
+    """Worth trying again later: capacity, availability and timeouts, not bad input."""
+    return error.status in (409, 429, 500, 502, 503, 504)

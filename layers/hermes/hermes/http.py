@@ -88,38 +88,58 @@ async def read_json_body(request: Request, max_prompt_chars: int) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
 
 
-def lambda_time_left_s(request: Request) -> float | None:
+def lambda_time_left_s(context: Any) -> float | None:
     """Seconds this Lambda invocation can still spend, or None outside Lambda."""
-    context = request.scope.get("aws.context")
     if context is None or not hasattr(context, "get_remaining_time_in_millis"):
         return None
     return float(context.get_remaining_time_in_millis()) / 1000 - LAMBDA_SAFETY_S
 
 
+def sync_deadline_s(request: Request, sync_budget_ms: int) -> float | None:
+    """What a synchronous HTTP request may spend: the Lambda's time left, capped by the
+    HTTP budget (API Gateway ends every HTTP API request at 30 s)."""
+    limits = [lambda_time_left_s(request.scope.get("aws.context"))]
+    if sync_budget_ms > 0:
+        limits.append(sync_budget_ms / 1000)
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
+
+
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
-def lambda_handler(app: FastAPI) -> LambdaHandler:
-    """The Lambda entry point for an HTTP function: Mangum, plus a JSON answer for events
-    Mangum itself cannot read (it raises, which Lambda and API Gateway would turn into a 500).
+def is_http_event(event: Any) -> bool:
+    return (
+        isinstance(event, dict)
+        and "requestContext" in event
+        and ("routeKey" in event or "httpMethod" in event)
+    )
+
+
+def lambda_handler(app: FastAPI, direct: LambdaHandler | None = None) -> LambdaHandler:
+    """The Lambda entry point for an HTTP function: Mangum for API Gateway events, `direct`
+    for anything else (a plain invoke), and a JSON error for events neither can read (Mangum
+    raises on those, which Lambda and API Gateway would turn into a 500).
     `.app` exposes the ASGI app so the local runner serves the very same code."""
     # lifespan="off": Lambda has no startup/shutdown, and Mangum would run them per call.
     mangum = Mangum(app, lifespan="off")
 
     def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        if not is_http_event(event):
+            if direct is not None:
+                return direct(event, context)
+            return InvalidRequest("this function only serves API Gateway HTTP events").body()
         try:
             return mangum(event, context)
         except Exception as exc:
             log.warning("unreadable event: %s", exc)
             error = InvalidRequest(f"this function cannot read the event ({type(exc).__name__})")
-            if isinstance(event, dict) and "requestContext" in event:
-                return {
-                    "statusCode": error.status,
-                    "headers": {"content-type": "application/json"},
-                    "body": json.dumps(error.body()),
-                    "isBase64Encoded": False,
-                }
-            return error.body()
+            return {
+                "statusCode": error.status,
+                "headers": {"content-type": "application/json"},
+                "body": json.dumps(error.body()),
+                "isBase64Encoded": False,
+            }
 
     handler.app = app  # type: ignore[attr-defined]
     return handler

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from hermes import __version__
+from hermes.aws import client
 from hermes.backend import OllamaClient
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import HermesError, HostBusy, ModelBusy, ModelNotConfigured, UpstreamTimeout
@@ -113,7 +114,8 @@ class HermesService:
                 data = await self.backends[config.host].generate(
                     config.backend_model,
                     request.prompt,
-                    timeout_s=timeout_s,
+                    # A backstop only: asyncio.timeout above ends the call first.
+                    timeout_s=timeout_s + 1,
                     system=request.system,
                     options=request.options.model_dump(exclude_none=True)
                     if request.options
@@ -121,11 +123,7 @@ class HermesService:
                     format=request.format,
                 )
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"model '{model_name}' did not answer within {timeout_s:g} s; "
-                "its slot was released",
-                timeout_ms=round(timeout_s * 1000),
-            ) from None
+            raise self._timeout(model_name, config, timeout_s) from None
         finally:
             self.limiter.release(lease)
         return {
@@ -139,6 +137,18 @@ class HermesService:
             },
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
+
+    def _timeout(self, name: str, config: ModelConfig, timeout_s: float) -> UpstreamTimeout:
+        message = f"model '{name}' did not answer within {timeout_s:g} s; its slot was released"
+        if timeout_s < config.timeout / 1000:
+            # Stopped by the caller's deadline (e.g. API Gateway's 30 s), not the model's own.
+            return UpstreamTimeout(
+                f"{message}. The model may take up to {config.timeout / 1000:g} s, longer than "
+                f"this synchronous request can wait: submit it as a job with POST /v1/jobs/{name}",
+                timeout_ms=round(timeout_s * 1000),
+                jobs_url=f"/v1/jobs/{name}",
+            )
+        return UpstreamTimeout(message, timeout_ms=round(timeout_s * 1000))
 
     async def status(self) -> tuple[int, dict[str, Any]]:
         """Health and usage; every probe is bounded so this answers within ~2 s."""
@@ -250,21 +260,6 @@ def _process_memory() -> dict[str, float]:
 @lru_cache(maxsize=1)
 def get_service() -> HermesService:
     """Built once per process so warm invocations reuse the boto3 and httpx connections."""
-    import boto3  # deferred: a large import, paid on first use rather than by every test import
-    from botocore.config import Config
-
     settings = get_settings()
-    dynamodb = boto3.client(
-        "dynamodb",
-        config=Config(
-            connect_timeout=1,
-            read_timeout=2,
-            retries={"mode": "standard", "max_attempts": 3},
-            tcp_keepalive=True,
-            # The limiter builds every request itself; client-side validation only costs
-            # ~0.4 ms per call on the admission path.
-            parameter_validation=False,
-        ),
-    )
     backends = {host: OllamaClient(settings.host_url(host)) for host in settings.hosts}
-    return HermesService(settings, Limiter(dynamodb, settings.lease_table), backends)
+    return HermesService(settings, Limiter(client("dynamodb"), settings.lease_table), backends)

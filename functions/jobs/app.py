@@ -1,0 +1,26 @@
+"""Async jobs API: POST /v1/jobs/{model} queues a prompt (202), GET /v1/jobs/{job_id} reads it.
+For generations longer than API Gateway's 30 s (llama3 may take 45 s)."""
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from hermes.http import create_app, lambda_handler, read_json_body
+from hermes.jobs import get_jobs
+
+app = create_app("Hermes jobs")
+
+
+@app.post("/v1/jobs/{model}")
+async def submit(model: str, request: Request) -> JSONResponse:
+    jobs = get_jobs()
+    body = await read_json_body(request, jobs.settings.max_prompt_chars)
+    job = jobs.submit(model, body)
+    return JSONResponse(job, status_code=202, headers={"Location": job["status_url"]})
+
+
+@app.get("/v1/jobs/{job_id}")
+async def status(job_id: str) -> JSONResponse:
+    return JSONResponse(get_jobs().get(job_id))
+
+
+handler = lambda_handler(app)

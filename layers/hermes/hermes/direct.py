@@ -1,0 +1,50 @@
+"""Direct Lambda invocation of the LLM function by other functions, without HTTP:
+`{"model": "gemma", "prompt": "...", "request_id"?: "..."}` → `{"result": ...}` or
+`{"error": ..., "code": ..., "status": ...}`. Same rules and limits as HTTP, the model's
+full timeout (bounded only by the Lambda's own), and at-most-once per request_id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hermes.aio import run_sync
+from hermes.errors import HermesError, InvalidRequest
+from hermes.http import lambda_time_left_s
+from hermes.idempotency import once
+from hermes.schemas import parse_generate_request
+from hermes.service import get_service
+
+ENVELOPE = ("model", "request_id")
+
+
+def handle_direct(event: Any, context: Any) -> dict[str, Any]:
+    try:
+        return _generate(event, context)
+    except HermesError as error:
+        return {**error.body(), "status": error.status}
+
+
+def _generate(event: Any, context: Any) -> dict[str, Any]:
+    if not isinstance(event, dict) or not isinstance(event.get("model"), str):
+        raise InvalidRequest(
+            "unknown event: invoke with an API Gateway HTTP API event, or directly with "
+            '{"model": "<name>", "prompt": "...", "request_id": "<optional id>"}'
+        )
+    service = get_service()
+    model = event["model"]
+    body = {k: v for k, v in event.items() if k not in ENVELOPE}
+    service.model(model)  # reject bad input before anything is stored
+    parse_generate_request(body, service.settings.max_prompt_chars)
+    request_id = event.get("request_id")
+
+    def call(data: dict[str, Any]) -> dict[str, Any]:
+        deadline = lambda_time_left_s(context)
+        return run_sync(service.generate(data["model"], data["body"], deadline_s=deadline))
+
+    if request_id is None:
+        return call({"model": model, "body": body})
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= 128:
+        raise InvalidRequest("request_id must be a string of 1 to 128 characters")
+    data = {"request_id": request_id, "model": model, "body": body}
+    result = once(call, data, key="request_id", context=context, same_request="[model, body]")
+    return {**result, "request_id": request_id}

@@ -1,0 +1,76 @@
+"""At-most-once execution per request id, with powertools idempotency on DynamoDB.
+
+A retried direct invoke or a redelivered SQS message with the same id gets the stored
+result instead of a second model call. Only successes are stored: a failure raises, which
+makes powertools delete its in-progress record, so a later retry runs again (a busy model
+must not be remembered as a permanent answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from hermes.config import get_settings
+from hermes.errors import RequestInProgress
+
+
+@lru_cache(maxsize=1)
+def _persistence() -> Any:
+    from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
+
+    from hermes.aws import client
+
+    return DynamoDBPersistenceLayer(
+        table_name=get_settings().idempotency_table, boto3_client=client("dynamodb")
+    )
+
+
+def once(
+    function: Callable[[dict[str, Any]], dict[str, Any]],
+    data: dict[str, Any],
+    *,
+    key: str,
+    context: Any = None,
+    same_request: str | None = None,
+) -> dict[str, Any]:
+    """Run `function(data)` at most once per `data[key]` (within the retention window).
+    `same_request` is a JMESPath over `data`; a repeat whose selection differs is refused."""
+    from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
+    from aws_lambda_powertools.utilities.idempotency.exceptions import (
+        IdempotencyAlreadyInProgressError,
+        IdempotencyValidationError,
+    )
+
+    from hermes.errors import InvalidRequest
+
+    config = IdempotencyConfig(
+        event_key_jmespath=key,
+        payload_validation_jmespath=same_request or "",
+        expires_after_seconds=get_settings().job_retention_s,
+    )
+    if context is not None and hasattr(context, "get_remaining_time_in_millis"):
+        config.register_lambda_context(context)  # in-progress records expire with the Lambda
+
+    def call(data: dict[str, Any]) -> dict[str, Any]:
+        return function(data)
+
+    wrapped = idempotent_function(
+        call,
+        data_keyword_argument="data",
+        persistence_store=_persistence(),
+        config=config,
+        key_prefix=f"hermes.{key}",  # request ids and job ids never share a namespace
+    )
+    try:
+        result: dict[str, Any] = wrapped(data=data)
+    except IdempotencyAlreadyInProgressError:
+        raise RequestInProgress(
+            f"a request with {key} '{data[key]}' is still running; retry later", retry_after=2
+        ) from None
+    except IdempotencyValidationError:
+        raise InvalidRequest(
+            f"{key} '{data[key]}' was already used for a different request"
+        ) from None
+    return result

@@ -1,0 +1,279 @@
+"""Direct invocation, the jobs API and the SQS worker, through their Lambda entry points,
+on moto (DynamoDB + SQS) and the Ollama emulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from hermes.service import get_service, host_pool
+from local.template import queue_definitions
+from tests.support.ollama_emulator import OllamaEmulator
+from tests.unit.test_handlers import LambdaContext, event, load_function
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[OllamaEmulator]:
+    with OllamaEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture(autouse=True)
+def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """moto tables (from the fixture) plus the template's queues, DLQ redrive included."""
+    from hermes.idempotency import _persistence
+    from hermes.jobs import get_jobs
+
+    emulator.reset()
+    sqs = boto3.client("sqs")
+    urls = {}
+    for name, queue in queue_definitions().items():
+        attributes = dict(queue.attributes)
+        if queue.dead_letter:
+            arn = sqs.get_queue_attributes(
+                QueueUrl=urls[queue.dead_letter], AttributeNames=["QueueArn"]
+            )
+            attributes["RedrivePolicy"] = json.dumps(
+                {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": 3}
+            )
+        urls[name] = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    monkeypatch.setenv("HERMES_JOBS_QUEUE_URL", urls["JobsQueue"])
+    monkeypatch.setenv("HERMES_JOB_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("HERMES_JOB_RETRY_BASE_S", "0")
+    for cached in (get_jobs, _persistence):
+        cached.cache_clear()
+    from hermes.aws import client
+
+    client.cache_clear()  # clients bound to this test's moto
+    return urls
+
+
+def direct(payload: dict[str, Any], remaining_ms: int = 60_000) -> dict[str, Any]:
+    return load_function("llm").handler(payload, LambdaContext(remaining_ms))  # type: ignore[no-any-return]
+
+
+def calls(emulator: OllamaEmulator, tag: str = "gemma3:1b") -> int:
+    return emulator.stats()["requests"].get(tag, 0)
+
+
+# -- direct invocation ------------------------------------------------------------------
+
+
+def test_a_direct_invoke_returns_the_result() -> None:
+    response = direct(_direct_event())
+    assert response["result"] and response["request_id"] == "order-42-summary"
+
+
+def _direct_event() -> dict[str, Any]:
+    from local.template import ROOT
+
+    return json.loads((ROOT / "events" / "direct_generate.json").read_text())
+
+
+def test_a_retried_direct_invoke_does_not_call_the_model_twice(emulator: OllamaEmulator) -> None:
+    first = direct(_direct_event())
+    second = direct(_direct_event())
+    assert second["result"] == first["result"]
+    assert calls(emulator) == 1
+
+
+def test_a_reused_request_id_with_another_prompt_is_refused() -> None:
+    direct(_direct_event())
+    reused = direct({**_direct_event(), "prompt": "something else"})
+    assert (reused["status"], reused["code"]) == (400, "invalid_request")
+
+
+def test_a_busy_model_is_not_remembered_as_the_answer(emulator: OllamaEmulator) -> None:
+    service = get_service()
+    config = service.model("llama3")
+    lease = service.limiter.acquire(
+        host_pool("default"), service.counters("llama3", config), 60_000
+    )
+    payload = {"model": "llama3", "prompt": "hi", "request_id": "r-1"}
+    busy = direct(payload)
+    assert (busy["status"], busy["code"]) == (429, "model_busy")
+    service.limiter.release(lease)
+    assert direct(payload)["result"]
+    assert calls(emulator, "llama3:8b") == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"model": "gpt5", "prompt": "hi"}, "model_not_configured"),
+        ({"model": "gemma"}, "invalid_request"),
+        ({"model": "gemma", "prompt": "hi", "request_id": ""}, "invalid_request"),
+        ({"model": "gemma", "prompt": "hi", "request_id": 7}, "invalid_request"),
+    ],
+)
+def test_bad_direct_invokes_get_an_error_object(payload: dict[str, Any], code: str) -> None:
+    assert direct(payload)["code"] == code
+
+
+def test_an_unknown_event_shape_gets_a_clear_error_not_an_exception() -> None:
+    from local.template import ROOT
+
+    response = direct(json.loads((ROOT / "events" / "direct_unknown_event.json").read_text()))
+    assert response["code"] == "invalid_request" and "direct" in response["error"]
+
+
+# -- jobs API + worker ---------------------------------------------------------------------
+
+
+def submit(
+    model: str = "gemma", body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    request = event(
+        "jobs_submit.json", path=f"/v1/jobs/{model}", body=json.dumps(body or {"prompt": "hi"})
+    )
+    response = load_function("jobs").handler(request, LambdaContext())
+    return response["statusCode"], json.loads(response["body"]), response["headers"]
+
+
+def read(job_id: str) -> tuple[int, dict[str, Any]]:
+    request = event("jobs_get.json", path=f"/v1/jobs/{job_id}", pathParameters={"job_id": job_id})
+    response = load_function("jobs").handler(request, LambdaContext())
+    return response["statusCode"], json.loads(response["body"])
+
+
+def deliver(urls: dict[str, str], messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One SQS batch to the worker, as the event source mapping would send it."""
+    sqs = boto3.client("sqs")
+    if messages is None:
+        messages = sqs.receive_message(
+            QueueUrl=urls["JobsQueue"], MaxNumberOfMessages=10, AttributeNames=["All"]
+        ).get("Messages", [])
+    template = event("sqs_job.json")["Records"][0]
+    records = [
+        {
+            **template,
+            "messageId": m["MessageId"],
+            "receiptHandle": m["ReceiptHandle"],
+            "body": m["Body"],
+            "attributes": {**template["attributes"], **m.get("Attributes", {})},
+        }
+        for m in messages
+    ]
+    return load_function("worker").handler({"Records": records}, LambdaContext())  # type: ignore[no-any-return]
+
+
+def test_a_job_is_queued_then_run_by_the_worker(env: dict[str, str]) -> None:
+    status, job, headers = submit()
+    assert status == 202 and job["status"] == "queued"
+    assert headers["location"] == f"/v1/jobs/{job['job_id']}" == job["status_url"]
+    assert read(job["job_id"]) == (200, {**read(job["job_id"])[1], "status": "queued"})
+    assert deliver(env) == {"batchItemFailures": []}
+    status, done = read(job["job_id"])
+    assert (status, done["status"], done["attempts"]) == (200, "succeeded", 1)
+    assert done["result"]["result"]
+
+
+def test_bad_job_submissions_are_refused_before_queueing() -> None:
+    assert submit("gpt5")[:2][0] == 404
+    status, body, _ = submit(body={"prompt": ""})
+    assert (status, body["code"]) == (400, "invalid_request")
+    assert read("does-not-exist")[0] == 404
+
+
+def test_a_redelivered_message_does_not_call_the_model_twice(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    _, job, _ = submit()
+    message = boto3.client("sqs").receive_message(
+        QueueUrl=env["JobsQueue"], AttributeNames=["All"]
+    )["Messages"]
+    deliver(env, message)
+    # The worker crashed after the model answered but before the job was marked: redelivery.
+    boto3.client("dynamodb").update_item(
+        TableName="JobsTable",
+        Key={"job_id": {"S": job["job_id"]}},
+        UpdateExpression="SET #s = :q",
+        ExpressionAttributeNames={"#s": "status"},
+        ExpressionAttributeValues={":q": {"S": "queued"}},
+    )
+    deliver(env, message)
+    assert read(job["job_id"])[1]["status"] == "succeeded"
+    assert calls(emulator) == 1
+
+
+def test_a_busy_model_delays_a_job_instead_of_failing_it(env: dict[str, str]) -> None:
+    service = get_service()
+    lease = service.limiter.acquire(
+        host_pool("default"), service.counters("llama3", service.model("llama3")), 60_000
+    )
+    _, job, _ = submit("llama3")
+    result = deliver(env)
+    assert len(result["batchItemFailures"]) == 1  # left on the queue for a later attempt
+    view = read(job["job_id"])[1]
+    assert (view["status"], view["code"]) == ("queued", "model_busy")
+    service.limiter.release(lease)
+    assert deliver(env) == {"batchItemFailures": []}
+    assert read(job["job_id"])[1]["status"] == "succeeded"
+
+
+def test_a_job_failing_every_attempt_is_marked_failed_and_dead_lettered(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="error", status=500)
+    _, job, _ = submit()
+    for attempt in (1, 2, 3):
+        assert len(deliver(env)["batchItemFailures"]) == 1
+        assert read(job["job_id"])[1]["status"] == ("failed" if attempt == 3 else "queued")
+    left = boto3.client("sqs").receive_message(QueueUrl=env["JobsQueue"]).get("Messages", [])
+    assert left == []  # SQS moved it to the dead-letter queue
+    dlq = boto3.client("sqs").receive_message(QueueUrl=env["JobsDLQ"])["Messages"]
+    assert json.loads(dlq[0]["Body"]) == {"job_id": job["job_id"]}
+    assert read(job["job_id"])[1]["code"] == "upstream_error"
+
+
+def test_a_job_ollama_cannot_run_fails_at_once(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="not_found")
+    _, job, _ = submit()
+    assert deliver(env) == {"batchItemFailures": []}
+    assert read(job["job_id"])[1]["code"] == "model_not_found"
+
+
+def test_one_bad_message_does_not_redo_the_batch(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    _, job, _ = submit()
+    sqs = boto3.client("sqs")
+    sqs.send_message(QueueUrl=env["JobsQueue"], MessageBody="not json")
+    messages = sqs.receive_message(
+        QueueUrl=env["JobsQueue"], MaxNumberOfMessages=10, AttributeNames=["All"]
+    )["Messages"]
+    assert len(messages) == 2
+    result = deliver(env, messages)
+    bad = next(m["MessageId"] for m in messages if m["Body"] == "not json")
+    assert result == {"batchItemFailures": [{"itemIdentifier": bad}]}
+    assert read(job["job_id"])[1]["status"] == "succeeded"
+
+
+def test_a_sync_request_longer_than_the_http_budget_points_to_the_jobs_api(
+    emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERMES_SYNC_BUDGET_MS", "1000")
+    emulator.set_behaviour(model="llama3:8b", mode="hang")
+    response = load_function("llm").handler(
+        event("llm_generate.json", path="/v1/llm/llama3"), LambdaContext()
+    )
+    body = json.loads(response["body"])
+    assert (response["statusCode"], body["code"], body["jobs_url"]) == (
+        504,
+        "upstream_timeout",
+        "/v1/jobs/llama3",
+    )
+    assert "POST /v1/jobs/llama3" in body["error"]
+
+
+def test_the_worker_refuses_events_that_are_not_sqs_batches() -> None:
+    assert (
+        load_function("worker").handler({"hello": 1}, LambdaContext())["code"] == "invalid_request"
+    )
