@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("hermes.local.queue")
+POLL_INTERVAL_S = 0.2
 
 
 class LocalLambdaContext:
@@ -60,7 +61,9 @@ class QueuePoller(threading.Thread):
                 messages = sqs.receive_message(
                     QueueUrl=self.queue_url,
                     MaxNumberOfMessages=self.batch_size,
-                    WaitTimeSeconds=1,
+                    # Short polls: the embedded moto server is single-threaded, and a long
+                    # poll would hold every other AWS call of the runner behind it.
+                    WaitTimeSeconds=0,
                     AttributeNames=["All"],
                 ).get("Messages", [])
             except Exception as exc:
@@ -69,6 +72,8 @@ class QueuePoller(threading.Thread):
                 continue
             if messages:
                 self._deliver(sqs, arn, messages)
+            else:
+                self.stopping.wait(POLL_INTERVAL_S)
 
     def _deliver(self, sqs: Any, arn: str, messages: list[dict[str, Any]]) -> None:
         event = {"Records": [_record(message, arn) for message in messages]}

@@ -134,3 +134,30 @@ def test_built_status_function_reports_health(
     assert response["statusCode"] == 200, body
     assert body["status"] == "healthy"
     assert [m["name"] for m in body["models"]] == ["gemma", "llama3", "mistral"]
+
+
+def test_built_llm_function_answers_a_direct_invoke(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "LlmFunction", "direct_generate.json", backends
+    )
+    assert response["result"] and response["request_id"] == "order-42-summary"
+
+
+def test_built_jobs_function_reads_jobs(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "JobsFunction", "jobs_get.json", backends
+    )
+    assert (response["statusCode"], json.loads(response["body"])["code"]) == (404, "job_not_found")
+
+
+def test_built_worker_refuses_a_non_sqs_event(
+    build_dir: Path, lambda_runtime_packages: Path, backends: dict[str, str]
+) -> None:
+    response = invoke_built(
+        build_dir, lambda_runtime_packages, "WorkerFunction", "direct_unknown_event.json", backends
+    )
+    assert response["code"] == "invalid_request"

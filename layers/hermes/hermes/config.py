@@ -87,6 +87,7 @@ class Settings(BaseModel):
     job_max_attempts: int
     job_retry_base_s: int
     job_retention_s: int
+    job_max_wait_s: int
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
@@ -185,4 +186,5 @@ def get_settings() -> Settings:
         job_max_attempts=_env_int("HERMES_JOB_MAX_ATTEMPTS", 10, 1),
         job_retry_base_s=_env_int("HERMES_JOB_RETRY_BASE_S", 5, 0),
         job_retention_s=_env_int("HERMES_JOB_RETENTION_S", 7 * 24 * 3600, 60),
+        job_max_wait_s=_env_int("HERMES_JOB_MAX_WAIT_S", 3600, 1),
     )

@@ -3,9 +3,11 @@
 submit: validate → job record `queued` in the jobs table → SQS message {"job_id"}.
 worker: SQS message → `running` → the same service.generate (same limits, budget and
 timeouts) at most once per job (powertools idempotency) → `succeeded` with the result.
-A busy model or an unavailable backend is retried later with a growing visibility
-timeout, the job staying `queued`; on the queue's last attempt the job reads `failed`
-and SQS moves the message to the dead-letter queue. Bad input fails at once.
+A busy model is not a failure: the job is re-queued as a new, delayed message (growing,
+jittered delays), so waiting never uses up the queue's delivery attempts; it stays
+`queued` up to HERMES_JOB_MAX_WAIT_S. An unavailable backend or an error is retried
+through a growing visibility timeout; on the queue's last delivery the job reads
+`failed` and SQS moves the message to the dead-letter queue. Bad input fails at once.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from hermes.aws import client
 from hermes.config import Settings
 from hermes.errors import (
     HermesError,
+    HostBusy,
     InternalError,
     JobNotFound,
+    ModelBusy,
     PromptTooLarge,
     QueueUnavailable,
     RequestInProgress,
@@ -41,6 +45,7 @@ FINISHED = ("succeeded", "failed")
 # DynamoDB items hold at most 400 KB; leave room for the result next to the request.
 MAX_REQUEST_BYTES = 200_000
 MAX_RETRY_DELAY_S = 900  # SQS caps a visibility timeout change at 12 h; 15 min is plenty
+MAX_DELAY_S = 900  # SQS's limit for DelaySeconds
 
 
 class RetryLater(Exception):
@@ -83,9 +88,7 @@ class Jobs:
             ConditionExpression="attribute_not_exists(job_id)",
         )
         try:
-            self._sqs.send_message(
-                QueueUrl=self.settings.jobs_queue_url, MessageBody=json.dumps({"job_id": job_id})
-            )
+            self._send(job_id)
         except Exception as exc:
             log.error("could not enqueue job %s: %s", job_id, exc)
             self._finish(
@@ -111,7 +114,9 @@ class Jobs:
             "job_id": job_id,
             "model": item["model"]["S"],
             "status": item["status"]["S"],
+            # Deliveries of the current message, and how often the job waited for capacity.
             "attempts": int(item["attempts"]["N"]),
+            "waits": int(item["waits"]["N"]) if "waits" in item else 0,
             "created_at": float(item["created_at"]["N"]),
             "updated_at": float(item["updated_at"]["N"]),
         }
@@ -127,7 +132,8 @@ class Jobs:
     def process(self, body: str, receive_count: int, receipt_handle: str, context: Any) -> None:
         """Handle one SQS message; raising RetryLater leaves it on the queue."""
         try:
-            job_id = json.loads(body)["job_id"]
+            message = json.loads(body)
+            job_id, waits = message["job_id"], int(message.get("waits", 0))
             assert isinstance(job_id, str)
         except (ValueError, KeyError, TypeError, AssertionError):
             # Nothing to mark: let it go round until SQS parks it in the dead-letter queue.
@@ -146,6 +152,15 @@ class Jobs:
                 "body": json.loads(item["request"]["S"]),
             }
             result = once(lambda d: self._run(d, context), data, key="job_id", context=context)
+        except (ModelBusy, HostBusy) as busy:
+            if time.time() - float(item["created_at"]["N"]) < self.settings.job_max_wait_s:
+                self._update(
+                    job_id, status="queued", error=busy.message, code=busy.code, waits=waits + 1
+                )
+                self._send(job_id, waits=waits + 1, delay_s=self._backoff_s(waits + 1))
+                return  # this delivery is done; the job lives on in the delayed message
+            self._after_failure(job_id, busy, self.settings.job_max_attempts, receipt_handle)
+            return
         except HermesError as error:
             self._after_failure(job_id, error, receive_count, receipt_handle)
             return
@@ -176,6 +191,14 @@ class Jobs:
         self._update(job_id, status="queued", error=error.message, code=error.code)
         self._delay(receipt, self._backoff_s(attempt))
         raise RetryLater(f"job {job_id} will be retried: {error.code}")
+
+    def _send(self, job_id: str, waits: int = 0, delay_s: int = 0) -> None:
+        body = {"job_id": job_id, "waits": waits} if waits else {"job_id": job_id}
+        self._sqs.send_message(
+            QueueUrl=self.settings.jobs_queue_url,
+            MessageBody=json.dumps(body),
+            DelaySeconds=min(delay_s, MAX_DELAY_S),
+        )
 
     def _backoff_s(self, attempt: int) -> int:
         """Exponential backoff with jitter: base, 2x base, 4x base... capped."""

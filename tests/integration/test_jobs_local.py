@@ -1,0 +1,139 @@
+"""Jobs end to end in the local runner: HTTP submit → local SQS → the runner's worker poller →
+the emulator → poll for the result. SQS is a moto server the test owns, so it can inject
+duplicate deliveries and read the dead-letter queue."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from local.embedded_moto import start_embedded_moto
+from tests.support.hermes_process import HermesProcess
+from tests.support.ollama_emulator import OllamaEmulator
+
+
+@pytest.fixture(scope="module")
+def sqs_endpoint() -> str:
+    return start_embedded_moto()
+
+
+@pytest.fixture(scope="module")
+def runner(
+    sqs_endpoint: str, dynamodb_local: Any, emulator: OllamaEmulator, models_file: Any
+) -> Iterator[HermesProcess]:
+    dynamodb_local.reset_tables()
+    env = {
+        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
+        "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
+        "OLLAMA_URL": emulator.url,
+        "HERMES_MODELS_FILE": str(models_file),
+        "HERMES_LEASE_MARGIN_MS": "500",
+        "HERMES_PARAMETERS": "JobMaxAttempts=3",
+        "HERMES_JOB_RETRY_BASE_S": "1",
+    }
+    with HermesProcess(env) as process:
+        yield process
+
+
+@pytest.fixture
+def sqs(sqs_endpoint: str) -> Any:
+    return boto3.client("sqs", endpoint_url=sqs_endpoint)
+
+
+@pytest.fixture(autouse=True)
+def clean(emulator: OllamaEmulator) -> None:
+    emulator.reset()
+
+
+def submit(runner: HermesProcess, model: str, prompt: str = "hi") -> str:
+    response = httpx.post(f"{runner.url}/v1/jobs/{model}", json={"prompt": prompt}, timeout=10)
+    assert response.status_code == 202, response.text
+    return str(response.json()["job_id"])
+
+
+def wait_for(runner: HermesProcess, job_id: str, timeout_s: float = 20) -> list[dict[str, Any]]:
+    """Poll until the job finishes; returns every distinct state seen on the way."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{runner.url}/v1/jobs/{job_id}", timeout=5).json()
+        if not seen or (job["status"], job.get("code")) != (
+            seen[-1]["status"],
+            seen[-1].get("code"),
+        ):
+            seen.append(job)
+        if job["status"] in ("succeeded", "failed"):
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {seen}")
+
+
+def test_submit_poll_result(runner: HermesProcess) -> None:
+    states = wait_for(runner, submit(runner, "gemma", "tell me a story"))
+    assert states[-1]["status"] == "succeeded"
+    assert states[-1]["result"]["result"].startswith("Echo: tell")
+
+
+def test_a_duplicate_delivery_calls_the_model_once(
+    runner: HermesProcess, emulator: OllamaEmulator, sqs: Any
+) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=300)
+    job_id = submit(runner, "gemma")
+    queue = sqs.get_queue_url(QueueName="JobsQueue")["QueueUrl"]
+    sqs.send_message(
+        QueueUrl=queue, MessageBody=json.dumps({"job_id": job_id})
+    )  # SQS at-least-once
+    assert wait_for(runner, job_id)[-1]["status"] == "succeeded"
+    time.sleep(1)  # let the duplicate be consumed too
+    assert (
+        sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
+            "Attributes"
+        ]["ApproximateNumberOfMessages"]
+        == "0"
+    )
+    assert emulator.stats()["requests"]["gemma3:1b"] == 1
+
+
+def test_a_busy_model_delays_a_job_instead_of_failing_it(
+    runner: HermesProcess, emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="llama3:8b", mode="hang")  # a sync request holds llama3's slot
+    holder = threading.Thread(
+        target=lambda: httpx.post(f"{runner.url}/v1/llm/llama3", json={"prompt": "hi"}, timeout=30),
+        daemon=True,
+    )
+    holder.start()
+    while emulator.stats()["in_flight"].get("llama3:8b", 0) < 1:
+        time.sleep(0.01)
+    emulator.set_behaviour(model="llama3:8b", mode="ok")  # later calls answer
+    states = wait_for(runner, submit(runner, "llama3"), timeout_s=30)
+    assert ("queued", "model_busy") in [(s["status"], s.get("code")) for s in states]
+    assert states[-1]["status"] == "succeeded"
+    assert states[-1]["waits"] >= 1
+    holder.join(timeout=10)
+
+
+def test_a_poisoned_job_lands_in_the_dead_letter_queue_and_reads_failed(
+    runner: HermesProcess, emulator: OllamaEmulator, sqs: Any
+) -> None:
+    emulator.set_behaviour(model="mistral:7b", mode="error", status=500)
+    job_id = submit(runner, "mistral")
+    final = wait_for(runner, job_id, timeout_s=30)[-1]
+    assert (final["status"], final["code"], final["attempts"]) == ("failed", "upstream_error", 3)
+    dlq = sqs.get_queue_url(QueueName="JobsDLQ")["QueueUrl"]
+    bodies: list[str] = []
+    deadline = time.monotonic() + 10
+    while not bodies and time.monotonic() < deadline:
+        bodies = [
+            m["Body"]
+            for m in sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10).get("Messages", [])
+        ]
+        time.sleep(0.2)
+    assert {"job_id": job_id} in [json.loads(b) for b in bodies]
