@@ -4,12 +4,20 @@ transport or HTTP failure to a HermesError so the service sees one error type.""
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
-from hermes.errors import ModelNotFound, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from hermes.errors import (
+    HermesError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 # A host that drops packets (wrong VPC route) must fail fast, not eat the model timeout.
 CONNECT_TIMEOUT_S = 2.0
@@ -54,10 +62,60 @@ class OllamaClient:
             body["options"] = options
         if format is not None:
             body["format"] = format
-        response = await self._request("POST", "/api/generate", backend_model, timeout_s, json=body)
+        return await self.complete("/api/generate", body, timeout_s)
+
+    async def complete(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One non-streamed /api/generate or /api/chat call (`body["model"]` is the tag)."""
+        body = {**body, "stream": False}
+        response = await self._request("POST", path, body["model"], timeout_s, json=body)
         data = _json_or_none(response)
-        if not isinstance(data, dict) or not isinstance(data.get("response"), str):
-            raise UpstreamError("Ollama answered /api/generate with an unexpected body")
+        if not isinstance(data, dict) or not ("response" in data or "message" in data):
+            raise UpstreamError(f"Ollama answered {path} with an unexpected body")
+        return data
+
+    async def stream(
+        self, path: str, body: dict[str, Any], timeout_s: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A streamed /api/generate or /api/chat call: Ollama's NDJSON objects, in order.
+        Errors before the first object raise like `complete`; an `{"error"}` line mid-stream
+        raises UpstreamError. Closing the iterator closes the connection, which stops Ollama."""
+        body = {**body, "stream": True}
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        try:
+            async with self._client().stream("POST", path, json=body, timeout=timeout) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._raise_for_status(response, body["model"])
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        chunk = json.loads(line)
+                    except ValueError:
+                        raise UpstreamError(
+                            f"Ollama sent a line that is not JSON on {path}"
+                        ) from None
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        raise UpstreamError(
+                            f"Ollama failed mid-answer: {str(chunk['error'])[:500]}"
+                        )
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, timeout_s) from None
+
+    async def get(self, path: str, timeout_s: float) -> dict[str, Any]:
+        response = await self._request("GET", path, None, timeout_s)
+        return self._object(response, path)
+
+    async def post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        response = await self._request("POST", path, body.get("model"), timeout_s, json=body)
+        return self._object(response, path)
+
+    @staticmethod
+    def _object(response: httpx.Response, path: str) -> dict[str, Any]:
+        data = _json_or_none(response)
+        if not isinstance(data, dict):
+            raise UpstreamError(f"Ollama answered {path} with an unexpected body")
         return data
 
     async def loaded_models(self, timeout_s: float) -> list[dict[str, Any]]:
@@ -75,17 +133,22 @@ class OllamaClient:
         timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         try:
             response = await self._client().request(method, path, timeout=timeout, **kwargs)
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(f"Ollama did not answer within {timeout_s:g} s") from None
-        except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
-            raise UpstreamUnavailable(
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, timeout_s) from None
+        self._raise_for_status(response, backend_model)
+        return response
+
+    def _transport_error(self, exc: httpx.HTTPError, timeout_s: float) -> HermesError:
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeout(f"Ollama did not answer within {timeout_s:g} s")
+        if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
+            return UpstreamUnavailable(
                 f"Ollama is unreachable at {self.base_url} ({type(exc).__name__})", retry_after=5
-            ) from None
-        except httpx.TransportError as exc:
-            # Connected, then the answer broke off (crash, OOM kill, proxy reset).
-            raise UpstreamError(
-                f"Ollama closed the connection mid-answer ({type(exc).__name__})"
-            ) from None
+            )
+        # Connected, then the answer broke off (crash, OOM kill, proxy reset).
+        return UpstreamError(f"Ollama closed the connection mid-answer ({type(exc).__name__})")
+
+    def _raise_for_status(self, response: httpx.Response, backend_model: str | None) -> None:
         if response.status_code == 404 and backend_model is not None:
             raise ModelNotFound(
                 f"Ollama does not have model '{backend_model}'; run: ollama pull {backend_model}",
@@ -101,7 +164,6 @@ class OllamaClient:
                 f"Ollama answered {response.status_code}: {_error_text(response)}",
                 upstream_status=response.status_code,
             )
-        return response
 
 
 def _json_or_none(response: httpx.Response) -> Any:

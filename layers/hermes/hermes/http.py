@@ -3,14 +3,16 @@ and helpers to read a JSON body and the Lambda deadline from a request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from mangum import Mangum
 from starlette.exceptions import HTTPException
 
@@ -37,9 +39,14 @@ def error_response(error: HermesError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
 
-def create_app(title: str) -> FastAPI:
-    """A FastAPI app whose every failure, including unknown routes, is Hermes' JSON error."""
+ErrorRenderer = Callable[[HermesError], JSONResponse]
+
+
+def create_app(title: str, render: ErrorRenderer = error_response) -> FastAPI:
+    """A FastAPI app whose every failure, including unknown routes, is a JSON error drawn by
+    `render`: Hermes' own shape by default, Ollama's or OpenAI's for the compatible APIs."""
     app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None)
+    error_response = render
 
     @app.exception_handler(HermesError)
     async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:
@@ -59,9 +66,7 @@ def create_app(title: str) -> FastAPI:
             return error_response(
                 MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
             )
-        return JSONResponse(
-            {"error": str(exc.detail), "code": f"http_{exc.status_code}"}, exc.status_code
-        )
+        return error_response(InvalidRequest(str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -143,3 +148,24 @@ def lambda_handler(app: FastAPI, direct: LambdaHandler | None = None) -> LambdaH
 
     handler.app = app  # type: ignore[attr-defined]
     return handler
+
+
+class StreamingBody(StreamingResponse):
+    """A streamed answer that stops as soon as the client disconnects, not at the next chunk,
+    and always closes its iterator, which is what releases the model's slot."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-send
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]

@@ -7,10 +7,12 @@ the model's deadline → release in `finally`. Every failure leaves as a HermesE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import resource
 import time
+from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
 
@@ -138,6 +140,78 @@ class HermesService:
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
         }
 
+    def resolve(self, requested: str) -> str:
+        """The configured name for `requested`: a Hermes name (gemma) or the backend tag it
+        maps to (gemma3:1b), with or without Ollama's implicit `:latest`."""
+        if requested in self.settings.models:
+            return requested
+        bare = requested.removesuffix(":latest")
+        for name, config in self.settings.models.items():
+            if bare in (config.backend_model, config.backend_model.removesuffix(":latest")):
+                return name
+        self.model(requested)  # raises ModelNotConfigured with the list
+        raise AssertionError("unreachable")
+
+    async def complete(
+        self, model_name: str, path: str, body: dict[str, Any], *, deadline_s: float | None = None
+    ) -> dict[str, Any]:
+        """One non-streamed backend call (`path` /api/generate or /api/chat, Ollama's body
+        with Hermes' model name), under the model's limits. Returns Ollama's answer."""
+        config = self.model(model_name)
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        lease, timeout_s = await self.admit(model_name, config, deadline)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.backends[config.host].complete(
+                    path, {**body, "model": config.backend_model}, timeout_s + 1
+                )
+        except TimeoutError:
+            raise self._timeout(model_name, config, timeout_s) from None
+        finally:
+            self.limiter.release(lease)
+
+    async def open_stream(
+        self, model_name: str, path: str, body: dict[str, Any], *, deadline_s: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Admit, start a streamed backend call and wait for its first object, so that busy,
+        unknown-model and unreachable errors are raised before the caller sends any byte.
+        The returned iterator yields Ollama's objects and releases the slot when it ends,
+        fails, times out or is closed (a client that disconnects closes it)."""
+        config = self.model(model_name)
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        lease, timeout_s = await self.admit(model_name, config, deadline)
+        ends_at = time.monotonic() + timeout_s
+        chunks = self.backends[config.host].stream(
+            path, {**body, "model": config.backend_model}, timeout_s + 1
+        )
+        try:
+            first = await asyncio.wait_for(anext(chunks), timeout_s)
+        except BaseException as exc:
+            self.limiter.release(lease)
+            await _close_quietly(chunks)
+            if isinstance(exc, TimeoutError):
+                raise self._timeout(model_name, config, timeout_s) from None
+            raise
+
+        async def rest() -> AsyncIterator[dict[str, Any]]:
+            try:
+                yield first
+                while True:
+                    left = ends_at - time.monotonic()
+                    try:
+                        chunk = await asyncio.wait_for(anext(chunks), max(left, 0.001))
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise self._timeout(model_name, config, timeout_s) from None
+                    yield chunk
+            finally:
+                # First, and synchronously: a cancelled task (client gone) cannot await.
+                self.limiter.release(lease)
+                await _close_quietly(chunks)
+
+        return rest()
+
     def _timeout(self, name: str, config: ModelConfig, timeout_s: float) -> UpstreamTimeout:
         message = f"model '{name}' did not answer within {timeout_s:g} s; its slot was released"
         if timeout_s < config.timeout / 1000:
@@ -214,6 +288,15 @@ class HermesService:
             "process": _process_memory(),
         }
         return (200 if state == "healthy" else 503), body
+
+
+async def _close_quietly(chunks: AsyncIterator[dict[str, Any]]) -> None:
+    """Close the backend stream even from a cancelled task (anyio cancels level-triggered)."""
+    import anyio
+
+    # The connection is going away anyway: nothing to report if closing it fails.
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 async def _timed(probe: Any, timeout_s: float) -> tuple[Any, dict[str, Any]]:

@@ -1,0 +1,60 @@
+"""Ollama's API (/api/*) with Hermes' limits: point any Ollama client at Hermes."""
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from hermes import ollama_api
+from hermes.http import StreamingBody, create_app, lambda_handler, read_json_body, sync_deadline_s
+from hermes.service import get_service
+
+app = create_app("Hermes - Ollama API", render=ollama_api.render_error)
+
+
+async def _run(request: Request, path: str, kind: type[Any]) -> Response:
+    service = get_service()
+    raw = await read_json_body(request, service.settings.max_prompt_chars)
+    body = ollama_api.parse(raw, kind, service.settings.max_prompt_chars)
+    name = service.resolve(body.model)
+    payload = body.model_dump(exclude_none=True, exclude={"stream"})
+    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    if not body.stream:
+        answer = await service.complete(name, path, payload, deadline_s=deadline)
+        return JSONResponse({**answer, "model": body.model})
+    chunks = await service.open_stream(name, path, payload, deadline_s=deadline)
+    return StreamingBody(ollama_api.ndjson(chunks, body.model), media_type="application/x-ndjson")
+
+
+@app.post("/api/generate")
+async def generate(request: Request) -> Response:
+    return await _run(request, "/api/generate", ollama_api.GenerateBody)
+
+
+@app.post("/api/chat")
+async def chat(request: Request) -> Response:
+    return await _run(request, "/api/chat", ollama_api.ChatBody)
+
+
+@app.get("/api/tags")
+async def tags() -> JSONResponse:
+    return JSONResponse(await ollama_api.tags(get_service()))
+
+
+@app.get("/api/ps")
+async def ps() -> JSONResponse:
+    return JSONResponse(await ollama_api.ps(get_service()))
+
+
+@app.get("/api/version")
+async def version() -> JSONResponse:
+    return JSONResponse(await ollama_api.version(get_service()))
+
+
+@app.post("/api/show")
+async def show(request: Request) -> JSONResponse:
+    body = await read_json_body(request, get_service().settings.max_prompt_chars)
+    return JSONResponse(await ollama_api.show(get_service(), body))
+
+
+handler = lambda_handler(app)

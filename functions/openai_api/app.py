@@ -1,0 +1,49 @@
+"""OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with Hermes'
+limits: point any OpenAI client at Hermes' /v1."""
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from hermes import openai_api
+from hermes.http import StreamingBody, create_app, lambda_handler, read_json_body, sync_deadline_s
+from hermes.service import get_service
+
+app = create_app("Hermes - OpenAI-compatible API", render=openai_api.render_error)
+
+
+async def _run(request: Request, chat: bool) -> Response:
+    service = get_service()
+    raw = await read_json_body(request, service.settings.max_prompt_chars)
+    kind: Any = openai_api.ChatRequest if chat else openai_api.CompletionRequest
+    body = openai_api.parse(raw, kind, service.settings.max_prompt_chars)
+    name = service.resolve(body.model)
+    path = "/api/chat" if chat else "/api/generate"
+    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    if not body.stream:
+        answer = await service.complete(name, path, body.to_ollama(), deadline_s=deadline)
+        shape = openai_api.chat_completion if chat else openai_api.completion
+        return JSONResponse(shape(answer, body.model))
+    chunks = await service.open_stream(name, path, body.to_ollama(), deadline_s=deadline)
+    usage = bool((body.stream_options or {}).get("include_usage"))
+    events = openai_api.sse(chunks, body.model, chat, usage)
+    return StreamingBody(events, media_type="text/event-stream")
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _run(request, chat=True)
+
+
+@app.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _run(request, chat=False)
+
+
+@app.get("/v1/models")
+async def models() -> JSONResponse:
+    return JSONResponse(openai_api.models(get_service()))
+
+
+handler = lambda_handler(app)

@@ -1,0 +1,142 @@
+"""Ollama's own API, served by Hermes with Hermes' limits: any Ollama client gets per-model
+concurrency, the memory budget and timeouts by changing its base URL.
+
+Bodies follow Ollama's documented API and are passed through (unknown fields included, for
+forward compatibility) after the checks Hermes needs; the model name may be Hermes' (gemma)
+or the backend tag (gemma3:1b). Answers keep the name the client used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hermes.errors import HermesError, InvalidRequest, PromptTooLarge
+from hermes.schemas import describe_validation_error
+from hermes.service import HermesService
+
+# Non-limited calls (tags, ps, show, version) answer fast or not at all.
+META_TIMEOUT_S = 5.0
+
+
+def render_error(error: HermesError) -> JSONResponse:
+    """Ollama's error shape, `{"error": "..."}`, plus Hermes' stable code."""
+    return JSONResponse(
+        {"error": error.message, "code": error.code}, error.status, headers=error.headers()
+    )
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: str | dict[str, Any] | None = None
+    keep_alive: str | int | None = None
+
+
+class GenerateBody(_Body):
+    prompt: str = ""
+    system: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(min_length=1, max_length=50)
+    content: str = ""
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(default_factory=list, max_length=10_000)
+
+
+def parse(body: Any, kind: type[_Body], max_prompt_chars: int) -> _Body:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        parsed = kind.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    size = prompt_chars(parsed)
+    if size > max_prompt_chars:
+        raise PromptTooLarge(f"the prompt has {size} characters; the limit is {max_prompt_chars}")
+    return parsed
+
+
+def prompt_chars(body: _Body) -> int:
+    if isinstance(body, ChatBody):
+        return sum(len(m.content) for m in body.messages)
+    if isinstance(body, GenerateBody):
+        return len(body.prompt) + len(body.system or "")
+    return 0
+
+
+async def ndjson(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIterator[bytes]:
+    """Ollama's streaming format: one JSON object per line; a failure mid-stream is an
+    `{"error": ...}` line, as Ollama itself sends."""
+    try:
+        async for chunk in chunks:
+            yield json.dumps({**chunk, "model": model}).encode() + b"\n"
+    except HermesError as error:
+        yield json.dumps({"error": error.message, "code": error.code}).encode() + b"\n"
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def tags(service: HermesService) -> dict[str, Any]:
+    """The configured models that their Ollama host has, under Hermes' names."""
+    models = []
+    for host in sorted(service.settings.hosts):
+        have = (await service.backends[host].get("/api/tags", META_TIMEOUT_S)).get("models", [])
+        models += _rename(service, host, have)
+    return {"models": models}
+
+
+async def ps(service: HermesService) -> dict[str, Any]:
+    models = []
+    for host in sorted(service.settings.hosts):
+        loaded = await service.backends[host].loaded_models(META_TIMEOUT_S)
+        models += _rename(service, host, loaded)
+    return {"models": models}
+
+
+async def show(service: HermesService, body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("model") or body.get("name"), str):
+        raise InvalidRequest('the request body must name a model: {"model": "..."}')
+    name = service.resolve(body.get("model") or body["name"])
+    config = service.model(name)
+    payload = {**body, "model": config.backend_model}
+    payload.pop("name", None)
+    return await service.backends[config.host].post("/api/show", payload, META_TIMEOUT_S)
+
+
+async def version(service: HermesService) -> dict[str, Any]:
+    first = sorted(service.settings.hosts)[0]
+    return await service.backends[first].get("/api/version", META_TIMEOUT_S)
+
+
+def _rename(
+    service: HermesService, host: str, entries: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Keep the entries a configured model on `host` maps to, named as Hermes names them."""
+    by_tag = {
+        _bare(config.backend_model): name
+        for name, config in service.settings.models.items()
+        if config.host == host
+    }
+    renamed = []
+    for entry in entries:
+        name = by_tag.get(_bare(str(entry.get("model") or entry.get("name") or "")))
+        if name is not None:
+            renamed.append({**entry, "name": name, "model": name})
+    return renamed
+
+
+def _bare(tag: str) -> str:
+    return tag.removesuffix(":latest")
