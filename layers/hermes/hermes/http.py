@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from mangum import Mangum
+from mangum.adapter import DEFAULT_TEXT_MIME_TYPES
 from starlette.exceptions import HTTPException
 
 from hermes import __version__
@@ -127,7 +128,12 @@ def lambda_handler(app: FastAPI, direct: LambdaHandler | None = None) -> LambdaH
     raises on those, which Lambda and API Gateway would turn into a 500).
     `.app` exposes the ASGI app so the local runner serves the very same code."""
     # lifespan="off": Lambda has no startup/shutdown, and Mangum would run them per call.
-    mangum = Mangum(app, lifespan="off")
+    mangum = Mangum(
+        app,
+        lifespan="off",
+        # Ollama's streaming type is text: return it as is rather than base64-encoded.
+        text_mime_types=[*DEFAULT_TEXT_MIME_TYPES, "application/x-ndjson"],
+    )
 
     def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if not is_http_event(event):
