@@ -208,6 +208,7 @@ def test_status_reports_models_usage_and_health() -> None:
     assert body["hosts"] == [
         {
             "name": "default",
+            "kind": "ollama",
             "url": body["hosts"][0]["url"],
             "status": "ok",
             "memory_budget": 8,

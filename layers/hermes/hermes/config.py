@@ -46,6 +46,8 @@ class HostConfig(BaseModel):
 
     memory_budget: int = Field(ge=1, le=100_000)
     url: str | None = Field(default=None, pattern=r"^https?://", description="default OLLAMA_URL")
+    # What the server at `url` speaks: Ollama's API, or OpenAI's (llama.cpp server, vLLM...).
+    kind: Literal["ollama", "openai"] = "ollama"
 
 
 class ModelsFile(BaseModel):

@@ -22,6 +22,7 @@ from hermes.backend import OllamaClient
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import HermesError, HostBusy, ModelBusy, ModelNotConfigured, UpstreamTimeout
 from hermes.limiter import Counter, Lease, Limiter
+from hermes.openai_backend import OpenAIClient
 from hermes.schemas import parse_generate_request
 
 STARTED_AT = time.monotonic()
@@ -267,6 +268,7 @@ class HermesService:
             "hosts": [
                 {
                     "name": host,
+                    "kind": self.settings.hosts[host].kind,
                     "url": self.backends[host].base_url,
                     "status": check["status"],
                     "memory_budget": self.settings.hosts[host].memory_budget,
@@ -344,5 +346,8 @@ def _process_memory() -> dict[str, float]:
 def get_service() -> HermesService:
     """Built once per process so warm invocations reuse the boto3 and httpx connections."""
     settings = get_settings()
-    backends = {host: OllamaClient(settings.host_url(host)) for host in settings.hosts}
+    backends = {
+        host: (OpenAIClient if config.kind == "openai" else OllamaClient)(settings.host_url(host))
+        for host, config in settings.hosts.items()
+    }
     return HermesService(settings, Limiter(client("dynamodb"), settings.lease_table), backends)
