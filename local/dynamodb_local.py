@@ -29,7 +29,7 @@ def _jar_dir() -> Path | None:
     return found[-1] if found else None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the JVM gets SIGTERM when the process that started it dies, even by SIGKILL."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -17,9 +17,10 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from local import dynamodb_local
+from local import dynamodb_local, embedded_model
 from local.queue_poller import QueuePoller
 from local.template import (
     ROOT,
@@ -166,6 +167,7 @@ def load_handler(fn: Function) -> Any:
 
 
 STORE_DESCRIPTION = ""
+MODEL_DESCRIPTION = ""
 
 
 def start_embedded_store() -> str:
@@ -190,9 +192,43 @@ def _described(description: str, url: str) -> str:
     return url
 
 
+def start_embedded_model() -> None:
+    """No OLLAMA_URL and no Ollama on its default address: serve `gemma` from the embedded
+    Gemma 3 270M instead, so a fresh machine answers real text."""
+    if os.environ.get("OLLAMA_URL") or os.environ.get("HERMES_EMBEDDED_MODEL") == "0":
+        return
+    if embedded_model.ollama_answers("http://localhost:11434"):
+        return
+    if not embedded_model.available():
+        print(
+            "hermes: no Ollama at http://localhost:11434 and no embedded model installed "
+            "(make install builds it); models will answer 503",
+            flush=True,
+        )
+        return
+    print(
+        "hermes: no Ollama at http://localhost:11434: starting the embedded Gemma 3 270M "
+        "(llama-cpp-python)...",
+        flush=True,
+    )
+    server = embedded_model.ModelServer(dynamodb_local.free_port()).start()
+    atexit.register(server.stop)
+    from hermes.config import DEFAULT_MODELS_FILE
+
+    source = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
+    target = ROOT / ".cache" / "models.embedded.json"
+    target.parent.mkdir(exist_ok=True)
+    path = embedded_model.models_with_embedded_gemma(source, server.url, target)
+    os.environ["HERMES_MODELS_FILE"] = str(path)
+    global MODEL_DESCRIPTION
+    MODEL_DESCRIPTION = f"embedded Gemma 3 270M (llama-cpp-python, {path.name})"
+
+
 def build_app() -> Router:
     """Prepare the environment, the store and the tables, then mount every declared route."""
     template = load_template()
+    sys.path.insert(0, str(ROOT / "layers" / "hermes"))
+    start_embedded_model()
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -206,7 +242,6 @@ def build_app() -> Router:
     ensure_tables(template)
     queue_urls = ensure_queues(template)
     apply_function_environment(template, fns, queue_urls)
-    sys.path.insert(0, str(ROOT / "layers" / "hermes"))
     handlers = {name: load_handler(fn) for name, fn in fns.items()}
     for source in queue_sources(template):
         fn = fns[source.function]
@@ -232,8 +267,12 @@ def describe(port: int, host: str) -> str:
     store = STORE_DESCRIPTION or os.environ["AWS_ENDPOINT_URL_DYNAMODB"]
     lines = [f"Hermes listening on http://{host}:{port}", f"  DynamoDB: {store}"]
     for name, config in sorted(settings.hosts.items()):
+        kind = "Ollama" if config.kind == "ollama" else "OpenAI-compatible server"
+        note = (
+            f" = {MODEL_DESCRIPTION}" if name == embedded_model.HOST and MODEL_DESCRIPTION else ""
+        )
         lines.append(
-            f"  host {name}: Ollama at {settings.host_url(name)}, "
+            f"  host {name}: {kind} at {settings.host_url(name)}{note}, "
             f"memory_budget={config.memory_budget}"
         )
     for name, model in sorted(settings.models.items()):

@@ -1,0 +1,163 @@
+"""Section 3: DynamoDB requests per admitted request, counted with a botocore hook on an
+in-process HermesService built like get_service(), on DynamoDB Local and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.memory import MemoryLog
+from bench.procs import Infra, build_service, dynamodb_client, write_models_file
+from bench.report import Section
+from bench.scale import Scale
+
+TARGET_UNCONTENDED = 3.0
+CONTENDED_DELAY_MS = 20
+# llama3 as in models.json (one slot), plus the same model with bounded waiting.
+MODELS = {
+    "models": {
+        "gemma": {"max_concurrency": 2, "memory_cost": "medium", "timeout": 30000,
+                  "backend_model": "gemma3:1b"},
+        "llama3": {"max_concurrency": 1, "memory_cost": "high", "timeout": 45000,
+                   "backend_model": "llama3:8b"},
+        "llama3_wait": {"max_concurrency": 1, "memory_cost": "high", "timeout": 45000,
+                        "backend_model": "llama3:8b", "queue_timeout_ms": 5000},
+    },
+    "hosts": {"default": {"memory_budget": 8}},
+}  # fmt: skip
+BODY = {"prompt": "hi"}
+
+
+class CallCounter:
+    """Counts every DynamoDB API call the client makes, by operation (thread-safe)."""
+
+    def __init__(self, client: Any) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        client.meta.events.register("before-call.dynamodb.*", self._count)
+
+    def _count(self, model: Any, **_: Any) -> None:
+        with self._lock:
+            self.calls[model.name] += 1
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.calls.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+
+
+@dataclass
+class Tally:
+    admitted: int = 0
+    rejected: int = 0
+
+    @property
+    def attempts(self) -> int:
+        return self.admitted + self.rejected
+
+
+def uncontended(service: Any, counter: CallCounter, calls: int) -> float:
+    """Sequential generate calls on gemma; returns DynamoDB requests per admitted request."""
+
+    async def loop() -> None:
+        for _ in range(5):  # warm-up: connections to DynamoDB Local and the emulator
+            await service.generate("gemma", BODY)
+        counter.reset()
+        for _ in range(calls):
+            await service.generate("gemma", BODY)
+
+    asyncio.run(loop())
+    return counter.total() / calls
+
+
+def contended(service: Any, model: str, callers: int, seconds: float, pause_s: float) -> Tally:
+    """`callers` threads, each with its own event loop (as separate Lambda instances would
+    have), calling generate on `model` until time is up. A rejected caller waits `pause_s`
+    before its next attempt."""
+    from hermes.errors import HostBusy, ModelBusy
+
+    tally, lock = Tally(), threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    async def caller() -> None:
+        while time.monotonic() < stop_at:
+            try:
+                await service.generate(model, BODY)
+                admitted = True
+            except (ModelBusy, HostBusy):
+                admitted = False
+            with lock:
+                tally.admitted += admitted
+                tally.rejected += not admitted
+            if not admitted:
+                await asyncio.sleep(pause_s)
+
+    threads = [threading.Thread(target=asyncio.run, args=(caller(),)) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
+
+
+def _contended_rows(section: Section, label: str, tally: Tally, requests: int) -> None:
+    section.add(
+        f"{label}: DynamoDB requests per admitted request",
+        f"{requests / max(tally.admitted, 1):.2f}",
+    )
+    section.add(
+        f"{label}: DynamoDB requests per attempt (admitted + rejected)",
+        f"{requests / max(tally.attempts, 1):.2f} ({requests} requests, {tally.admitted} "
+        f"admitted, {tally.rejected} rejected)",
+    )
+
+
+def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
+    section = Section(3, "DynamoDB requests per admitted request")
+    infra.dynamodb.reset_tables()
+    emulator = infra.emulator
+    emulator.reset()
+    ddb = dynamodb_client(infra.dynamodb.url)
+    counter = CallCounter(ddb)
+    models_file = write_models_file(infra.tmp, "dynamodb-models.json", MODELS)
+    service = build_service(ddb, models_file, emulator.url)
+
+    per_admitted = uncontended(service, counter, scale.uncontended_calls)
+    section.add(
+        f"uncontended ({scale.uncontended_calls} sequential calls on gemma): requests per "
+        "admitted request",
+        f"{per_admitted:.2f} ({dict(counter.calls)})",
+        f"≤ {TARGET_UNCONTENDED:g} (expected 2)",
+        per_admitted <= TARGET_UNCONTENDED,
+    )
+
+    emulator.delay("llama3:8b", CONTENDED_DELAY_MS)
+    callers = scale.contended_callers
+    counter.reset()
+    tally = contended(service, "llama3", callers, scale.contended_s, CONTENDED_DELAY_MS / 1000)
+    _contended_rows(section, "contended, queue_timeout_ms 0", tally, counter.total())
+    counter.reset()
+    tally = contended(service, "llama3_wait", callers, scale.contended_s, 0)
+    _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter.total())
+
+    section.note(
+        "Every DynamoDB API call of the service's boto3 client is counted with a botocore "
+        "`before-call.dynamodb.*` hook, so retries inside Hermes count too."
+    )
+    section.note(
+        f"Contended: {callers} threads (each its own event loop) calling llama3 "
+        f"(max_concurrency 1) for {scale.contended_s:g} s while the emulator takes "
+        f"{CONTENDED_DELAY_MS} ms per answer. With queue_timeout_ms 0 a rejected caller gets "
+        f"429 model_busy at once and tries again after {CONTENDED_DELAY_MS} ms; with "
+        "queue_timeout_ms 5000 (same model, another name) Hermes itself retries admission "
+        "with jittered backoff, so each attempt is one generate call however many writes it "
+        "took."
+    )
+    return section

@@ -1,0 +1,118 @@
+"""End to end with real tokens: Hermes' local runner → llama-cpp-python's OpenAI-compatible
+server → Gemma 3 270M (from PyPI). A base model: its text rambles, which is fine here."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from local.embedded_model import ALIAS, ModelServer
+from tests.support.dynamodb_local import DynamoDBLocal, free_port
+from tests.support.hermes_process import HermesProcess
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[ModelServer]:
+    server = ModelServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hermes(
+    model_server: ModelServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HermesProcess]:
+    models = {
+        "models": {
+            "gemma": {"max_concurrency": 1, "memory_cost": "low", "timeout": 60000,
+                      "backend_model": ALIAS, "host": "cpu"},
+            # Same model with a tiny timeout, to watch a real generation being cut off.
+            "gemma_hasty": {"max_concurrency": 1, "memory_cost": "low", "timeout": 150,
+                            "backend_model": ALIAS, "host": "cpu"},
+        },
+        "hosts": {"cpu": {"memory_budget": 4, "kind": "openai", "url": model_server.url}},
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("real") / "models.json"
+    path.write_text(json.dumps(models))
+    store = DynamoDBLocal().start()
+    store.create_tables()
+    with HermesProcess({"AWS_ENDPOINT_URL_DYNAMODB": store.url, "HERMES_MODELS_FILE": str(path),
+                        "HERMES_LEASE_MARGIN_MS": "1000"}) as runner:  # fmt: skip
+        yield runner
+    store.stop()
+
+
+def generate(hermes: HermesProcess, model: str = "gemma", tokens: int = 24) -> httpx.Response:
+    body = {
+        "prompt": "The capital of France is",
+        "options": {"num_predict": tokens, "temperature": 0},
+    }
+    return httpx.post(f"{hermes.url}/v1/llm/{model}", json=body, timeout=120)
+
+
+def in_flight(hermes: HermesProcess, model: str) -> int:
+    status = httpx.get(f"{hermes.url}/v1/status", timeout=5).json()
+    return int(next(m["in_flight"] for m in status["models"] if m["name"] == model))
+
+
+def test_a_prompt_returns_real_text_and_token_counts(hermes: HermesProcess) -> None:
+    response = generate(hermes)
+    answer = response.json()
+    assert response.status_code == 200, answer
+    assert answer["result"].strip()
+    assert answer["usage"]["prompt_tokens"] > 0
+    assert 0 < answer["usage"]["completion_tokens"] <= 24
+
+
+def test_two_requests_beyond_a_limit_of_one_give_one_200_and_one_429(hermes: HermesProcess) -> None:
+    first: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: first.update(response=generate(hermes, tokens=96)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while in_flight(hermes, "gemma") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = generate(hermes)
+    worker.join(timeout=120)
+    assert (second.status_code, second.json()["code"]) == (429, "model_busy")
+    assert first["response"].status_code == 200
+
+
+def test_a_tiny_timeout_gives_504_and_frees_the_slot(hermes: HermesProcess) -> None:
+    response = generate(hermes, "gemma_hasty", tokens=400)
+    assert (response.status_code, response.json()["code"]) == (504, "upstream_timeout")
+    assert in_flight(hermes, "gemma_hasty") == 0
+    time.sleep(2)  # let the model server finish the abandoned generation before the next test
+
+
+def test_the_official_openai_client_streams_real_tokens_through_hermes(
+    hermes: HermesProcess,
+) -> None:
+    client = openai.OpenAI(base_url=f"{hermes.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gemma",
+        messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 1 and "".join(pieces).strip()  # several real tokens, one by one
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_status_probes_the_model_server(hermes: HermesProcess) -> None:
+    status = httpx.get(f"{hermes.url}/v1/status", timeout=5).json()
+    assert status["hosts"][0]["kind"] == "openai" and status["hosts"][0]["status"] == "ok"
+    assert ALIAS in [m["name"] for m in status["ollama"]["loaded_models"]]
