@@ -56,7 +56,9 @@ def limiter_timings(infra: Infra, scale: Scale) -> dict[str, list[float]]:
     config = service.model("gemma")
     counters = service.counters("gemma", config)
     wire = WireTimer(ddb, "UpdateItem")
-    found: dict[str, list[float]] = {k: [] for k in ("acquire", "release", "acquire_wire", "release_wire")}
+    found: dict[str, list[float]] = {
+        k: [] for k in ("acquire", "release", "acquire_wire", "release_wire")
+    }
     for i in range(scale.limiter_warmup + scale.limiter_count):
         wire.samples.clear()
         started = time.perf_counter()
@@ -119,9 +121,11 @@ def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
         h50 - d50 <= TARGET_ADDED_P50_S,
     )
     section.add("added latency, p99", ms(h99 - d99))
-    section.add("ratio Hermes / direct, p50", f"{h50 / d50:.1f}×")
+    section.add("ratio Hermes / direct, p50", f"{h50 / d50:.1f}x")
 
-    moto, moto_store, moto_rss = _through_runner(emulator.url, scale, {"HERMES_LOCAL_STORE": "moto"})
+    moto, moto_store, moto_rss = _through_runner(
+        emulator.url, scale, {"HERMES_LOCAL_STORE": "moto"}
+    )
     memory.record(
         "runner after section 1 with HERMES_LOCAL_STORE=moto", moto_rss, moto_store, targeted=False
     )

@@ -35,6 +35,17 @@ _NOT_INHERITED = ("AWS_ENDPOINT_URL", "HERMES_", "OLLAMA_")
 _PROXIES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without what would change the measurement, plus
+    `overrides`: the environment of every child process the benchmark starts."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_NOT_INHERITED) and k.lower() not in _PROXIES
+    }
+    return {**inherited, **overrides}
+
+
 def http_client(**kwargs: Any) -> httpx.Client:
     """A keep-alive client that ignores proxy settings: every call stays on loopback."""
     return httpx.Client(trust_env=False, **kwargs)
@@ -71,7 +82,9 @@ class Emulator(EmulatorProcess):
         self.control("POST", "/_emulator/reset", {})
 
     def delay(self, tag: str, delay_ms: int) -> None:
-        self.control("POST", "/_emulator/behaviour", {"model": tag, "mode": "ok", "delay_ms": delay_ms})
+        self.control(
+            "POST", "/_emulator/behaviour", {"model": tag, "mode": "ok", "delay_ms": delay_ms}
+        )
 
 
 class Infra:
@@ -106,20 +119,10 @@ class Runner:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        inherited = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(_NOT_INHERITED) and k.lower() not in _PROXIES
-        }
-        self.env = {
-            **inherited,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "HERMES_ACCESS_LOG": "0",
-            **env,
-        }
+        self.env = clean_env(HOST="127.0.0.1", PORT=str(self.port), HERMES_ACCESS_LOG="0", **env)
         self.process: subprocess.Popen[str] | None = None
-        self._log = tempfile.TemporaryFile(mode="w+")
+        # Kept open for the runner's lifetime (closed in stop), so no `with` block.
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
 
     def start(self, timeout_s: float = 90) -> Runner:
         self.process = subprocess.Popen(

@@ -14,7 +14,7 @@ def main() -> None:
     started, shown = time.monotonic(), -10
     tail: list[str] = []
     for line in sys.stdin:
-        tail = (tail + [line])[-30:]
+        tail = [*tail, line][-30:]
         match = STEP.search(line)
         if match:
             done, total = int(match[1]), int(match[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hmac
 import importlib.util
 import json
 import os
@@ -57,12 +58,28 @@ def path_pattern(path: str) -> re.Pattern[str]:
 class Router:
     """Dispatches like API Gateway's HTTP API: route match, else JSON 404/405."""
 
-    def __init__(self, routes: list[MountedRoute]) -> None:
+    def __init__(self, routes: list[MountedRoute], api_key: str | None = None) -> None:
         self.routes = routes
+        # Optional shared secret for a runner reachable by others (HERMES_API_KEY). The
+        # deployed API authenticates through API Gateway (IAM or JWT) instead.
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # uvicorn runs with lifespan="off"
             return
+        if self.expected is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _json(
+                    send,
+                    401,
+                    {
+                        "error": "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                        "code": "unauthorized",
+                    },
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
         matching = [r for r in self.routes if r.pattern.fullmatch(scope["path"])]
         for route in matching:
             if route.method in (scope["method"], "ANY"):
@@ -256,7 +273,8 @@ def build_app() -> Router:
         [
             MountedRoute(r.method, path_pattern(r.path), handlers[r.function].app)
             for r in http_routes(template)
-        ]
+        ],
+        api_key=os.environ.get("HERMES_API_KEY") or None,
     )
 
 

@@ -178,3 +178,18 @@ def test_dynamodb_down_fails_closed_with_503(
         status = httpx.get(f"{runner.url}/v1/status", timeout=5)
         assert (status.status_code, status.json()["status"]) == (503, "unhealthy")
         assert status.json()["checks"]["dynamodb"]["status"] == "error"
+
+
+def test_an_api_key_protects_the_runner(shared_env: dict[str, str]) -> None:
+    with HermesProcess({**shared_env, "HERMES_API_KEY": "s3cret"}) as runner:
+        missing = post(runner.url, "gemma", {"prompt": "hi"})
+        assert (missing.status_code, missing.json()["code"]) == (401, "unauthorized")
+        wrong = httpx.get(f"{runner.url}/v1/status", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        good = httpx.post(
+            f"{runner.url}/v1/llm/gemma",
+            json={"prompt": "hi"},
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=10,
+        )
+        assert good.status_code == 200

@@ -142,3 +142,13 @@ def test_weights_and_host_urls_are_configurable(
     settings = get_settings()
     assert settings.weight(settings.models["m"]) == 5
     assert settings.host_url("gpu2") == "http://gpu2:11434"
+
+
+def test_status_urls_never_show_credentials_or_tokens() -> None:
+    from hermes.service import public_url
+
+    assert (
+        public_url("https://user:pw@gpu.internal:11434/base?token=abc")
+        == "https://gpu.internal:11434/base"
+    )
+    assert public_url("http://localhost:11434") == "http://localhost:11434"

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from hermes import __version__
 from hermes.aws import client
@@ -269,7 +270,7 @@ class HermesService:
                 {
                     "name": host,
                     "kind": self.settings.hosts[host].kind,
-                    "url": self.backends[host].base_url,
+                    "url": public_url(self.backends[host].base_url),
                     "status": check["status"],
                     "memory_budget": self.settings.hosts[host].memory_budget,
                     "memory_in_use": (
@@ -290,6 +291,14 @@ class HermesService:
             "process": _process_memory(),
         }
         return (200 if state == "healthy" else 503), body
+
+
+def public_url(url: str) -> str:
+    """A URL safe to show: no user, password or query (which may carry a token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 async def _close_quietly(chunks: AsyncIterator[dict[str, Any]]) -> None:
