@@ -78,32 +78,29 @@ def uncontended(service: Any, counter: CallCounter, calls: int) -> float:
 
 
 def contended(service: Any, model: str, callers: int, seconds: float, pause_s: float) -> Tally:
-    """`callers` threads, each with its own event loop (as separate Lambda instances would
-    have), calling generate on `model` until time is up. A rejected caller waits `pause_s`
-    before its next attempt."""
+    """`callers` concurrent callers calling generate on `model` until time is up; a rejected
+    caller waits `pause_s` before its next attempt. They are asyncio tasks on one event
+    loop: as threads they would mostly measure GIL contention (a caller holding the slot
+    would wait for the GIL behind the others' botocore work, and hold the slot longer)."""
     from hermes.errors import HostBusy, ModelBusy
 
-    tally, lock = Tally(), threading.Lock()
+    tally = Tally()
     stop_at = time.monotonic() + seconds
 
     async def caller() -> None:
         while time.monotonic() < stop_at:
             try:
                 await service.generate(model, BODY)
-                admitted = True
             except (ModelBusy, HostBusy):
-                admitted = False
-            with lock:
-                tally.admitted += admitted
-                tally.rejected += not admitted
-            if not admitted:
+                tally.rejected += 1
                 await asyncio.sleep(pause_s)
+            else:
+                tally.admitted += 1
 
-    threads = [threading.Thread(target=asyncio.run, args=(caller(),)) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    async def all_callers() -> None:
+        await asyncio.gather(*(caller() for _ in range(callers)))
+
+    asyncio.run(all_callers())
     return tally
 
 
@@ -152,7 +149,7 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
         "`before-call.dynamodb.*` hook, so retries inside Hermes count too."
     )
     section.note(
-        f"Contended: {callers} threads (each its own event loop) calling llama3 "
+        f"Contended: {callers} concurrent callers (asyncio tasks on one event loop) calling llama3 "
         f"(max_concurrency 1) for {scale.contended_s:g} s while the emulator takes "
         f"{CONTENDED_DELAY_MS} ms per answer. With queue_timeout_ms 0 a rejected caller gets "
         f"429 model_busy at once and tries again after {CONTENDED_DELAY_MS} ms; with "

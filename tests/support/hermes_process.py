@@ -37,10 +37,14 @@ class HermesProcess:
                     f"runner exited: {self.process.stdout.read() if self.process.stdout else ''}"
                 )
             try:
-                httpx.get(f"{self.url}/v1/status", timeout=5)
-                return self
+                status = httpx.get(f"{self.url}/v1/status", timeout=5)
             except httpx.TransportError:
                 time.sleep(0.1)
+                continue
+            # Only Hermes' own status counts (another server may hold the port).
+            if "checks" in status.json() and self.process.poll() is None:
+                return self
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError("runner did not start in time")
 

@@ -52,7 +52,7 @@ class OpenAIClient(OllamaClient):
         started = time.perf_counter_ns()
         route, payload = _request(path, body, stream=True)
         timeout = httpx.Timeout(timeout_s, connect=min(2.0, timeout_s))
-        finish, usage = None, None
+        finish, usage, pieces = None, None, 0
         try:
             async with self._client().stream(
                 "POST", route, json=payload, timeout=timeout
@@ -80,11 +80,16 @@ class OpenAIClient(OllamaClient):
                             else choice.get("text")
                         )
                         if delta:
+                            pieces += 1
                             yield _chunk(path, body["model"], delta)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, timeout_s) from None
         except ValueError:
             raise UpstreamError(f"the backend sent an event that is not JSON on {route}") from None
+        if usage is None:
+            # Some servers (llama-cpp-python) ignore stream_options.include_usage; they send
+            # one token per event, so the events are the completion's token count.
+            usage = {"prompt_tokens": None, "completion_tokens": pieces}
         yield _final(path, body["model"], "", finish, usage, started)
 
     async def loaded_models(self, timeout_s: float) -> list[dict[str, Any]]:
