@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,34 @@ def peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (field 22 of /proc/<pid>/stat), which tells
+    a process apart from a later one that reuses its pid; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def child_processes(pid: int) -> list[tuple[int, str]]:
+    """The direct children of `pid` as (pid, start time), from /proc/<pid>/task/*/children."""
+    found: list[tuple[int, str]] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, children.read_text().split()):
+                started = _start_time(child)
+                if started is not None:
+                    found.append((child, started))
+    return found
+
+
+def kill_if_same(pid: int, started: str) -> None:
+    if _start_time(pid) == started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def write_models_file(directory: Path, name: str, config: dict[str, Any]) -> Path:
@@ -162,14 +191,20 @@ class Runner:
         return peak_rss_mb(self.process.pid)
 
     def stop(self) -> None:
-        """SIGTERM, so the runner's atexit stops the DynamoDB Local it may have embedded."""
+        """Stop the runner as Ctrl-C does. Not SIGTERM: uvicorn re-raises a captured SIGTERM
+        once it has shut down, which kills the process before atexit stops the DynamoDB Local
+        it embedded; a re-raised SIGINT becomes KeyboardInterrupt and atexit does run. Any
+        child still alive afterwards (started by this runner) is killed by its pid."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            children = child_processes(self.process.pid)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+            for pid, started in children:
+                kill_if_same(pid, started)
         self._log.close()
 
     def __enter__(self) -> Runner:

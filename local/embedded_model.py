@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,8 +63,12 @@ class ModelServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 120) -> ModelServer:
+        # llama_cpp.server reads PORT and HOST from the environment too, and they are the
+        # runner's own: keep them away from it.
+        env = {k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}
         self.process = subprocess.Popen(
             self.command,
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent,

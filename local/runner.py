@@ -228,11 +228,7 @@ def start_embedded_model() -> None:
         "(llama-cpp-python)...",
         flush=True,
     )
-    own_port = int(os.environ.get("PORT") or 4020)
-    port = dynamodb_local.free_port()
-    while port == own_port:  # uvicorn has not bound PORT yet: do not hand it out
-        port = dynamodb_local.free_port()
-    server = embedded_model.ModelServer(port).start()
+    server = embedded_model.ModelServer(dynamodb_local.free_port()).start()
     atexit.register(server.stop)
     from hermes.config import DEFAULT_MODELS_FILE
 
