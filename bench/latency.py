@@ -37,15 +37,16 @@ def time_requests(url: str, body: bytes, warmup: int, count: int) -> list[float]
     return samples
 
 
-def _through_runner(emulator_url: str, scale: Scale, extra_env: dict[str, str]) -> Any:
+def _through_runner(
+    emulator_url: str, warmup: int, count: int, extra_env: dict[str, str]
+) -> tuple[list[float], str, float]:
     """Start a runner with the embedded store chosen by `extra_env`, load it, and return
     (samples, store description, peak RSS in MB) before stopping it."""
     with Runner({"OLLAMA_URL": emulator_url, **extra_env}) as runner:
         print(f"  runner up, store: {runner.store}", flush=True)
-        samples = time_requests(
-            f"{runner.url}/v1/llm/gemma", HERMES_BODY, scale.latency_warmup, scale.latency_count
-        )
-        return samples, runner.store, runner.peak_rss_mb()
+        samples = time_requests(f"{runner.url}/v1/llm/gemma", HERMES_BODY, warmup, count)
+        store = runner.store.split(" on http")[0]  # the port means nothing in a report
+        return samples, store, runner.peak_rss_mb()
 
 
 def limiter_timings(infra: Infra, scale: Scale) -> dict[str, list[float]]:
@@ -96,21 +97,18 @@ def _default_models_file() -> Any:
     return DEFAULT_MODELS_FILE
 
 
-def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
-    section = Section(1, "Added latency")
-    emulator = infra.emulator
-    emulator.reset()  # every behaviour back to "ok", no delay: the emulator answers at once
-    n = f"{scale.latency_warmup} warm-up + {scale.latency_count} measured"
-    print(f"  {n} sequential requests per path", flush=True)
-
-    direct = time_requests(
-        f"{emulator.url}/api/generate", DIRECT_BODY, scale.latency_warmup, scale.latency_count
-    )
+def _direct_and_hermes(
+    section: Section, emulator_url: str, scale: Scale, memory: MemoryLog
+) -> float:
+    """The target figure: direct vs through a runner on its embedded default store.
+    Returns the added p50 in seconds."""
+    warmup, count = scale.latency_warmup, scale.latency_count
+    direct = time_requests(f"{emulator_url}/api/generate", DIRECT_BODY, warmup, count)
     d50, d99 = percentile(direct, 50), percentile(direct, 99)
     section.add("direct to the emulator, p50 / p99", f"{ms(d50)} / {ms(d99)}")
 
     # No AWS_ENDPOINT_URL_DYNAMODB: the runner starts its embedded default store itself.
-    hermes, store, rss = _through_runner(emulator.url, scale, {})
+    hermes, store, rss = _through_runner(emulator_url, warmup, count, {})
     memory.record("runner after section 1 (embedded default store)", rss, store)
     h50, h99 = percentile(hermes, 50), percentile(hermes, 99)
     section.add("through Hermes (embedded default store), p50 / p99", f"{ms(h50)} / {ms(h99)}")
@@ -122,9 +120,11 @@ def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
     )
     section.add("added latency, p99", ms(h99 - d99))
     section.add("ratio Hermes / direct, p50", f"{h50 / d50:.1f}x")
+    section.note(f"Default store: {store}.")
 
+    moto_warmup, moto_count = scale.compare_warmup, scale.compare_count
     moto, moto_store, moto_rss = _through_runner(
-        emulator.url, scale, {"HERMES_LOCAL_STORE": "moto"}
+        emulator_url, moto_warmup, moto_count, {"HERMES_LOCAL_STORE": "moto"}
     )
     memory.record(
         "runner after section 1 with HERMES_LOCAL_STORE=moto", moto_rss, moto_store, targeted=False
@@ -132,22 +132,40 @@ def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
     m50, m99 = percentile(moto, 50), percentile(moto, 99)
     section.add("through Hermes (HERMES_LOCAL_STORE=moto), p50 / p99", f"{ms(m50)} / {ms(m99)}")
     section.add("added latency with moto, p50", ms(m50 - d50))
+    section.note(
+        f"Comparison store: {moto_store}, {moto_warmup} warm-up + {moto_count} measured requests."
+    )
+    return h50 - d50
 
+
+def _limiter_rows(section: Section, infra: Infra, scale: Scale, added_s: float) -> None:
     limiter = limiter_timings(infra, scale)
+    p50 = {key: percentile(samples, 50) for key, samples in limiter.items()}
     for op in ("acquire", "release"):
-        total, on_wire = percentile(limiter[op], 50), percentile(limiter[f"{op}_wire"], 50)
         section.add(
             f"limiter {op} against DynamoDB Local, p50 (of which HTTP round trip)",
-            f"{ms(total)} ({ms(on_wire)})",
+            f"{ms(p50[op])} ({ms(p50[op + '_wire'])})",
         )
+    section.add(
+        "added latency outside the limiter, p50 (≈ added - acquire - release)",
+        ms(added_s - p50["acquire"] - p50["release"]),
+    )
 
+
+def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
+    section = Section(1, "Added latency")
+    emulator = infra.emulator
+    emulator.reset()  # every behaviour back to "ok", no delay: the emulator answers at once
+    n = f"{scale.latency_warmup} warm-up + {scale.latency_count} measured"
+    print(f"  {n} sequential requests per path", flush=True)
     section.note(
         f"{n} sequential requests per path, one keep-alive httpx.Client, POST /api/generate "
         '`{"model":"gemma3:1b","prompt":"hi","stream":false}` direct vs POST /v1/llm/gemma '
         '`{"prompt":"hi"}` through a local runner (uvicorn, access log off), emulator answering '
-        "instantly."
+        "instantly. Client, emulator, runner and DynamoDB Local share the machine's CPUs."
     )
-    section.note(f"Default store: {store}. Comparison store: {moto_store}.")
+    added = _direct_and_hermes(section, emulator.url, scale, memory)
+    _limiter_rows(section, infra, scale, added)
     section.note(
         f"Limiter: {scale.limiter_count} acquire + release pairs (after {scale.limiter_warmup} "
         "warm-up) in the benchmark process, on a boto3 client from hermes.aws.client's factory "

@@ -85,6 +85,15 @@ def _total_memory() -> str:
     return "unknown"
 
 
+def load_average() -> str:
+    """The 1-minute load average: shows whether something else shared the CPUs."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return loadavg.read().split()[0]
+    except OSError:
+        return "unknown"
+
+
 def machine() -> dict[str, str]:
     return {
         "CPUs (nproc)": str(len(os.sched_getaffinity(0))),
@@ -95,7 +104,9 @@ def machine() -> dict[str, str]:
     }
 
 
-def write_results(path: Path, command: str, duration_s: float, sections: list[Section]) -> None:
+def write_results(
+    path: Path, command: str, duration_s: float, sections: list[Section], load_at_start: str
+) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Hermes benchmark results",
@@ -108,6 +119,9 @@ def write_results(path: Path, command: str, duration_s: float, sections: list[Se
         "|---|---|",
     ]
     lines += [f"| {key} | {value} |" for key, value in machine().items()]
+    lines.append(
+        f"| load average (1 min), start / end of run | {load_at_start} / {load_average()} |"
+    )
     summary = [row for section in sections for row in section.rows if row.ok is not None]
     if summary:
         lines += ["", "**Targets:** " + ", ".join(f"{r.metric}: {r.verdict}" for r in summary)]

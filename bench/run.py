@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import coldstart, dynamodb, latency, memory, utilization
 from bench.procs import Infra
-from bench.report import Section, banner, write_results
+from bench.report import Section, banner, load_average, write_results
 from bench.scale import FULL, QUICK, Scale
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = QUICK if args.quick else FULL
     names = selected(args.only)
     command = " ".join(["python -m bench.run", *(sys.argv[1:] if argv is None else argv)])
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), load_average()
     sections: list[Section] = []
     log = memory.MemoryLog()
     with ExitStack() as stack:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             banner("2. Peak memory")
             sections.append(memory.section(log))
     duration = time.monotonic() - started
-    write_results(args.output, command, duration, sections)
+    write_results(args.output, command, duration, sections, load_at_start)
     print(f"\nwrote {args.output} ({duration:.0f} s)", flush=True)
 
 

@@ -37,7 +37,9 @@ class HermesProcess:
                     f"runner exited: {self.process.stdout.read() if self.process.stdout else ''}"
                 )
             try:
-                status = httpx.get(f"{self.url}/v1/status", timeout=5)
+                key = self.env.get("HERMES_API_KEY")
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                status = httpx.get(f"{self.url}/v1/status", headers=headers, timeout=5)
             except httpx.TransportError:
                 time.sleep(0.1)
                 continue
