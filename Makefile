@@ -24,6 +24,13 @@ $(VENV)/.local-model: $(VENV)/.installed
 	  | $(PY) -m local.build_progress
 	touch $@
 
+# checkov lives in its own venv: it pins an old boto3 that would break the project's.
+CHECKOV_VERSION := 3.3.30
+.tools/checkov/.installed:
+	$(PYTHON) -m venv .tools/checkov
+	.tools/checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	touch $@
+
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch $@
@@ -33,7 +40,7 @@ java:
 	@command -v java >/dev/null || { echo "installing openjdk-17-jre-headless"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 
-install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed java
+install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed .tools/checkov/.installed java
 
 # Java is optional here: without it the runner embeds moto instead of DynamoDB Local.
 run: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed

@@ -33,24 +33,38 @@ BODY = {"prompt": "hi"}
 
 
 class CallCounter:
-    """Counts every DynamoDB API call the client makes, by operation (thread-safe)."""
+    """Counts the client's DynamoDB API calls by operation (botocore's before-call event),
+    and apart the HTTP requests they sent (before-send), which include the SDK's retries."""
 
     def __init__(self, client: Any) -> None:
         self.calls: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
+        self.sent = 0
+        self._lock = threading.Lock()  # callers may run on several threads
         client.meta.events.register("before-call.dynamodb.*", self._count)
+        client.meta.events.register("before-send.dynamodb.*", self._count_send)
 
     def _count(self, model: Any, **_: Any) -> None:
         with self._lock:
             self.calls[model.name] += 1
 
+    def _count_send(self, **_: Any) -> None:  # returns None: botocore sends the request
+        with self._lock:
+            self.sent += 1
+
     def total(self) -> int:
         with self._lock:
             return sum(self.calls.values())
 
+    def describe(self) -> str:
+        """e.g. "400 UpdateItem; 400 HTTP requests": what the calls were, and any retries."""
+        with self._lock:
+            ops = ", ".join(f"{n} {op}" for op, n in sorted(self.calls.items()))
+            return f"{ops}; {self.sent} HTTP requests"
+
     def reset(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.sent = 0
 
 
 @dataclass
@@ -104,15 +118,16 @@ def contended(service: Any, model: str, callers: int, seconds: float, pause_s: f
     return tally
 
 
-def _contended_rows(section: Section, label: str, tally: Tally, requests: int) -> None:
+def _contended_rows(section: Section, label: str, tally: Tally, counter: CallCounter) -> None:
+    requests = counter.total()
     section.add(
         f"{label}: DynamoDB requests per admitted request",
         f"{requests / max(tally.admitted, 1):.2f}",
     )
     section.add(
         f"{label}: DynamoDB requests per attempt (admitted + rejected)",
-        f"{requests / max(tally.attempts, 1):.2f} ({requests} requests, {tally.admitted} "
-        f"admitted, {tally.rejected} rejected)",
+        f"{requests / max(tally.attempts, 1):.2f} ({tally.admitted} admitted, "
+        f"{tally.rejected} rejected; {counter.describe()})",
     )
 
 
@@ -130,7 +145,7 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     section.add(
         f"uncontended ({scale.uncontended_calls} sequential calls on gemma): requests per "
         "admitted request",
-        f"{per_admitted:.2f} ({dict(counter.calls)})",
+        f"{per_admitted:.2f} ({counter.describe()})",
         f"≤ {TARGET_UNCONTENDED:g} (expected 2)",
         per_admitted <= TARGET_UNCONTENDED,
     )
@@ -139,22 +154,23 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     callers = scale.contended_callers
     counter.reset()
     tally = contended(service, "llama3", callers, scale.contended_s, CONTENDED_DELAY_MS / 1000)
-    _contended_rows(section, "contended, queue_timeout_ms 0", tally, counter.total())
+    _contended_rows(section, "contended, queue_timeout_ms 0", tally, counter)
     counter.reset()
     tally = contended(service, "llama3_wait", callers, scale.contended_s, 0)
-    _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter.total())
+    _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter)
 
     section.note(
         "Every DynamoDB API call of the service's boto3 client is counted with a botocore "
-        "`before-call.dynamodb.*` hook, so retries inside Hermes count too."
+        "`before-call.dynamodb.*` hook (Hermes' own retries, such as admission rounds, count "
+        "as calls); the HTTP requests beside it (`before-send`) also count the SDK's retries."
     )
     section.note(
-        f"Contended: {callers} concurrent callers (asyncio tasks on one event loop) calling llama3 "
-        f"(max_concurrency 1) for {scale.contended_s:g} s while the emulator takes "
+        f"Contended: {callers} concurrent callers (asyncio tasks on one event loop) calling "
+        f"llama3 (max_concurrency 1) for {scale.contended_s:g} s while the emulator takes "
         f"{CONTENDED_DELAY_MS} ms per answer. With queue_timeout_ms 0 a rejected caller gets "
-        f"429 model_busy at once and tries again after {CONTENDED_DELAY_MS} ms; with "
-        "queue_timeout_ms 5000 (same model, another name) Hermes itself retries admission "
-        "with jittered backoff, so each attempt is one generate call however many writes it "
-        "took."
+        "ModelBusy (HTTP 429 model_busy) at once and tries again after "
+        f"{CONTENDED_DELAY_MS} ms; with queue_timeout_ms 5000 (same model, another name) "
+        "Hermes itself retries admission with jittered backoff, so each attempt is one "
+        "generate call however many writes it took."
     )
     return section

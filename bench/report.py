@@ -122,9 +122,14 @@ def write_results(
     lines.append(
         f"| load average (1 min), start / end of run | {load_at_start} / {load_average()} |"
     )
-    summary = [row for section in sections for row in section.rows if row.ok is not None]
-    if summary:
-        lines += ["", "**Targets:** " + ", ".join(f"{r.metric}: {r.verdict}" for r in summary)]
+    targeted = [(sec, row) for sec in sections for row in sec.rows if row.ok is not None]
+    if targeted:
+        lines += ["", "## Summary", "", "| § | figure | measured | target | result |"]
+        lines.append("|---|---|---|---|---|")
+        for sec, row in sorted(targeted, key=lambda pair: pair[0].number):
+            lines.append(
+                f"| {sec.number} | {row.metric} | {row.value} | {row.target} | {row.verdict} |"
+            )
     lines.append("")
     lines += [section.markdown() for section in sorted(sections, key=lambda s: s.number)]
     path.write_text("\n".join(lines))

@@ -8,6 +8,7 @@ runs those two as well."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -53,10 +54,13 @@ def selected(only: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM ends the run like Ctrl-C: through the ExitStack, which stops every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     scale = QUICK if args.quick else FULL
     names = selected(args.only)
-    command = " ".join(["python -m bench.run", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m bench.run", *argv])
     started, load_at_start = time.monotonic(), load_average()
     sections: list[Section] = []
     log = memory.MemoryLog()

@@ -67,3 +67,41 @@ def test_layer_requirements_match_the_project_pins() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pinned = {re.split(r"[=<>\[]", d)[0].lower(): d for d in project if not d.startswith("boto3")}
     assert layer == pinned
+
+
+def test_checkov_finds_nothing_unjustified() -> None:
+    """Every suppression sits in the template's Metadata with its reason."""
+    checkov = ROOT / ".tools" / "checkov" / "bin" / "checkov"
+    result = subprocess.run(
+        [checkov, "-f", "template.yaml", "--framework", "cloudformation", "--compact", "--quiet",
+         "--skip-download"],  # no calls home: the machine reaches package registries only
+        cwd=ROOT, capture_output=True, text=True, env={**ENV, "BC_SKIP_MAPPING": "TRUE"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = load_template_text().count("- id: CKV_")
+    assert skipped and all(
+        "comment:" in block for block in load_template_text().split("- id: CKV_")[1:]
+    )
+
+
+def load_template_text() -> str:
+    return (ROOT / "template.yaml").read_text()
+
+
+def test_the_api_requires_iam_by_default_and_offers_jwt() -> None:
+    template = load_template()
+    auth = template["Resources"]["HermesApi"]["Properties"]["Auth"]
+    assert auth["DefaultAuthorizer"] == {"Fn::If": ["UseJwt", "JwtAuthorizer", "AWS_IAM"]}
+    assert template["Parameters"]["AuthMode"]["Default"] == "IAM"
+    assert "JwtAuthorizer" in auth["Authorizers"]
+
+
+def test_functions_get_only_the_actions_they_use() -> None:
+    """No broad policy templates: each function lists its DynamoDB and SQS actions."""
+    text = load_template_text()
+    assert "CrudPolicy" not in text and "PollerPolicy" not in text
+    status = functions()["StatusFunction"].properties["Policies"]
+    assert status == [
+        {"Statement": [{"Effect": "Allow", "Action": "dynamodb:BatchGetItem",
+                        "Resource": {"Fn::GetAtt": ["LeaseTable", "Arn"]}}]}
+    ]  # fmt: skip
