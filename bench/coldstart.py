@@ -181,8 +181,10 @@ def import_table(rows: list[tuple[str, int, float, float]]) -> str:
     by_cumulative = sorted(rows, key=lambda r: -r[3])[:TOP_MODULES]
     packages: dict[str, float] = {}
     for module, _, self_s, _ in rows:
-        top = module.lstrip("_").split(".")[0]  # _awscrt belongs with awscrt
+        top = module.split(".")[0]
         packages[top] = packages.get(top, 0.0) + self_s
+    for name in [n for n in packages if n.startswith("_") and n[1:] in packages]:
+        packages[name[1:]] += packages.pop(name)  # _awscrt (its C extension) goes with awscrt
     heaviest = sorted(packages.items(), key=lambda p: -p[1])[:TOP_PACKAGES]
     lines = [
         f"Top {TOP_MODULES} modules of the LLM function's cold start (import and first "
@@ -203,7 +205,11 @@ def import_table(rows: list[tuple[str, int, float, float]]) -> str:
         "| package | self time of all its modules |",
         "|---|---|",
     ]
-    lines += [f"| `{package}` | {ms(self_s, 1)} |" for package, self_s in heaviest]
+    lines += [
+        f"| `{package}`{' (stdlib)' if package in sys.stdlib_module_names else ''} "
+        f"| {ms(self_s, 1)} |"
+        for package, self_s in heaviest
+    ]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import coldstart, dynamodb, latency, memory, utilization
 from bench.procs import Infra
-from bench.report import Section, banner, load_average, write_results
+from bench.report import RunInfo, Section, banner, write_results
 from bench.scale import FULL, QUICK, Scale
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     scale = QUICK if args.quick else FULL
     names = selected(args.only)
-    command = " ".join(["python -m bench.run", *argv])
-    started, load_at_start = time.monotonic(), load_average()
+    info = RunInfo(" ".join(["python -m bench.run", *argv]))
+    started = time.monotonic()
     sections: list[Section] = []
     log = memory.MemoryLog()
     with ExitStack() as stack:
@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> None:
             banner("2. Peak memory")
             sections.append(memory.section(log))
     duration = time.monotonic() - started
-    write_results(args.output, command, duration, sections, load_at_start)
+    write_results(args.output, info, duration, sections)
+    print("\n== Summary")
+    for section in sorted(sections, key=lambda s: s.number):
+        for row in section.rows:
+            if row.ok is not None:
+                print(
+                    f"  {row.verdict}  {section.number}. {row.metric}: {row.value} ({row.target})"
+                )
     print(f"\nwrote {args.output} ({duration:.0f} s)", flush=True)
 
 

@@ -9,9 +9,6 @@ from dataclasses import dataclass
 class Scale:
     latency_warmup: int = 300
     latency_count: int = 2000
-    # The moto store is a comparison only (and slower): fewer requests keep the run short.
-    compare_warmup: int = 100
-    compare_count: int = 1000
     limiter_warmup: int = 300  # DynamoDB Local's JVM needs a few hundred calls to warm up
     limiter_count: int = 500
     uncontended_calls: int = 200
@@ -26,8 +23,6 @@ class Scale:
 QUICK = Scale(
     latency_warmup=50,
     latency_count=300,
-    compare_warmup=50,
-    compare_count=300,
     limiter_warmup=20,
     limiter_count=100,
     uncontended_calls=50,

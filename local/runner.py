@@ -130,6 +130,9 @@ def apply_function_environment(
     # No API Gateway in front of the runner: synchronous requests may run to the model's
     # own timeout (HERMES_SYNC_BUDGET_MS=29000 reproduces the deployed limit).
     os.environ.setdefault("HERMES_SYNC_BUDGET_MS", "0")
+    # CloudWatch EMF lines would drown the console; HERMES_LOCAL_METRICS=1 shows them.
+    if os.environ.get("HERMES_LOCAL_METRICS") != "1":
+        os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
     for fn in fns.values():
         for name, value in fn.environment.items():
             os.environ.setdefault(name, str(resolve(value, template, names)))

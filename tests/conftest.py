@@ -16,6 +16,7 @@ os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
     AWS_SECRET_ACCESS_KEY="testing",
     AWS_DEFAULT_REGION="us-east-1",
+    POWERTOOLS_METRICS_DISABLED="true",  # tests that check metrics turn them back on
 )
 for _name in [
     n

@@ -74,7 +74,8 @@ INVOKE = """
 import json, sys
 from app import handler
 class Context:
-    function_name = "test"; aws_request_id = "req-1"
+    function_name = "test"; aws_request_id = "req-1"; memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:test"
     def get_remaining_time_in_millis(self): return 30000
 print(json.dumps(handler(json.load(open(sys.argv[1])), Context())))
 """

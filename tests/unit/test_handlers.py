@@ -25,6 +25,7 @@ class LambdaContext:
     function_name = "hermes-test"
     aws_request_id = "test-request"
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:hermes-test"
+    memory_limit_in_mb = 256
 
     def __init__(self, remaining_ms: int = 60_000) -> None:
         self.remaining_ms = remaining_ms

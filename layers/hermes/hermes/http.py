@@ -152,8 +152,11 @@ def lambda_handler(app: FastAPI, direct: LambdaHandler | None = None) -> LambdaH
                 "isBase64Encoded": False,
             }
 
-    handler.app = app  # type: ignore[attr-defined]
-    return handler
+    from hermes.observability import instrument
+
+    entry = instrument(handler, http=True)
+    entry.app = app  # type: ignore[attr-defined]
+    return entry
 
 
 class StreamingBody(StreamingResponse):

@@ -290,4 +290,5 @@ def _attr(value: Any) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def get_jobs() -> Jobs:
-    return Jobs(get_service(), client("dynamodb"), client("sqs"))
+    service = get_service()  # first: it starts tracing before any client is made
+    return Jobs(service, client("dynamodb"), client("sqs"))

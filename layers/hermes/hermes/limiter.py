@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -55,6 +55,8 @@ class Lease:
     pool: str
     counters: tuple[Counter, ...]
     expires_at_ms: int
+    # Each counter's value right after this admission (for in-flight metrics).
+    counts: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 class Limiter:
@@ -75,8 +77,9 @@ class Limiter:
         lease = Lease(uuid.uuid4().hex, pool, tuple(counters), self._now_ms() + lease_ms)
         for _ in range(MAX_ROUNDS):
             try:
-                self._call("update_item", **self._acquire_update(lease))
-                return lease
+                updated = self._call("update_item", **self._acquire_update(lease))
+                counts = {c.name: _value(updated.get("Attributes", {}), c.name) for c in counters}
+                return replace(lease, counts=counts)
             except _ConditionFailed as failed:
                 item = failed.item
             if self._reap_expired(pool, item):
@@ -113,6 +116,7 @@ class Limiter:
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            "ReturnValues": "UPDATED_NEW",
         }
 
     def _reap_expired(self, pool: str, item: dict[str, Any]) -> bool:

@@ -12,12 +12,12 @@ import math
 import random
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from hermes import __version__
+from hermes import __version__, observability
 from hermes.aws import client
 from hermes.backend import OllamaClient
 from hermes.config import ModelConfig, Settings, get_settings
@@ -83,7 +83,8 @@ class HermesService:
         """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
         a time.monotonic() value). Returns the lease and the seconds the call may run."""
         pool, counters = host_pool(config.host), self.counters(name, config)
-        wait_until = time.monotonic() + config.queue_timeout_ms / 1000
+        asked_at = time.monotonic()
+        wait_until = asked_at + config.queue_timeout_ms / 1000
         if deadline is not None:
             wait_until = min(wait_until, deadline)
         attempt = 0
@@ -96,6 +97,12 @@ class HermesService:
                 # Blocking on purpose: an awaited acquire could be cancelled after DynamoDB
                 # granted the lease but before the caller's try/finally owns it.
                 lease = self.limiter.acquire(pool, counters, lease_ms, self.settings.retry_after_s)
+                observability.admitted(
+                    name,
+                    lease.counts.get(model_counter(name), 0),
+                    config.max_concurrency,
+                    (time.monotonic() - asked_at) * 1000,
+                )
                 return lease, run_s
             except (ModelBusy, HostBusy):
                 pause = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
@@ -109,6 +116,16 @@ class HermesService:
     ) -> dict[str, Any]:
         """Run one prompt; `deadline_s` is what the caller can still wait (Lambda time left)."""
         config = self.model(model_name)
+        with observed(model_name) as outcome:
+            answer = await self._generate(model_name, config, body, deadline_s)
+            outcome.update(
+                usage=answer["usage"], prompt=body.get("prompt"), completion=answer["result"]
+            )
+            return answer
+
+    async def _generate(
+        self, model_name: str, config: ModelConfig, body: Any, deadline_s: float | None
+    ) -> dict[str, Any]:
         request = parse_generate_request(body, self.settings.max_prompt_chars)
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         lease, timeout_s = await self.admit(model_name, config, deadline)
@@ -160,17 +177,20 @@ class HermesService:
         """One non-streamed backend call (`path` /api/generate or /api/chat, Ollama's body
         with Hermes' model name), under the model's limits. Returns Ollama's answer."""
         config = self.model(model_name)
-        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-        lease, timeout_s = await self.admit(model_name, config, deadline)
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self.backends[config.host].complete(
-                    path, {**body, "model": config.backend_model}, timeout_s + 1
-                )
-        except TimeoutError:
-            raise self._timeout(model_name, config, timeout_s) from None
-        finally:
-            self.limiter.release(lease)
+        with observed(model_name) as outcome:
+            deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+            lease, timeout_s = await self.admit(model_name, config, deadline)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    answer = await self.backends[config.host].complete(
+                        path, {**body, "model": config.backend_model}, timeout_s + 1
+                    )
+            except TimeoutError:
+                raise self._timeout(model_name, config, timeout_s) from None
+            finally:
+                self.limiter.release(lease)
+            outcome["usage"] = _usage(answer)
+            return answer
 
     async def open_stream(
         self, model_name: str, path: str, body: dict[str, Any], *, deadline_s: float | None = None
@@ -180,22 +200,28 @@ class HermesService:
         The returned iterator yields Ollama's objects and releases the slot when it ends,
         fails, times out or is closed (a client that disconnects closes it)."""
         config = self.model(model_name)
-        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-        lease, timeout_s = await self.admit(model_name, config, deadline)
+        started = time.perf_counter()
+        with observed(model_name, only_failures=True):
+            deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+            lease, timeout_s = await self.admit(model_name, config, deadline)
         ends_at = time.monotonic() + timeout_s
         chunks = self.backends[config.host].stream(
             path, {**body, "model": config.backend_model}, timeout_s + 1
         )
         try:
-            first = await asyncio.wait_for(anext(chunks), timeout_s)
-        except BaseException as exc:
+            with observed(model_name, only_failures=True, started=started):
+                try:
+                    first = await asyncio.wait_for(anext(chunks), timeout_s)
+                except TimeoutError:
+                    raise self._timeout(model_name, config, timeout_s) from None
+        except BaseException:
             self.limiter.release(lease)
             await _close_quietly(chunks)
-            if isinstance(exc, TimeoutError):
-                raise self._timeout(model_name, config, timeout_s) from None
             raise
 
         async def rest() -> AsyncIterator[dict[str, Any]]:
+            outcome: dict[str, Any] = {"code": "client_disconnected", "status": 499}
+            last = first
             try:
                 yield first
                 while True:
@@ -203,13 +229,27 @@ class HermesService:
                     try:
                         chunk = await asyncio.wait_for(anext(chunks), max(left, 0.001))
                     except StopAsyncIteration:
+                        outcome = {"code": "ok", "status": 200}
                         return
                     except TimeoutError:
-                        raise self._timeout(model_name, config, timeout_s) from None
+                        error = self._timeout(model_name, config, timeout_s)
+                        outcome = {"code": error.code, "status": error.status}
+                        raise error from None
+                    last = chunk
                     yield chunk
+            except HermesError as error:
+                outcome = {"code": error.code, "status": error.status}
+                raise
             finally:
                 # First, and synchronously: a cancelled task (client gone) cannot await.
                 self.limiter.release(lease)
+                observability.finished(
+                    model_name,
+                    outcome["code"],
+                    outcome["status"],
+                    (time.perf_counter() - started) * 1000,
+                    _usage(last),
+                )
                 await _close_quietly(chunks)
 
         return rest()
@@ -293,6 +333,40 @@ class HermesService:
         return (200 if state == "healthy" else 503), body
 
 
+@contextlib.contextmanager
+def observed(
+    model: str, *, only_failures: bool = False, started: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Log and count the request when the block ends: its outcome is "ok" or the error's
+    code. With `only_failures`, success is left to a later step (a stream's end)."""
+    started = time.perf_counter() if started is None else started
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except HermesError as error:
+        latency = (time.perf_counter() - started) * 1000
+        observability.finished(model, error.code, error.status, latency, outcome.get("usage"))
+        raise
+    if not only_failures:
+        latency = (time.perf_counter() - started) * 1000
+        observability.finished(
+            model,
+            "ok",
+            200,
+            latency,
+            outcome.get("usage"),
+            outcome.get("prompt"),
+            outcome.get("completion"),
+        )
+
+
+def _usage(answer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_tokens": answer.get("prompt_eval_count"),
+        "completion_tokens": answer.get("eval_count"),
+    }
+
+
 def public_url(url: str) -> str:
     """A URL safe to show: no user, password or query (which may carry a token)."""
     parts = urlsplit(url)
@@ -355,6 +429,7 @@ def _process_memory() -> dict[str, float]:
 def get_service() -> HermesService:
     """Built once per process so warm invocations reuse the boto3 and httpx connections."""
     settings = get_settings()
+    observability.start_tracing()  # before the clients exist, so their calls are traced
     backends = {
         host: (OpenAIClient if config.kind == "openai" else OllamaClient)(settings.host_url(host))
         for host, config in settings.hosts.items()

@@ -1,0 +1,87 @@
+"""Logs and metrics, with powertools, created once and shared.
+
+- One structured JSON log line per finished request: model, outcome, status, latency, wait,
+  token counts, with the Lambda request id and correlation id that `instrument` binds.
+  Prompt and completion text are never logged unless HERMES_LOG_PROMPTS=1.
+- CloudWatch metrics as EMF lines (namespace Hermes): Requests by model and outcome,
+  Latency, WaitTime, InFlight and SlotUtilization at admission, LimiterErrors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
+
+NAMESPACE = "Hermes"
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "hermes")
+
+
+def _log_prompts() -> bool:
+    return os.environ.get("HERMES_LOG_PROMPTS") == "1"
+
+
+def _metric(name: str, unit: MetricUnit, value: float, **dimensions: str) -> None:
+    with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
+        for key, dimension in dimensions.items():
+            metric.add_dimension(name=key, value=dimension)
+
+
+def admitted(model: str, in_flight: int, capacity: int, wait_ms: float) -> None:
+    _metric("InFlight", MetricUnit.Count, in_flight, model=model)
+    _metric("SlotUtilization", MetricUnit.Percent, 100 * in_flight / capacity, model=model)
+    _metric("WaitTime", MetricUnit.Milliseconds, wait_ms, model=model)
+
+
+def finished(
+    model: str,
+    outcome: str,
+    status: int,
+    latency_ms: float,
+    usage: dict[str, Any] | None = None,
+    prompt: str | None = None,
+    completion: str | None = None,
+) -> None:
+    """The one line (and metrics) per request, success or not."""
+    _metric("Requests", MetricUnit.Count, 1, model=model, outcome=outcome)
+    _metric("Latency", MetricUnit.Milliseconds, latency_ms, model=model)
+    if outcome == "limiter_unavailable":
+        _metric("LimiterErrors", MetricUnit.Count, 1)
+    fields: dict[str, Any] = {
+        "model": model,
+        "outcome": outcome,
+        "status": status,
+        "latency_ms": round(latency_ms, 1),
+        **{k: v for k, v in (usage or {}).items() if v is not None},
+    }
+    if _log_prompts():
+        fields |= {"prompt": prompt, "completion": completion}
+    logger.info("request finished", extra=fields)
+
+
+@lru_cache(maxsize=1)
+def start_tracing() -> bool:
+    """On Lambda with active tracing, patch botocore and httpx so every DynamoDB and backend
+    call is an X-Ray subsegment. Elsewhere (local runner, tests) nothing is imported."""
+    on_lambda = "AWS_LAMBDA_FUNCTION_NAME" in os.environ and "AWS_XRAY_DAEMON_ADDRESS" in os.environ
+    if not on_lambda or os.environ.get("POWERTOOLS_TRACE_DISABLED", "").lower() == "true":
+        return False
+    from aws_lambda_powertools import Tracer
+
+    Tracer(service=logger.service, patch_modules=["botocore", "httpx"])
+    return True
+
+
+def instrument(handler: Callable[..., Any], *, http: bool) -> Callable[..., Any]:
+    """Bind the Lambda request id (and, for API Gateway events, the request's own id as the
+    correlation id) to every log line of the invocation."""
+    path = correlation_paths.API_GATEWAY_HTTP if http else None
+    wrapped: Callable[..., Any] = logger.inject_lambda_context(
+        handler, correlation_id_path=path, clear_state=True
+    )
+    return wrapped
