@@ -32,7 +32,7 @@ AWS_ENV = {
 }
 # Variables a runner must not inherit from the shell: they would change what is measured
 # (another store, another models file) or send loopback traffic through a proxy.
-_NOT_INHERITED = ("AWS_ENDPOINT_URL", "HERMES_", "OLLAMA_")
+_NOT_INHERITED = ("AWS_ENDPOINT_URL", "HERMES_", "OLLAMA_", "POWERTOOLS_")
 _PROXIES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
@@ -227,6 +227,14 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def quiet_in_process_hermes() -> None:
+    """The services this process builds (sections 1 and 3) would print a log line and EMF
+    metrics per request, burying the figures; the runner mutes metrics the same way. Child
+    processes do not inherit this (clean_env drops POWERTOOLS_*): they run as configured."""
+    os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
+    os.environ["POWERTOOLS_LOG_LEVEL"] = "WARNING"
 
 
 def dynamodb_client(endpoint_url: str) -> Any:

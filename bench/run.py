@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench import coldstart, dynamodb, latency, memory, utilization
-from bench.procs import Infra
+from bench.procs import Infra, quiet_in_process_hermes
 from bench.report import RunInfo, Section, banner, write_results
 from bench.scale import FULL, QUICK, Scale
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     scale = QUICK if args.quick else FULL
     names = selected(args.only)
+    quiet_in_process_hermes()
     info = RunInfo(" ".join(["python -m bench.run", *argv]))
     started = time.monotonic()
     sections: list[Section] = []

@@ -60,8 +60,10 @@ def lambda_runtime_packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def backends() -> Iterator[dict[str, str]]:
     endpoint = start_embedded_moto()
     client = boto3.client("dynamodb", endpoint_url=endpoint)
+    existing = client.list_tables()["TableNames"]  # the in-process server may be shared
     for definition in table_definitions().values():
-        client.create_table(**definition)
+        if definition["TableName"] not in existing:
+            client.create_table(**definition)
     with OllamaEmulator() as emulator:
         yield {
             "AWS_ENDPOINT_URL_DYNAMODB": endpoint,
