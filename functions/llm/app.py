@@ -4,13 +4,20 @@ Also invoked directly by other functions with {"model", "prompt", "request_id"}.
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from hermes.http import create_app, lambda_handler, read_json_body, sync_deadline_s
+from hermes.http import (
+    create_app,
+    lambda_handler,
+    openapi_body,
+    read_json_body,
+    sync_deadline_s,
+)
+from hermes.schemas import GenerateRequest
 from hermes.service import get_service
 
 app = create_app("Hermes LLM")
 
 
-@app.post("/v1/llm/{model}")
+@app.post("/v1/llm/{model}", openapi_extra=openapi_body(GenerateRequest))
 async def generate(model: str, request: Request) -> JSONResponse:
     service = get_service()
     body = await read_json_body(request, service.settings.max_prompt_chars)
