@@ -82,6 +82,10 @@ class Limiter:
                 return replace(lease, counts=counts)
             except _ConditionFailed as failed:
                 item = failed.item
+            if LEASE_PREFIX + lease.lease_id in item:
+                # Our own write had already landed and a retry (after a timeout or a lost
+                # answer) hit the lease-must-be-new condition: admitted, exactly once.
+                return replace(lease, counts={c.name: _value(item, c.name) for c in counters})
             if self._reap_expired(pool, item):
                 continue  # capacity came back from crashed holders: try again
             full = next(
@@ -112,7 +116,9 @@ class Limiter:
             "TableName": self._table,
             "Key": {"pk": {"S": lease.pool}},
             "UpdateExpression": "SET " + ", ".join([*sets, "#lease = :lease"]),
-            "ConditionExpression": " AND ".join(conditions),
+            # attribute_not_exists(#lease) makes a retried admission idempotent: if the first
+            # attempt was applied but its answer lost, the retry cannot count it twice.
+            "ConditionExpression": " AND ".join(["attribute_not_exists(#lease)", *conditions]),
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",

@@ -1,0 +1,115 @@
+"""Injected faults: DynamoDB throttling is retried with backoff (botocore's standard mode)
+and persistent failure fails closed; Ollama's own 503 "server busy" asks to retry later."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from hermes.aws import client
+from hermes.errors import LimiterUnavailable
+from hermes.service import get_service, host_pool
+from tests.support.ollama_emulator import OllamaEmulator
+from tests.unit.test_handlers import LambdaContext, event, load_function
+
+
+class Throttle:
+    """Answers the first `times` matching DynamoDB calls with ThrottlingException, before
+    they leave the client, so botocore's real retry logic handles them."""
+
+    def __init__(self, times: int, code: str = "ThrottlingException", status: int = 400) -> None:
+        self.times, self.code, self.status, self.seen = times, code, status, 0
+
+    def __call__(self, request: Any, **_: Any) -> AWSResponse | None:
+        self.seen += 1
+        if self.seen > self.times:
+            return None
+        body = json.dumps(
+            {"__type": f"com.amazonaws.dynamodb.v20120810#{self.code}", "message": "injected"}
+        )
+        return AWSResponse(
+            request.url, self.status, {"Content-Type": "application/x-amz-json-1.0"}, _Raw(body)
+        )
+
+
+class _Raw:
+    def __init__(self, body: str) -> None:
+        self.body = body.encode()
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.body
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[OllamaEmulator]:
+    with OllamaEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture(autouse=True)
+def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    emulator.reset()
+    monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    client.cache_clear()
+    yield
+    client.cache_clear()
+
+
+def inject(fault: Throttle) -> None:
+    get_service().limiter._ddb.meta.events.register_first("before-send.dynamodb.UpdateItem", fault)
+
+
+def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
+    fault = Throttle(times=2)
+    inject(fault)
+    response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
+    assert response["statusCode"] == 200
+    assert fault.seen >= 4  # 2 throttled + the admitting write + the release
+    # Whether a throttled attempt had been applied or not, nothing is counted twice: the
+    # raw counters (not only the live leases) are back to zero.
+    item = client("dynamodb").get_item(
+        TableName="LeaseTable", Key={"pk": {"S": host_pool("default")}}
+    )
+    assert {k: v for k, v in item["Item"].items() if k != "pk"} == {
+        "inflight_gemma": {"N": "0"},
+        "memory": {"N": "0"},
+    }
+
+
+def test_persistent_throttling_fails_closed_with_503() -> None:
+    inject(Throttle(times=100))
+    response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
+    body = json.loads(response["body"])
+    assert (response["statusCode"], body["code"]) == (503, "limiter_unavailable")
+    assert response["headers"]["retry-after"]
+
+
+def test_a_dynamodb_internal_error_is_retried_too() -> None:
+    fault = Throttle(times=1, code="InternalServerError", status=500)
+    inject(fault)
+    assert (
+        load_function("llm").handler(event("llm_generate.json"), LambdaContext())["statusCode"]
+        == 200
+    )
+
+
+def test_a_release_that_keeps_failing_leaves_the_lease_to_expire() -> None:
+    service = get_service()
+    config = service.model("gemma")
+    lease = service.limiter.acquire(host_pool("default"), service.counters("gemma", config), 60_000)
+    inject(Throttle(times=100))
+    assert service.limiter.release(lease) is False  # logged; the answer does not depend on it
+    with pytest.raises(LimiterUnavailable):
+        service.limiter.acquire(host_pool("default"), service.counters("gemma", config), 60_000)
+
+
+def test_ollama_server_busy_asks_to_retry_later(emulator: OllamaEmulator) -> None:
+    emulator.set_behaviour(model="gemma3:1b", mode="busy")
+    response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
+    body = json.loads(response["body"])
+    assert (response["statusCode"], body["code"]) == (503, "upstream_unavailable")
+    assert "overloaded" in body["error"] and response["headers"]["retry-after"] == "1"
