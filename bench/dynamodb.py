@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.memory import MemoryLog
-from bench.procs import Infra, build_service, dynamodb_client, write_models_file
+from bench.procs import Infra, build_service, dynamodb_client, muted_stdout, write_models_file
 from bench.report import Section
 from bench.scale import Scale
 
@@ -141,7 +141,8 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     models_file = write_models_file(infra.tmp, "dynamodb-models.json", MODELS)
     service = build_service(ddb, models_file, emulator.url)
 
-    per_admitted = uncontended(service, counter, scale.uncontended_calls)
+    with muted_stdout():
+        per_admitted = uncontended(service, counter, scale.uncontended_calls)
     section.add(
         f"uncontended ({scale.uncontended_calls} sequential calls on gemma): requests per "
         "admitted request",
@@ -153,10 +154,12 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     emulator.delay("llama3:8b", CONTENDED_DELAY_MS)
     callers = scale.contended_callers
     counter.reset()
-    tally = contended(service, "llama3", callers, scale.contended_s, CONTENDED_DELAY_MS / 1000)
+    with muted_stdout():
+        tally = contended(service, "llama3", callers, scale.contended_s, CONTENDED_DELAY_MS / 1000)
     _contended_rows(section, "contended, queue_timeout_ms 0", tally, counter)
     counter.reset()
-    tally = contended(service, "llama3_wait", callers, scale.contended_s, 0)
+    with muted_stdout():
+        tally = contended(service, "llama3_wait", callers, scale.contended_s, 0)
     _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter)
 
     section.note(

@@ -230,11 +230,19 @@ def patched_env(values: dict[str, str]) -> Iterator[None]:
 
 
 def quiet_in_process_hermes() -> None:
-    """The services this process builds (sections 1 and 3) would print a log line and EMF
-    metrics per request, burying the figures; the runner mutes metrics the same way. Child
-    processes do not inherit this (clean_env drops POWERTOOLS_*): they run as configured."""
+    """The services this process builds (sections 1 and 3) would log a line per request,
+    burying the figures. Child processes do not inherit this (clean_env drops POWERTOOLS_*):
+    they run as configured."""
     os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
     os.environ["POWERTOOLS_LOG_LEVEL"] = "WARNING"
+
+
+@contextlib.contextmanager
+def muted_stdout() -> Iterator[None]:
+    """For in-process service calls: hermes.observability's EMF metric lines are print()ed
+    by powertools' single_metric, which ignores POWERTOOLS_METRICS_DISABLED."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def dynamodb_client(endpoint_url: str) -> Any:

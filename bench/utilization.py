@@ -44,10 +44,10 @@ MODELS = {
 
 @dataclass
 class Completed:
-    """One client's requests: (finished at, latency) of the 200s, and the 429s."""
+    """One client's requests: (finished at, latency) of the 200s, finish times of the 429s."""
 
     ok: list[tuple[float, float]] = field(default_factory=list)
-    busy: int = 0
+    busy: list[float] = field(default_factory=list)
 
 
 def client_loop(url: str, stop: threading.Event, retry_pause_s: float, out: Completed) -> None:
@@ -59,7 +59,7 @@ def client_loop(url: str, stop: threading.Event, retry_pause_s: float, out: Comp
             if response.status_code == 200:
                 out.ok.append((finished, finished - started))
             elif response.status_code == 429:
-                out.busy += 1
+                out.busy.append(finished)
                 stop.wait(retry_pause_s)
             else:
                 raise RuntimeError(f"POST {url} answered {response.status_code}: {response.text}")
@@ -72,7 +72,7 @@ class Outcome:
     window_s: float
     per_client: list[int]  # 200s completed within the window, per client
     latencies: list[float]  # of the 200s completed within the window
-    busy: int
+    busy: int  # 429s within the window
 
 
 def saturate(infra: Infra, runners: list[Runner], model: str, clients: int, seconds: float,
@@ -107,7 +107,7 @@ def saturate(infra: Infra, runners: list[Runner], model: str, clients: int, seco
         window_s=stats["elapsed_s"],
         per_client=[len(lats) for lats in within],
         latencies=[lat for lats in within for lat in lats],
-        busy=sum(r.busy for r in results),
+        busy=sum(1 for r in results for end in r.busy if end <= window_end),
     )
 
 
