@@ -68,6 +68,7 @@ class DynamoDBLocal:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # uvicorn's exit skips atexit: never leave a JVM behind
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

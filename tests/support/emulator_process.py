@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import httpx
@@ -29,6 +30,8 @@ class EmulatorProcess:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()  # printed once it listens
         assert "listening" in line, line
+        # Keep draining: a full pipe would block the emulator on its next print.
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -20,22 +21,23 @@ class HermesProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PORT": str(self.port), "HERMES_ACCESS_LOG": "0", **env}
         self.process: subprocess.Popen[str] | None = None
+        # A file, not a pipe: nobody reads while it runs, and a full pipe (64 KB of request
+        # log lines) would block the runner on its next print.
+        self.output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the runner
 
     def start(self, timeout_s: float = 30) -> HermesProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "local.runner"],
             cwd=ROOT,
             env=self.env,
-            stdout=subprocess.PIPE,
+            stdout=self.output,
             stderr=subprocess.STDOUT,
             text=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"runner exited: {self.process.stdout.read() if self.process.stdout else ''}"
-                )
+                raise RuntimeError(f"runner exited: {self.read_output()}")
             try:
                 key = self.env.get("HERMES_API_KEY")
                 headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -65,7 +67,11 @@ class HermesProcess:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        return self.process.stdout.read() if self.process.stdout else ""
+        return self.read_output()
+
+    def read_output(self) -> str:
+        self.output.seek(0)
+        return self.output.read()
 
     def __enter__(self) -> HermesProcess:
         return self.start()

@@ -27,6 +27,9 @@ def _log_prompts() -> bool:
 
 
 def _metric(name: str, unit: MetricUnit, value: float, **dimensions: str) -> None:
+    # single_metric does not honour POWERTOOLS_METRICS_DISABLED by itself.
+    if os.environ.get("POWERTOOLS_METRICS_DISABLED", "").lower() == "true":
+        return
     with single_metric(name=name, unit=unit, value=value, namespace=NAMESPACE) as metric:
         for key, dimension in dimensions.items():
             metric.add_dimension(name=key, value=dimension)
