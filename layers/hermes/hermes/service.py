@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import random
 import re
@@ -65,6 +66,11 @@ class HermesService:
         self.limiter = limiter
         self.backends = backends  # one client per Ollama host
 
+    def release(self, lease: Lease) -> None:
+        """Synchronous on purpose: it runs in `finally` blocks of tasks that may have been
+        cancelled (a client gone), where an await would be cancelled again."""
+        self.limiter.release(lease)
+
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
             raise InvalidRequest("model names are 1 to 100 letters, digits, '.', '_', ':' or '-'")
@@ -109,9 +115,7 @@ class HermesService:
                 run_s = max(0.001, min(run_s, deadline - time.monotonic()))
             lease_ms = math.ceil(run_s * 1000) + self.settings.lease_margin_ms
             try:
-                # Blocking on purpose: an awaited acquire could be cancelled after DynamoDB
-                # granted the lease but before the caller's try/finally owns it.
-                lease = self.limiter.acquire(pool, counters, lease_ms, self.settings.retry_after_s)
+                lease = await self._acquire(pool, counters, lease_ms)
                 observability.admitted(
                     name,
                     lease.counts.get(model_counter(name), 0),
@@ -125,6 +129,24 @@ class HermesService:
                     raise
             await asyncio.sleep(pause)
             attempt += 1
+
+    async def _acquire(self, pool: str, counters: list[Counter], lease_ms: int) -> Lease:
+        """The limiter's blocking write, off the event loop (other requests of this process
+        keep moving while it waits on DynamoDB). If the caller is cancelled meanwhile, the
+        lease DynamoDB may still grant is released as soon as it arrives: never leaked."""
+        call = functools.partial(
+            self.limiter.acquire, pool, counters, lease_ms, self.settings.retry_after_s
+        )
+        future = asyncio.get_running_loop().run_in_executor(None, call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_orphan)
+            raise
+
+    def _release_orphan(self, future: asyncio.Future[Lease]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release(future.result())
 
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
@@ -161,7 +183,7 @@ class HermesService:
         except TimeoutError:
             raise self._timeout(model_name, config, timeout_s) from None
         finally:
-            self.limiter.release(lease)
+            self.release(lease)
         return {
             "result": data["response"],
             "model": model_name,
@@ -203,7 +225,7 @@ class HermesService:
             except TimeoutError:
                 raise self._timeout(model_name, config, timeout_s) from None
             finally:
-                self.limiter.release(lease)
+                self.release(lease)
             outcome["usage"] = _usage(answer)
             return answer
 
@@ -230,7 +252,7 @@ class HermesService:
                 except TimeoutError:
                     raise self._timeout(model_name, config, timeout_s) from None
         except BaseException:
-            self.limiter.release(lease)
+            self.release(lease)
             await _close_quietly(chunks)
             raise
 
@@ -257,7 +279,7 @@ class HermesService:
                 raise
             finally:
                 # First, and synchronously: a cancelled task (client gone) cannot await.
-                self.limiter.release(lease)
+                self.release(lease)
                 observability.finished(
                     model_name,
                     outcome["code"],
