@@ -4,18 +4,11 @@ buffers a streamed answer, so the same bytes arrive in one response."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
 
 
 @pytest.fixture(autouse=True)

@@ -44,12 +44,6 @@ class _Raw:
         yield self.body
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
-
-
 @pytest.fixture(autouse=True)
 def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     emulator.reset()

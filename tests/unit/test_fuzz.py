@@ -5,7 +5,6 @@ drives the LLM function from its own OpenAPI document (positive and negative cas
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -68,14 +67,9 @@ def test_request_parsers_accept_or_refuse_cleanly(body: Any) -> None:
             assert 400 <= error.status < 500 and error.message
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
-
-
 @pytest.fixture
 def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    emulator.reset()
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
 
 

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -75,12 +74,6 @@ def hold(service: HermesService, model: str) -> Lease:
 def in_flight(model: str) -> int:
     usage = get_service().limiter.usage([host_pool("default")])
     return usage[host_pool("default")].get(model_counter(model), 0)
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
 
 
 @pytest.fixture(autouse=True)

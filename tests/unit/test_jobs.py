@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -15,12 +14,6 @@ from hermes.service import get_service, host_pool
 from local.template import queue_definitions
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
 
 
 @pytest.fixture(autouse=True)

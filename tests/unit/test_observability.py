@@ -17,16 +17,11 @@ from tests.unit.test_handlers import LambdaContext, event, load_function
 PROMPT = "Explain quantum computing"  # the prompt in events/llm_generate.json
 
 
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
-
-
 @pytest.fixture
 def logs(
     aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[io.StringIO]:
+    emulator.reset()
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     stream = io.StringIO()
     old = observability.logger.registered_handler.setStream(stream)  # type: ignore[attr-defined]

@@ -4,19 +4,12 @@ errors and status, through every public dialect. The emulator serves OpenAI's /v
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[OllamaEmulator]:
-    with OllamaEmulator() as emu:
-        yield emu
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from hermes.errors import HermesError, InvalidRequest, PromptTooLarge
-from hermes.schemas import describe_validation_error
+from hermes.errors import HermesError, InvalidRequest
+from hermes.schemas import validate_body
 from hermes.service import HermesService
 
 # Non-limited calls (tags, ps, show, version) answer fast or not at all.
@@ -57,16 +57,7 @@ class ChatBody(_Body):
 
 
 def parse(body: Any, kind: type[_Body], max_prompt_chars: int) -> _Body:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        parsed = kind.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
-    size = prompt_chars(parsed)
-    if size > max_prompt_chars:
-        raise PromptTooLarge(f"the prompt has {size} characters; the limit is {max_prompt_chars}")
-    return parsed
+    return validate_body(body, kind, max_prompt_chars, prompt_chars)
 
 
 def prompt_chars(body: _Body) -> int:

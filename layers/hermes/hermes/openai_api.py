@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from hermes.errors import HermesError, InvalidRequest, PromptTooLarge
-from hermes.schemas import describe_validation_error
+from hermes.errors import HermesError, InvalidRequest
+from hermes.schemas import validate_body
 from hermes.service import HermesService
 
 
@@ -116,17 +116,7 @@ class CompletionRequest(_Request):
 
 
 def parse(body: Any, kind: type[ChatRequest] | type[CompletionRequest], max_chars: int) -> Any:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        parsed = kind.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
-    if parsed.prompt_chars() > max_chars:
-        raise PromptTooLarge(
-            f"the prompt has {parsed.prompt_chars()} characters; the limit is {max_chars}"
-        )
-    return parsed
+    return validate_body(body, kind, max_chars, lambda parsed: parsed.prompt_chars())
 
 
 def _finish_reason(done_reason: Any) -> str:

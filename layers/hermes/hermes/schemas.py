@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,6 +46,25 @@ def parse_generate_request(body: Any, max_prompt_chars: int) -> GenerateRequest:
         return GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc), field=_field(exc)) from None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validate_body(
+    body: Any, kind: type[Body], max_prompt_chars: int, prompt_chars: Callable[[Body], int]
+) -> Body:
+    """The compatible APIs' bodies: a JSON object, valid for `kind`, prompt within the limit."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        parsed = kind.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+    size = prompt_chars(parsed)
+    if size > max_prompt_chars:
+        raise PromptTooLarge(f"the prompt has {size} characters; the limit is {max_prompt_chars}")
+    return parsed
 
 
 def _field(exc: ValidationError) -> str:
