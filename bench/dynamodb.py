@@ -151,7 +151,7 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
         per_admitted <= TARGET_UNCONTENDED,
     )
 
-    emulator.delay("llama3:8b", CONTENDED_DELAY_MS)
+    emulator.set_behaviour("llama3:8b", "ok", delay_ms=CONTENDED_DELAY_MS)
     callers = scale.contended_callers
     counter.reset()
     with muted_stdout():

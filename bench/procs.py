@@ -7,11 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from functools import cached_property
@@ -20,9 +16,9 @@ from typing import Any
 
 import httpx
 
-from local.dynamodb_local import DynamoDBLocal, free_port
-from local.template import ROOT
+from local.dynamodb_local import DynamoDBLocal
 from tests.support.emulator_process import EmulatorProcess
+from tests.support.hermes_process import HermesProcess
 
 # DynamoDB Local ignores credentials, but the SDK wants some.
 AWS_ENV = {
@@ -61,59 +57,10 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (field 22 of /proc/<pid>/stat), which tells
-    a process apart from a later one that reuses its pid; None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def child_processes(pid: int) -> list[tuple[int, str]]:
-    """The direct children of `pid` as (pid, start time), from /proc/<pid>/task/*/children."""
-    found: list[tuple[int, str]] = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            for child in map(int, children.read_text().split()):
-                started = _start_time(child)
-                if started is not None:
-                    found.append((child, started))
-    return found
-
-
-def kill_if_same(pid: int, started: str) -> None:
-    if _start_time(pid) == started:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def write_models_file(directory: Path, name: str, config: dict[str, Any]) -> Path:
     path = directory / name
     path.write_text(json.dumps(config, indent=2))
     return path
-
-
-class Emulator(EmulatorProcess):
-    """The tests' emulator process, with a proxy-free control client."""
-
-    def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        with http_client(base_url=self.url, timeout=10) as client:
-            response = client.request(method, path, json=body)
-            response.raise_for_status()
-            return response.json()
-
-    def stats(self) -> dict[str, Any]:
-        return self.control("GET", "/_emulator/stats")  # type: ignore[no-any-return]
-
-    def reset(self) -> None:
-        self.control("POST", "/_emulator/reset", {})
-
-    def delay(self, tag: str, delay_ms: int) -> None:
-        self.control(
-            "POST", "/_emulator/behaviour", {"model": tag, "mode": "ok", "delay_ms": delay_ms}
-        )
 
 
 class Infra:
@@ -123,9 +70,9 @@ class Infra:
         self._stack = stack
 
     @cached_property
-    def emulator(self) -> Emulator:
+    def emulator(self) -> EmulatorProcess:
         print("  starting the Ollama emulator process", flush=True)
-        return self._stack.enter_context(Emulator())
+        return self._stack.enter_context(EmulatorProcess())
 
     @cached_property
     def dynamodb(self) -> DynamoDBLocal:
@@ -140,48 +87,23 @@ class Infra:
         return Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="hermes-bench-")))
 
 
-class Runner:
-    """`python -m local.runner` in its own process: one stand-in Lambda instance.
-
-    Its output goes to a temporary file, not a pipe, so a chatty runner can never block."""
+class Runner(HermesProcess):
+    """`python -m local.runner` in its own process: one stand-in Lambda instance, started as
+    the tests start one, but with an environment that inherits nothing that would change
+    what is measured. Its embedded DynamoDB Local dies with it (PR_SET_PDEATHSIG)."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(env)
         self.env = clean_env(HOST="127.0.0.1", PORT=str(self.port), HERMES_ACCESS_LOG="0", **env)
-        self.process: subprocess.Popen[str] | None = None
-        # Kept open for the runner's lifetime (closed in stop), so no `with` block.
-        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
 
     def start(self, timeout_s: float = 90) -> Runner:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "local.runner"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        with http_client(timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"runner exited at start:\n{self.output()}")
-                with contextlib.suppress(httpx.TransportError):
-                    client.get(f"{self.url}/v1/status")
-                    return self
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"runner did not start within {timeout_s:g} s:\n{self.output()}")
-
-    def output(self) -> str:
-        self._log.seek(0)
-        return self._log.read()
+        super().start(timeout_s)
+        return self
 
     @property
     def store(self) -> str:
         """The DynamoDB the runner says it uses (its startup banner)."""
-        for line in self.output().splitlines():
+        for line in self.read_output().splitlines():
             if line.strip().startswith("DynamoDB:"):
                 return line.split(":", 1)[1].strip()
         return "unknown"
@@ -190,28 +112,8 @@ class Runner:
         assert self.process is not None
         return peak_rss_mb(self.process.pid)
 
-    def stop(self) -> None:
-        """Stop the runner as Ctrl-C does. Not SIGTERM: uvicorn re-raises a captured SIGTERM
-        once it has shut down, which kills the process before atexit stops the DynamoDB Local
-        it embedded; a re-raised SIGINT becomes KeyboardInterrupt and atexit does run. Any
-        child still alive afterwards (started by this runner) is killed by its pid."""
-        if self.process is not None and self.process.poll() is None:
-            children = child_processes(self.process.pid)
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-            for pid, started in children:
-                kill_if_same(pid, started)
-        self._log.close()
-
     def __enter__(self) -> Runner:
         return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

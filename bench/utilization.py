@@ -82,7 +82,7 @@ def saturate(infra: Infra, runners: list[Runner], model: str, clients: int, seco
     while the clients are still running, so the window has no ramp-down tail."""
     emulator = infra.emulator
     emulator.reset()
-    emulator.delay(TAG, SERVICE_MS)
+    emulator.set_behaviour(TAG, "ok", delay_ms=SERVICE_MS)
     stop = threading.Event()
     results = [Completed() for _ in range(clients)]
     threads = [

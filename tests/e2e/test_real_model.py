@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
+from local.dynamodb_local import DynamoDBLocal, free_port
 from local.embedded_model import ALIAS, ModelServer
-from tests.support.dynamodb_local import DynamoDBLocal, free_port
 from tests.support.hermes_process import HermesProcess
 
 pytestmark = pytest.mark.real_model

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dynamodb_local import DynamoDBLocal
+from local.dynamodb_local import DynamoDBLocal
 from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
@@ -63,13 +63,11 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def hermes_env(
+@pytest.fixture(scope="session")
+def runner_env(
     dynamodb_local: DynamoDBLocal, emulator: OllamaEmulator, models_file: Path
 ) -> dict[str, str]:
-    """Environment for a runner sharing the test's DynamoDB Local and emulator; clean tables."""
-    dynamodb_local.reset_tables()
-    emulator.reset()
+    """Environment for a runner sharing the session's DynamoDB Local, emulator and models."""
     return {
         "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
         "OLLAMA_URL": emulator.url,
@@ -77,3 +75,13 @@ def hermes_env(
         "HERMES_LEASE_MARGIN_MS": "500",
         "HERMES_MAX_PROMPT_CHARS": "1000",
     }
+
+
+@pytest.fixture
+def hermes_env(
+    runner_env: dict[str, str], dynamodb_local: DynamoDBLocal, emulator: OllamaEmulator
+) -> dict[str, str]:
+    """runner_env, with clean tables and a reset emulator."""
+    dynamodb_local.reset_tables()
+    emulator.reset()
+    return runner_env

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,23 +13,15 @@ import ollama
 import openai
 import pytest
 
-from tests.support.dynamodb_local import DynamoDBLocal
+from local.dynamodb_local import DynamoDBLocal
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
 
 @pytest.fixture(scope="module")
-def hermes(
-    dynamodb_local: DynamoDBLocal, emulator: OllamaEmulator, models_file: Path
-) -> Iterator[HermesProcess]:
+def hermes(runner_env: dict[str, str], dynamodb_local: DynamoDBLocal) -> Iterator[HermesProcess]:
     dynamodb_local.reset_tables()
-    env = {
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
-        "OLLAMA_URL": emulator.url,
-        "HERMES_MODELS_FILE": str(models_file),
-        "HERMES_LEASE_MARGIN_MS": "500",
-    }
-    with HermesProcess(env) as process:
+    with HermesProcess(runner_env) as process:
         yield process
 
 

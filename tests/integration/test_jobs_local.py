@@ -26,15 +26,12 @@ def sqs_endpoint() -> str:
 
 @pytest.fixture(scope="module")
 def runner(
-    sqs_endpoint: str, dynamodb_local: Any, emulator: OllamaEmulator, models_file: Any
+    sqs_endpoint: str, runner_env: dict[str, str], dynamodb_local: Any
 ) -> Iterator[HermesProcess]:
     dynamodb_local.reset_tables()
     env = {
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
+        **runner_env,
         "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
-        "OLLAMA_URL": emulator.url,
-        "HERMES_MODELS_FILE": str(models_file),
-        "HERMES_LEASE_MARGIN_MS": "500",
         "HERMES_PARAMETERS": "JobMaxAttempts=3",
         "HERMES_JOB_RETRY_BASE_S": "1",
     }

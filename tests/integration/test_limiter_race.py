@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import Counter, Limiter
-from tests.support.dynamodb_local import DynamoDBLocal
+from local.dynamodb_local import DynamoDBLocal
 
 
 def race(

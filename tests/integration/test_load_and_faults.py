@@ -15,7 +15,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.support.dynamodb_local import DynamoDBLocal, free_port
+from local.dynamodb_local import DynamoDBLocal, free_port
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
 

@@ -6,27 +6,18 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.dynamodb_local import DynamoDBLocal, free_port
+from local.dynamodb_local import DynamoDBLocal, free_port
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
 
 @pytest.fixture(scope="module")
-def shared_env(
-    dynamodb_local: DynamoDBLocal, emulator: OllamaEmulator, models_file: Path
-) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
-        "OLLAMA_URL": emulator.url,
-        "HERMES_MODELS_FILE": str(models_file),
-        "HERMES_LEASE_MARGIN_MS": "500",
-        "HERMES_MAX_PROMPT_CHARS": "1000",
-    }
+def shared_env(runner_env: dict[str, str]) -> dict[str, str]:
+    return runner_env
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
+from local.dynamodb_local import free_port
 from local.template import ROOT
-from tests.support.dynamodb_local import free_port
 
 
 class EmulatorProcess:
@@ -39,15 +39,21 @@ class EmulatorProcess:
             self.process.kill()
             self.process.wait(timeout=10)
 
+    def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        # trust_env=False: a proxy configured in the shell must not see loopback traffic.
+        with httpx.Client(base_url=self.url, timeout=10, trust_env=False) as client:
+            response = client.request(method, path, json=body)
+            response.raise_for_status()
+            return response.json()
+
     def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/_emulator/stats", timeout=5).json()  # type: ignore[no-any-return]
+        return self.control("GET", "/_emulator/stats")  # type: ignore[no-any-return]
 
     def set_behaviour(self, model: str = "*", mode: str = "ok", **fields: Any) -> None:
-        body = {"model": model, "mode": mode, **fields}
-        httpx.post(f"{self.url}/_emulator/behaviour", json=body, timeout=5).raise_for_status()
+        self.control("POST", "/_emulator/behaviour", {"model": model, "mode": mode, **fields})
 
     def set_weights(self, weights: dict[str, int]) -> None:
-        httpx.post(f"{self.url}/_emulator/weights", json=weights, timeout=5).raise_for_status()
+        self.control("POST", "/_emulator/weights", weights)
 
     def reset(self) -> None:
-        httpx.post(f"{self.url}/_emulator/reset", json={}, timeout=5).raise_for_status()
+        self.control("POST", "/_emulator/reset", {})

@@ -11,8 +11,8 @@ import time
 
 import httpx
 
+from local.dynamodb_local import free_port
 from local.template import ROOT
-from tests.support.dynamodb_local import free_port
 
 
 class HermesProcess:

@@ -11,7 +11,8 @@ import boto3
 import pytest
 
 from hermes.service import get_service, host_pool
-from local.template import queue_definitions
+from local.runner import ensure_queues
+from local.template import load_template
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
 
@@ -23,18 +24,9 @@ def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) ->
     from hermes.jobs import get_jobs
 
     emulator.reset()
-    sqs = boto3.client("sqs")
-    urls = {}
-    for name, queue in queue_definitions().items():
-        attributes = dict(queue.attributes)
-        if queue.dead_letter:
-            arn = sqs.get_queue_attributes(
-                QueueUrl=urls[queue.dead_letter], AttributeNames=["QueueArn"]
-            )
-            attributes["RedrivePolicy"] = json.dumps(
-                {"deadLetterTargetArn": arn["Attributes"]["QueueArn"], "maxReceiveCount": 3}
-            )
-        urls[name] = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    # The runner's own queue setup, with the template's redrive after 3 deliveries.
+    monkeypatch.setenv("HERMES_PARAMETERS", "JobMaxAttempts=3")
+    urls = ensure_queues(load_template())
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     monkeypatch.setenv("HERMES_JOBS_QUEUE_URL", urls["JobsQueue"])
     monkeypatch.setenv("HERMES_JOB_MAX_ATTEMPTS", "3")

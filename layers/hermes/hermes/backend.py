@@ -45,25 +45,6 @@ class OllamaClient:
             self._clients[loop] = client
         return client
 
-    async def generate(
-        self,
-        backend_model: str,
-        prompt: str,
-        *,
-        timeout_s: float,
-        system: str | None = None,
-        options: dict[str, Any] | None = None,
-        format: str | dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": backend_model, "prompt": prompt, "stream": False}
-        if system is not None:
-            body["system"] = system
-        if options:
-            body["options"] = options
-        if format is not None:
-            body["format"] = format
-        return await self.complete("/api/generate", body, timeout_s)
-
     async def complete(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """One non-streamed /api/generate or /api/chat call (`body["model"]` is the tag)."""
         body = {**body, "stream": False}

@@ -48,32 +48,31 @@ def create_app(title: str, render: ErrorRenderer = error_response) -> FastAPI:
     """A FastAPI app whose every failure, including unknown routes, is a JSON error drawn by
     `render`: Hermes' own shape by default, Ollama's or OpenAI's for the compatible APIs."""
     app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None)
-    error_response = render
 
     @app.exception_handler(HermesError)
     async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:
-        return error_response(exc)
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(part) for part in first.get("loc", ()))
-        return error_response(InvalidRequest(f"field '{field}': {first.get('msg', 'invalid')}"))
+        return render(InvalidRequest(f"field '{field}': {first.get('msg', 'invalid')}"))
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
+            return render(RouteNotFound(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            return error_response(
+            return render(
                 MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
             )
-        return error_response(InvalidRequest(str(exc.detail)))
+        return render(InvalidRequest(str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(InternalError("internal error; see the service logs"))
+        return render(InternalError("internal error; see the service logs"))
 
     return app
 

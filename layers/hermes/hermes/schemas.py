@@ -32,6 +32,10 @@ class GenerateRequest(BaseModel):
     options: GenerateOptions | None = None
     format: Literal["json"] | dict[str, Any] | None = None
 
+    def to_ollama(self) -> dict[str, Any]:
+        """The body of Ollama's /api/generate (without model and stream)."""
+        return self.model_dump(exclude_none=True)
+
 
 def parse_generate_request(body: Any, max_prompt_chars: int) -> GenerateRequest:
     if not isinstance(body, dict):

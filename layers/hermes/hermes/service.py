@@ -151,39 +151,15 @@ class HermesService:
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
     ) -> dict[str, Any]:
-        """Run one prompt; `deadline_s` is what the caller can still wait (Lambda time left)."""
+        """Run one prompt (the seed's /v1/llm shape); `deadline_s` is what the caller can
+        still wait (Lambda time left)."""
         config = self.model(model_name)
-        with observed(model_name) as outcome:
-            answer = await self._generate(model_name, config, body, deadline_s)
-            outcome.update(
-                usage=answer["usage"], prompt=body.get("prompt"), completion=answer["result"]
-            )
-            return answer
-
-    async def _generate(
-        self, model_name: str, config: ModelConfig, body: Any, deadline_s: float | None
-    ) -> dict[str, Any]:
-        request = parse_generate_request(body, self.settings.max_prompt_chars)
-        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-        lease, timeout_s = await self.admit(model_name, config, deadline)
+        with observed(model_name, only_failures=True):
+            request = parse_generate_request(body, self.settings.max_prompt_chars)
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                data = await self.backends[config.host].generate(
-                    config.backend_model,
-                    request.prompt,
-                    # A backstop only: asyncio.timeout above ends the call first.
-                    timeout_s=timeout_s + 1,
-                    system=request.system,
-                    options=request.options.model_dump(exclude_none=True)
-                    if request.options
-                    else None,
-                    format=request.format,
-                )
-        except TimeoutError:
-            raise self._timeout(model_name, config, timeout_s) from None
-        finally:
-            self.release(lease)
+        data = await self.complete(
+            model_name, "/api/generate", request.to_ollama(), deadline_s=deadline_s
+        )
         return {
             "result": data["response"],
             "model": model_name,
@@ -226,7 +202,11 @@ class HermesService:
                 raise self._timeout(model_name, config, timeout_s) from None
             finally:
                 self.release(lease)
-            outcome["usage"] = _usage(answer)
+            outcome.update(
+                usage=_usage(answer),
+                prompt=body.get("prompt", body.get("messages")),
+                completion=answer.get("response", answer.get("message", {}).get("content")),
+            )
             return answer
 
     async def open_stream(
