@@ -174,6 +174,11 @@ def test_unknown_route_and_method_are_json() -> None:
     assert (status, body["code"]) == (405, "method_not_allowed")
 
 
+def test_a_trailing_slash_is_a_json_404_not_an_empty_redirect() -> None:
+    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/gemma/")
+    assert (status, body["code"]) == (404, "not_found")
+
+
 def test_an_event_that_is_not_http_gets_a_json_error_not_an_exception() -> None:
     assert (
         load_function("llm").handler({"hello": "world"}, LambdaContext())["code"]

@@ -47,7 +47,11 @@ ErrorRenderer = Callable[[HermesError], JSONResponse]
 def create_app(title: str, render: ErrorRenderer = error_response) -> FastAPI:
     """A FastAPI app whose every failure, including unknown routes, is a JSON error drawn by
     `render`: Hermes' own shape by default, Ollama's or OpenAI's for the compatible APIs."""
-    app = FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None)
+    # No trailing-slash redirects: an empty 307 is not a JSON answer, and API Gateway does
+    # not redirect either.
+    app = FastAPI(
+        title=title, version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False
+    )
 
     @app.exception_handler(HermesError)
     async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:
