@@ -158,7 +158,7 @@ def dynamodb_client(endpoint_url: str) -> Any:
 
 def build_service(ddb: Any, models_file: Path, ollama_url: str) -> Any:
     """A HermesService put together as get_service() does, on the given client and config."""
-    from hermes.backend import OllamaClient
+    from hermes.backends.ollama import OllamaClient
     from hermes.config import get_settings
     from hermes.limiter import Limiter
     from hermes.service import HermesService

@@ -145,7 +145,7 @@ def test_weights_and_host_urls_are_configurable(
 
 
 def test_status_urls_never_show_credentials_or_tokens() -> None:
-    from hermes.service import public_url
+    from hermes.status import public_url
 
     assert (
         public_url("https://user:pw@gpu.internal:11434/base?token=abc")

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from hermes.backend import OllamaClient
+from hermes.backends.ollama import OllamaClient
 from hermes.errors import UpstreamError
 
 # Ollama option → OpenAI request field.

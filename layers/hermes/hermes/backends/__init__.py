@@ -1,0 +1,13 @@
+"""The backend clients: the only code that talks to model servers. One client per host,
+chosen by the host's `kind`; both answer in Ollama's shapes, Hermes' one internal format."""
+
+from __future__ import annotations
+
+from hermes.backends.ollama import OllamaClient
+from hermes.backends.openai import OpenAIClient
+
+__all__ = ["OllamaClient", "OpenAIClient", "client_for"]
+
+
+def client_for(kind: str, base_url: str) -> OllamaClient:
+    return (OpenAIClient if kind == "openai" else OllamaClient)(base_url)
