@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,9 @@ LAMBDA_SAFETY_S = 1.0
 # Generous for JSON escaping (up to 6 bytes per character) around the largest prompt.
 BODY_BYTES_PER_PROMPT_CHAR = 6
 BODY_OVERHEAD_BYTES = 64 * 1024
+# API Gateway received a live request at most ~30 s before the handler runs; an event older
+# than this is a recorded one (events/*.json) replayed, not a request anyone still awaits.
+REPLAYED_EVENT_AGE_S = 300.0
 
 
 def error_response(error: HermesError) -> JSONResponse:
@@ -106,13 +110,32 @@ def lambda_time_left_s(context: Any) -> float | None:
 
 
 def sync_deadline_s(request: Request, sync_budget_ms: int) -> float | None:
-    """What a synchronous HTTP request may spend: the Lambda's time left, capped by the
-    HTTP budget (API Gateway ends every HTTP API request at 30 s)."""
+    """What a synchronous HTTP request may spend: the Lambda's time left, capped by what is
+    left of the HTTP budget (API Gateway ends every HTTP API request 30 s after it received
+    it, however long a cold start took)."""
     limits = [lambda_time_left_s(request.scope.get("aws.context"))]
     if sync_budget_ms > 0:
-        limits.append(sync_budget_ms / 1000)
+        age = gateway_age_s(request.scope.get("aws.event"))
+        limits.append(max(0.0, sync_budget_ms / 1000 - age))
     known = [limit for limit in limits if limit is not None]
     return min(known) if known else None
+
+
+def gateway_age_s(event: Any, now: float | None = None) -> float:
+    """Seconds since API Gateway received the request (`requestContext.timeEpoch` of an HTTP
+    API event, `requestTimeEpoch` of a REST API one, ms since the epoch); 0 when unknown."""
+    context = event.get("requestContext") if isinstance(event, dict) else None
+    if not isinstance(context, dict):
+        return 0.0
+    epoch_ms = context.get("timeEpoch", context.get("requestTimeEpoch"))
+    if isinstance(epoch_ms, bool) or not isinstance(epoch_ms, int | float):
+        return 0.0
+    age = (time.time() if now is None else now) - epoch_ms / 1000
+    if age > REPLAYED_EVENT_AGE_S:
+        # A live request cannot be this old (the gateway gave up after 30 s): this is a
+        # recorded event replayed (sam local invoke -e, tests), whose clock says nothing.
+        return 0.0
+    return max(0.0, age)  # the gateway's clock a little ahead of Lambda's: no age
 
 
 LambdaHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
