@@ -37,6 +37,12 @@ class ModelConfig(BaseModel):
     host: str = DEFAULT_HOST
     # 0 = answer 429 at once (the seed's behaviour); >0 = retry admission up to this long.
     queue_timeout_ms: int = Field(default=0, ge=0, le=15 * 60 * 1000)
+    # memory_cost is only true for a bounded context: a request asking for a larger
+    # options.num_ctx gets a 400. None = no cap (the backend's own default applies).
+    max_num_ctx: int | None = Field(default=None, ge=1, le=1_048_576)
+    # Callers' keep_alive (how long Ollama keeps the model loaded) is dropped unless allowed:
+    # a caller could otherwise pin a model in GPU memory forever, or unload it for everyone.
+    allow_keep_alive: bool = False
 
 
 class HostConfig(BaseModel):
