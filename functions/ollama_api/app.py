@@ -17,7 +17,7 @@ async def _run(request: Request, path: str, kind: type[Any]) -> Response:
     raw = await read_json_body(request, service.settings.max_prompt_chars)
     body = ollama_api.parse(raw, kind, service.settings.max_prompt_chars)
     name = service.resolve(body.model)
-    payload = body.model_dump(exclude_none=True, exclude={"stream"})
+    payload = body.to_backend(service.model(name))
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
     if not body.stream:
         answer = await service.complete(name, path, payload, deadline_s=deadline)

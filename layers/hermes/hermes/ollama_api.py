@@ -1,9 +1,11 @@
 """Ollama's own API, served by Hermes with Hermes' limits: any Ollama client gets per-model
 concurrency, the memory budget and timeouts by changing its base URL.
 
-Bodies follow Ollama's documented API and are passed through (unknown fields included, for
-forward compatibility) after the checks Hermes needs; the model name may be Hermes' (gemma)
-or the backend tag (gemma3:1b). Answers keep the name the client used.
+Bodies follow Ollama's documented API: documented fields pass through after the checks Hermes
+needs, an unknown one is a 400 naming it (as on /v1/llm), so nothing undocumented reaches the
+GPU host. Per model, options.num_ctx is bounded by max_num_ctx and keep_alive is dropped unless
+allow_keep_alive. The model name may be Hermes' (gemma) or the backend tag (gemma3:1b).
+Answers keep the name the client used.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hermes.config import ModelConfig
 from hermes.errors import HermesError, InvalidRequest
-from hermes.schemas import validate_body
+from hermes.schemas import bound_options, validate_body
 from hermes.service import HermesService
 
 # Non-limited calls (tags, ps, show, version) answer fast or not at all.
@@ -31,29 +34,54 @@ def render_error(error: HermesError) -> JSONResponse:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """The fields /api/generate and /api/chat share (docs.ollama.com/api)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
     stream: bool = True
     options: dict[str, Any] | None = None
     format: str | dict[str, Any] | None = None
-    keep_alive: str | int | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def to_backend(self, model: ModelConfig) -> dict[str, Any]:
+        """Ollama's body for the backend (without model and stream), within `model`'s bounds."""
+        payload = self.model_dump(exclude_none=True, exclude={"stream"})
+        if self.options is not None:
+            payload["options"] = bound_options(self.options, model)
+        if not model.allow_keep_alive:
+            # Ignored rather than refused: Ollama clients send it routinely.
+            payload.pop("keep_alive", None)
+        return payload
 
 
 class GenerateBody(_Body):
     prompt: str = ""
+    suffix: str | None = None
     system: str | None = None
+    template: str | None = None
+    context: list[int] | None = Field(default=None, max_length=1_048_576)
+    raw: bool | None = None
+    images: list[str] | None = Field(default=None, max_length=100)
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     role: str = Field(min_length=1, max_length=50)
     content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = Field(default=None, max_length=100)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
 
 
 class ChatBody(_Body):
     messages: list[Message] = Field(default_factory=list, max_length=10_000)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=1000)
 
 
 def parse(body: Any, kind: type[_Body], max_prompt_chars: int) -> _Body:

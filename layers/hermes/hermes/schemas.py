@@ -1,4 +1,5 @@
-"""The body of POST /v1/llm/{model}, validated strictly: bad input gets a 400 naming the field."""
+"""The body of POST /v1/llm/{model}, validated strictly: bad input gets a 400 naming the field;
+and the per-model bounds every route applies to what callers may ask of a backend."""
 
 from __future__ import annotations
 
@@ -7,7 +8,53 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hermes.config import ModelConfig
 from hermes.errors import InvalidRequest, PromptTooLarge
+
+# Ollama's documented runtime options (API docs, Modelfile parameters, the official client's
+# Options): they shape one generation and pass through.
+RUNTIME_OPTIONS = frozenset(
+    {
+        "num_ctx",
+        "num_keep",
+        "num_predict",
+        "seed",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "typical_p",
+        "tfs_z",
+        "repeat_last_n",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "penalize_newline",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "stop",
+    }
+)
+# Documented too, but they decide how the backend loads the model (GPU layers, threads, batch,
+# memory mapping): a caller setting them reloads the model with another footprint than the
+# memory_cost Hermes charges, so they belong to the operator's Modelfile, not to a request.
+LOAD_OPTIONS = frozenset(
+    {
+        "numa",
+        "num_batch",
+        "num_gpu",
+        "main_gpu",
+        "low_vram",
+        "f16_kv",
+        "logits_all",
+        "vocab_only",
+        "use_mmap",
+        "use_mlock",
+        "embedding_only",
+        "num_thread",
+    }
+)
 
 
 class GenerateOptions(BaseModel):
@@ -37,7 +84,17 @@ class GenerateRequest(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-def parse_generate_request(body: Any, max_prompt_chars: int) -> GenerateRequest:
+def parse_generate_request(
+    body: Any, max_prompt_chars: int, model: ModelConfig | None = None
+) -> GenerateRequest:
+    """The validated body; with the model's config, also within its bounds (max_num_ctx)."""
+    request = _parse_generate_request(body, max_prompt_chars)
+    if model is not None and request.options is not None and request.options.num_ctx is not None:
+        check_num_ctx(request.options.num_ctx, model)
+    return request
+
+
+def _parse_generate_request(body: Any, max_prompt_chars: int) -> GenerateRequest:
     if not isinstance(body, dict):
         raise InvalidRequest('the request body must be a JSON object such as {"prompt": "..."}')
     prompt = body.get("prompt")
@@ -50,6 +107,48 @@ def parse_generate_request(body: Any, max_prompt_chars: int) -> GenerateRequest:
         return GenerateRequest.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc), field=_field(exc)) from None
+
+
+def check_num_ctx(value: Any, model: ModelConfig) -> int:
+    """A context size within the model's max_num_ctx: larger ones are refused, never clamped,
+    so a caller never gets a silently shorter context than it asked for."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not float(value).is_integer()
+        or value < 1
+    ):
+        raise InvalidRequest(
+            "field 'options.num_ctx': must be a positive integer", field="options.num_ctx"
+        )
+    if model.max_num_ctx is not None and value > model.max_num_ctx:
+        raise InvalidRequest(
+            f"field 'options.num_ctx': {int(value)} is over this model's limit of "
+            f"{model.max_num_ctx} tokens (max_num_ctx)",
+            field="options.num_ctx",
+            max_num_ctx=model.max_num_ctx,
+        )
+    return int(value)
+
+
+def bound_options(options: dict[str, Any] | None, model: ModelConfig) -> dict[str, Any] | None:
+    """Ollama `options` as a caller may send them: documented runtime options only (null
+    values dropped, as clients that send every option do), num_ctx within max_num_ctx."""
+    if options is None:
+        return None
+    given = {key: value for key, value in options.items() if value is not None}
+    for key in given:
+        if key in LOAD_OPTIONS:
+            raise InvalidRequest(
+                f"option 'options.{key}' sets how the backend loads the model; the operator "
+                "sets it in the model's Modelfile, not a request",
+                field=f"options.{key}",
+            )
+        if key not in RUNTIME_OPTIONS:
+            raise InvalidRequest(f"unknown option 'options.{key}'", field=f"options.{key}")
+    if "num_ctx" in given:
+        given["num_ctx"] = check_num_ctx(given["num_ctx"], model)
+    return given
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -1,0 +1,286 @@
+"""Per-request resource bounds: a model's memory_cost only holds if callers cannot ask for any
+context size or pin the model in memory. Per model, `max_num_ctx` caps options.num_ctx on every
+route (a larger one is a 400 naming the field, never clamped), callers' `keep_alive` is dropped
+unless `allow_keep_alive`, and the Ollama-native routes pass only documented fields and options.
+Through the real Lambda handlers with events/ files; what reaches the backend is recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hermes.config import ConfigError, load_models
+from hermes.service import get_service
+from tests.support.ollama_emulator import OllamaEmulator
+from tests.unit.test_handlers import LambdaContext, event, in_flight, load_function
+from tests.unit.test_handlers import write_models as write_test_models
+
+CAP = 4096  # gemma's max_num_ctx in these tests; mistral has none and allows keep_alive
+
+
+@pytest.fixture(autouse=True)
+def env(
+    aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    emulator.reset()
+    monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    write_test_models(
+        tmp_path,
+        monkeypatch,
+        budget=8,
+        gemma={"max_num_ctx": CAP},
+        mistral={"allow_keep_alive": True},
+    )
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every body Hermes sends to the backend, as sent."""
+    bodies: list[dict[str, Any]] = []
+    backend = get_service().backends["default"]
+    complete, stream = backend.complete, backend.stream
+
+    async def recording_complete(path: str, body: dict[str, Any], timeout_s: float) -> Any:
+        bodies.append(body)
+        return await complete(path, body, timeout_s)
+
+    def recording_stream(path: str, body: dict[str, Any], timeout_s: float) -> Any:
+        bodies.append(body)
+        return stream(path, body, timeout_s)
+
+    monkeypatch.setattr(backend, "complete", recording_complete)
+    monkeypatch.setattr(backend, "stream", recording_stream)
+    return bodies
+
+
+def call(function: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    response = load_function(function).handler(event(name, body=json.dumps(body)), LambdaContext())
+    text = response["body"]
+    if response["headers"]["content-type"] == "application/x-ndjson":
+        text = text.splitlines()[-1]
+    elif response["headers"]["content-type"].startswith("text/event-stream"):
+        return response["statusCode"], {"events": text}
+    return response["statusCode"], json.loads(text)
+
+
+def message(answer: dict[str, Any]) -> str:
+    error = answer["error"]
+    return error if isinstance(error, str) else error["message"]
+
+
+# --- the models file ---------------------------------------------------------------------
+
+
+def test_by_default_a_model_has_no_context_cap_and_ignores_keep_alive() -> None:
+    model = get_service().settings.models["llama3"]
+    assert (model.max_num_ctx, model.allow_keep_alive) == (None, False)
+    assert get_service().settings.models["gemma"].max_num_ctx == CAP
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_num_ctx": 0}, "models.m.max_num_ctx"),
+        ({"max_num_ctx": "8k"}, "models.m.max_num_ctx"),
+        ({"allow_keep_alive": "sometimes"}, "models.m.allow_keep_alive"),
+    ],
+)
+def test_a_bad_bound_is_named_in_the_config_error(
+    tmp_path: Path, changes: dict[str, Any], field: str
+) -> None:
+    entry = {"max_concurrency": 1, "memory_cost": "low", "timeout": 1000, "backend_model": "x"}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"models": {"m": {**entry, **changes}}}))
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        load_models(path)
+
+
+# --- options.num_ctx on every route -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("function", "name", "body"),
+    [
+        ("llm", "llm_generate.json", {"prompt": "hi"}),
+        ("ollama_api", "ollama_generate.json", {"model": "gemma", "prompt": "hi"}),
+        (
+            "ollama_api",
+            "ollama_chat.json",
+            {"model": "gemma3:1b", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ],
+)
+def test_a_context_over_the_models_cap_is_refused_naming_the_field(
+    function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
+) -> None:
+    status, answer = call(function, name, {**body, "options": {"num_ctx": CAP + 1}})
+    assert (status, answer["code"]) == (400, "invalid_request")
+    assert "options.num_ctx" in message(answer) and str(CAP) in message(answer)
+    assert sent == [] and in_flight("gemma") == 0  # refused before any slot or backend call
+
+
+def test_the_llm_400_carries_the_field_and_the_cap() -> None:
+    status, answer = call(
+        "llm", "llm_generate.json", {"prompt": "hi", "options": {"num_ctx": 10**6}}
+    )
+    assert status == 400
+    assert (answer["field"], answer["max_num_ctx"]) == ("options.num_ctx", CAP)
+
+
+@pytest.mark.parametrize(
+    ("function", "name", "body"),
+    [
+        ("llm", "llm_generate.json", {"prompt": "hi"}),
+        ("ollama_api", "ollama_generate.json", {"model": "gemma", "prompt": "hi", "stream": False}),
+        ("ollama_api", "ollama_chat.json", {"model": "gemma", "messages": []}),
+    ],
+)
+def test_a_context_within_the_cap_reaches_the_backend(
+    function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
+) -> None:
+    status, _ = call(function, name, {**body, "options": {"num_ctx": CAP}})
+    assert status == 200
+    assert [b["options"]["num_ctx"] for b in sent] == [CAP]
+
+
+def test_a_model_without_a_cap_takes_any_valid_context(sent: list[dict[str, Any]]) -> None:
+    status, _ = call(
+        "ollama_api",
+        "ollama_generate.json",
+        {"model": "mistral", "prompt": "hi", "options": {"num_ctx": 131072}},
+    )
+    assert status == 200 and sent[0]["options"]["num_ctx"] == 131072
+
+
+@pytest.mark.parametrize("value", [True, "4096", 0, -1, 1.5])
+def test_a_context_size_that_is_not_a_positive_integer_is_refused(value: Any) -> None:
+    status, answer = call(
+        "ollama_api",
+        "ollama_generate.json",
+        {"model": "mistral", "prompt": "hi", "options": {"num_ctx": value}},
+    )
+    assert status == 400 and "options.num_ctx" in message(answer)
+
+
+def test_the_openai_routes_have_no_context_field_and_pass_none(
+    sent: list[dict[str, Any]],
+) -> None:
+    """OpenAI's API has no context size; extra fields are accepted and ignored, so neither a
+    smuggled options.num_ctx nor keep_alive reaches the backend."""
+    body = {
+        "model": "gemma",
+        "messages": [{"role": "user", "content": "hi"}],
+        "options": {"num_ctx": 10**6},
+        "keep_alive": -1,
+    }
+    status, _ = call("openai_api", "openai_chat.json", body)
+    assert status == 200
+    assert "num_ctx" not in sent[0]["options"] and "keep_alive" not in sent[0]
+
+
+# --- keep_alive ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ollama_generate.json", "ollama_chat.json"])
+def test_keep_alive_is_dropped_unless_the_model_allows_it(
+    name: str, sent: list[dict[str, Any]]
+) -> None:
+    for model in ("gemma", "mistral"):
+        body = {"model": model, "prompt": "hi", "keep_alive": -1}
+        if name == "ollama_chat.json":
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": "hi"}],
+                "keep_alive": -1,
+            }
+        assert call("ollama_api", name, body)[0] == 200
+    pinned = {b["model"]: b.get("keep_alive") for b in sent}
+    assert pinned == {"gemma3:1b": None, "mistral:7b": -1}
+
+
+# --- only documented fields and options on the Ollama-native routes ----------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "field"),
+    [
+        ("ollama_generate.json", {"model": "gemma", "prompt": "hi", "n_gpu": 1}, "n_gpu"),
+        ("ollama_generate.json", {"model": "gemma", "prompt": "hi", "tools": []}, "tools"),
+        ("ollama_chat.json", {"model": "gemma", "messages": [], "prompt": "hi"}, "prompt"),
+        (
+            "ollama_chat.json",
+            {"model": "gemma", "messages": [{"role": "user", "content": "x", "name": "bob"}]},
+            "messages.0.name",
+        ),
+        (
+            "ollama_generate.json",
+            {"model": "gemma", "prompt": "hi", "options": {"num_ctxx": 8}},
+            "options.num_ctxx",
+        ),
+        (
+            "ollama_chat.json",
+            {"model": "gemma", "messages": [], "options": {"num_gpu": 99}},
+            "options.num_gpu",
+        ),
+    ],
+)
+def test_an_undocumented_field_or_option_is_a_400_naming_it(
+    name: str, body: dict[str, Any], field: str, sent: list[dict[str, Any]]
+) -> None:
+    status, answer = call("ollama_api", name, body)
+    assert (status, answer["code"]) == (400, "invalid_request")
+    assert f"'{field}'" in message(answer)
+    assert sent == []
+
+
+def test_every_documented_generate_field_passes_through(sent: list[dict[str, Any]]) -> None:
+    body = {
+        "model": "gemma",
+        "prompt": "def f(",
+        "suffix": "return x",
+        "images": [],
+        "format": "json",
+        "options": {"temperature": 0.1, "min_p": 0.05, "repeat_penalty": 1.1, "num_gpu": None},
+        "system": "be brief",
+        "template": "{{ .Prompt }}",
+        "stream": False,
+        "raw": False,
+        "keep_alive": "5m",
+        "context": [1, 2, 3],
+        "think": False,
+        "logprobs": False,
+        "top_logprobs": 0,
+    }
+    assert call("ollama_api", "ollama_generate.json", body)[0] == 200
+    expected = {k: v for k, v in body.items() if k not in ("stream", "keep_alive")}
+    expected["options"] = {"temperature": 0.1, "min_p": 0.05, "repeat_penalty": 1.1}
+    assert sent == [{**expected, "model": "gemma3:1b"}]
+
+
+def test_every_documented_chat_field_passes_through(sent: list[dict[str, Any]]) -> None:
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
+    message_ = {
+        "role": "user",
+        "content": "hi",
+        "images": [],
+        "thinking": "",
+        "tool_calls": [],
+        "tool_name": "now",
+    }
+    body = {
+        "model": "mistral",
+        "messages": [message_],
+        "tools": [tool],
+        "format": {"type": "object"},
+        "options": {"seed": 1},
+        "stream": False,
+        "keep_alive": 0,
+        "think": "low",
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    assert call("ollama_api", "ollama_chat.json", body)[0] == 200
+    assert sent == [{**{k: v for k, v in body.items() if k != "stream"}, "model": "mistral:7b"}]
