@@ -105,3 +105,52 @@ def test_functions_get_only_the_actions_they_use() -> None:
         {"Statement": [{"Effect": "Allow", "Action": "dynamodb:BatchGetItem",
                         "Resource": {"Fn::GetAtt": ["LeaseTable", "Arn"]}}]}
     ]  # fmt: skip
+
+
+LOCAL_ENDPOINTS = {
+    "LocalDynamoDbEndpoint": "AWS_ENDPOINT_URL_DYNAMODB",
+    "LocalSqsEndpoint": "AWS_ENDPOINT_URL_SQS",
+}
+
+
+def sam_environments(overrides: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each function's environment as SAM resolves it (parameters and Globals merged)."""
+    from samcli.lib.providers.sam_function_provider import SamFunctionProvider
+    from samcli.lib.providers.sam_stack_provider import SamLocalStackProvider
+
+    stacks, _ = SamLocalStackProvider.get_stacks(
+        str(ROOT / "template.yaml"), parameter_overrides=overrides
+    )
+    return {
+        fn.name: (fn.environment or {}).get("Variables", {})
+        for fn in SamFunctionProvider(stacks).get_all()
+    }
+
+
+def test_a_default_deploy_carries_no_local_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the local-run parameters at their defaults, when the template is resolved, then
+    every endpoint variable is empty, and an empty one leaves the SDK on AWS's endpoint."""
+    params = load_template()["Parameters"]
+    assert all(params[name]["Default"] == "" for name in LOCAL_ENDPOINTS)
+    for env in sam_environments({}).values():
+        assert all(env[variable] == "" for variable in LOCAL_ENDPOINTS.values())
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", "")
+    region = "eu-west-1"
+    assert boto3.client("dynamodb", region_name=region).meta.endpoint_url == (
+        f"https://dynamodb.{region}.amazonaws.com"
+    )
+    assert boto3.client("sqs", region_name=region).meta.endpoint_url == (
+        f"https://sqs.{region}.amazonaws.com"
+    )
+    # The parameters feed these variables and nothing else.
+    text = load_template_text()
+    assert all(text.count(f"!Ref {name}") == 1 for name in LOCAL_ENDPOINTS)
+
+
+def test_sam_local_passes_the_local_endpoints_to_every_function() -> None:
+    overrides = {name: f"http://172.17.0.1:{port}" for port, name in enumerate(LOCAL_ENDPOINTS)}
+    for env in sam_environments(overrides).values():
+        assert {env[variable] for variable in LOCAL_ENDPOINTS.values()} == set(overrides.values())
