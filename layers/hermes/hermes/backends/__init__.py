@@ -3,10 +3,10 @@ chosen by the host's `kind`; both answer in Ollama's shapes, Hermes' one interna
 
 from __future__ import annotations
 
-from hermes.backends.ollama import OllamaClient
+from hermes.backends.ollama import OllamaClient, set_down_reason
 from hermes.backends.openai import OpenAIClient
 
-__all__ = ["OllamaClient", "OpenAIClient", "client_for"]
+__all__ = ["OllamaClient", "OpenAIClient", "client_for", "set_down_reason"]
 
 
 def client_for(kind: str, base_url: str) -> OllamaClient:

@@ -1,13 +1,15 @@
 """The Ollama client: the only code that talks to the model server. It maps every
-transport or HTTP failure to a HermesError so the service sees one error type."""
+transport or HTTP failure to a HermesError so the service sees one error type, and every
+message names the kind of server that failed (`label`), so a failure of an
+OpenAI-compatible server is never blamed on Ollama."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
 
 import httpx
 
@@ -22,8 +24,30 @@ from hermes.errors import (
 # A host that drops packets (wrong VPC route) must fail fast, not eat the model timeout.
 CONNECT_TIMEOUT_S = 2.0
 
+# Why a backend is down, from whoever runs it: base URL → a callable answering a sentence
+# (e.g. "the embedded model server (llama-cpp-python) was killed by SIGILL: ...") or None
+# while it runs. The local runner registers its embedded model server here; on Lambda
+# nothing is registered. A registry keyed by URL, rather than a client argument, because
+# the clients are built deep inside each function's service and the layer must not import
+# the runner: the runner only needs the URL it gave the server.
+DownReason = Callable[[], str | None]
+_down_reasons: dict[str, DownReason] = {}
+
+
+def set_down_reason(base_url: str, reason: DownReason | None) -> None:
+    """Register (or, with None, remove) the explanation for failures of the backend at
+    `base_url`; consulted when a connection to it fails or breaks off."""
+    key = base_url.rstrip("/")
+    if reason is None:
+        _down_reasons.pop(key, None)
+    else:
+        _down_reasons[key] = reason
+
 
 class OllamaClient:
+    # Names the kind of server in every error message; subclasses for other kinds set theirs.
+    label: ClassVar[str] = "Ollama"
+
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url
         self._transport = transport
@@ -51,7 +75,7 @@ class OllamaClient:
         response = await self._request("POST", path, body["model"], timeout_s, json=body)
         data = _json_or_none(response)
         if not isinstance(data, dict) or not ("response" in data or "message" in data):
-            raise UpstreamError(f"Ollama answered {path} with an unexpected body")
+            raise UpstreamError(f"{self.label} answered {path} with an unexpected body")
         return data
 
     async def stream(
@@ -74,15 +98,15 @@ class OllamaClient:
                         chunk = json.loads(line)
                     except ValueError:
                         raise UpstreamError(
-                            f"Ollama sent a line that is not JSON on {path}"
+                            f"{self.label} sent a line that is not JSON on {path}"
                         ) from None
                     if isinstance(chunk, dict) and "error" in chunk:
                         raise UpstreamError(
-                            f"Ollama failed mid-answer: {str(chunk['error'])[:500]}"
+                            f"{self.label} failed mid-answer: {str(chunk['error'])[:500]}"
                         )
                     yield chunk
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, timeout_s) from None
+            raise await self._transport_error(exc, timeout_s) from None
 
     async def get(self, path: str, timeout_s: float) -> dict[str, Any]:
         response = await self._request("GET", path, None, timeout_s)
@@ -92,11 +116,10 @@ class OllamaClient:
         response = await self._request("POST", path, body.get("model"), timeout_s, json=body)
         return self._object(response, path)
 
-    @staticmethod
-    def _object(response: httpx.Response, path: str) -> dict[str, Any]:
+    def _object(self, response: httpx.Response, path: str) -> dict[str, Any]:
         data = _json_or_none(response)
         if not isinstance(data, dict):
-            raise UpstreamError(f"Ollama answered {path} with an unexpected body")
+            raise UpstreamError(f"{self.label} answered {path} with an unexpected body")
         return data
 
     async def loaded_models(self, timeout_s: float) -> list[dict[str, Any]]:
@@ -104,7 +127,7 @@ class OllamaClient:
         response = await self._request("GET", "/api/ps", None, timeout_s)
         data = _json_or_none(response)
         if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-            raise UpstreamError("Ollama answered /api/ps with an unexpected body")
+            raise UpstreamError(f"{self.label} answered /api/ps with an unexpected body")
         models: list[dict[str, Any]] = data["models"]
         return models
 
@@ -115,34 +138,47 @@ class OllamaClient:
         try:
             response = await self._client().request(method, path, timeout=timeout, **kwargs)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, timeout_s) from None
+            raise await self._transport_error(exc, timeout_s) from None
         self._raise_for_status(response, backend_model)
         return response
 
-    def _transport_error(self, exc: httpx.HTTPError, timeout_s: float) -> HermesError:
+    @property
+    def _subject(self) -> str:
+        """The label at the start of a sentence."""
+        return self.label[:1].upper() + self.label[1:]
+
+    async def _transport_error(self, exc: httpx.HTTPError, timeout_s: float) -> HermesError:
         if isinstance(exc, httpx.TimeoutException):
-            return UpstreamTimeout(f"Ollama did not answer within {timeout_s:g} s")
+            return UpstreamTimeout(f"{self._subject} did not answer within {timeout_s:g} s")
+        reason = _down_reasons.get(self.base_url.rstrip("/"))
+        # In a thread: the runner's check may wait a moment for a dying process to be reaped.
+        down = await asyncio.to_thread(reason) if reason is not None else None
+        if down:
+            return UpstreamUnavailable(down, retry_after=5)
         if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
             return UpstreamUnavailable(
-                f"Ollama is unreachable at {self.base_url} ({type(exc).__name__})", retry_after=5
+                f"{self._subject} is unreachable at {self.base_url} ({type(exc).__name__})",
+                retry_after=5,
             )
         # Connected, then the answer broke off (crash, OOM kill, proxy reset).
-        return UpstreamError(f"Ollama closed the connection mid-answer ({type(exc).__name__})")
+        return UpstreamError(
+            f"{self._subject} closed the connection mid-answer ({type(exc).__name__})"
+        )
+
+    def _missing_model(self, backend_model: str) -> str:
+        return f"Ollama does not have model '{backend_model}'; run: ollama pull {backend_model}"
 
     def _raise_for_status(self, response: httpx.Response, backend_model: str | None) -> None:
         if response.status_code == 404 and backend_model is not None:
-            raise ModelNotFound(
-                f"Ollama does not have model '{backend_model}'; run: ollama pull {backend_model}",
-                backend_model=backend_model,
-            )
+            raise ModelNotFound(self._missing_model(backend_model), backend_model=backend_model)
         if response.status_code == 503:
             # Ollama's "server busy, please try again" (OLLAMA_MAX_QUEUE reached).
             raise UpstreamUnavailable(
-                f"Ollama is overloaded: {_error_text(response)}", retry_after=1
+                f"{self._subject} is overloaded: {_error_text(response)}", retry_after=1
             )
         if response.status_code >= 400:
             raise UpstreamError(
-                f"Ollama answered {response.status_code}: {_error_text(response)}",
+                f"{self._subject} answered {response.status_code}: {_error_text(response)}",
                 upstream_status=response.status_code,
             )
 

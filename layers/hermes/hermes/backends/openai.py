@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from hermes.backends.ollama import OllamaClient
+from hermes.backends.ollama import CONNECT_TIMEOUT_S, OllamaClient
 from hermes.errors import UpstreamError
 
 # Ollama option → OpenAI request field.
@@ -32,6 +32,15 @@ OPTION_FIELDS = {
 class OpenAIClient(OllamaClient):
     """Reuses OllamaClient's pooled transport and error mapping; translates the payloads."""
 
+    label = "the OpenAI-compatible server"
+
+    def _missing_model(self, backend_model: str) -> str:
+        # No `ollama pull` here: such a server serves what it was started with.
+        return (
+            f"{self._subject} at {self.base_url} does not serve model '{backend_model}'; "
+            "its GET /v1/models lists the names it serves"
+        )
+
     async def complete(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         started = time.perf_counter_ns()
         route, payload = _request(path, body, stream=False)
@@ -41,7 +50,9 @@ class OpenAIClient(OllamaClient):
             choice = data["choices"][0]
             text = choice["message"]["content"] if path == "/api/chat" else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise UpstreamError(f"the backend answered {route} with an unexpected body") from None
+            raise UpstreamError(
+                f"{self._subject} answered {route} with an unexpected body"
+            ) from None
         return _final(
             path, body["model"], text or "", choice.get("finish_reason"), data.get("usage"), started
         )
@@ -51,7 +62,7 @@ class OpenAIClient(OllamaClient):
     ) -> AsyncIterator[dict[str, Any]]:
         started = time.perf_counter_ns()
         route, payload = _request(path, body, stream=True)
-        timeout = httpx.Timeout(timeout_s, connect=min(2.0, timeout_s))
+        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         finish, usage, pieces = None, None, 0
         try:
             async with self._client().stream(
@@ -69,7 +80,7 @@ class OpenAIClient(OllamaClient):
                     event = json.loads(data)
                     if "error" in event:
                         raise UpstreamError(
-                            f"the backend failed mid-answer: {str(event['error'])[:300]}"
+                            f"{self._subject} failed mid-answer: {str(event['error'])[:300]}"
                         )
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or []:
@@ -83,9 +94,11 @@ class OpenAIClient(OllamaClient):
                             pieces += 1
                             yield _chunk(path, body["model"], delta)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, timeout_s) from None
+            raise await self._transport_error(exc, timeout_s) from None
         except ValueError:
-            raise UpstreamError(f"the backend sent an event that is not JSON on {route}") from None
+            raise UpstreamError(
+                f"{self._subject} sent an event that is not JSON on {route}"
+            ) from None
         if usage is None:
             # Some servers (llama-cpp-python) ignore stream_options.include_usage; they send
             # one token per event, so the events are the completion's token count.
@@ -112,7 +125,7 @@ class OpenAIClient(OllamaClient):
             return {"models": await self.loaded_models(timeout_s)}
         if path == "/api/version":
             return {"version": "openai-compatible"}
-        raise UpstreamError(f"{path} is not available on an OpenAI-compatible backend")
+        raise UpstreamError(f"{path} is not available on {self.label}")
 
     async def post(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if path == "/api/show":
@@ -123,7 +136,7 @@ class OpenAIClient(OllamaClient):
                 "details": {},
                 "model_info": {},
             }
-        raise UpstreamError(f"{path} is not available on an OpenAI-compatible backend")
+        raise UpstreamError(f"{path} is not available on {self.label}")
 
 
 def _request(path: str, body: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any]]:
