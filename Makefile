@@ -72,3 +72,8 @@ bench: install
 
 clean:
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache
+
+# openapi.json (the committed OpenAPI document) from the functions' FastAPI apps.
+.PHONY: openapi
+openapi: $(VENV)/.installed
+	$(PY) -m local.openapi

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from local import dynamodb_local, embedded_model
+from local import dynamodb_local, embedded_model, openapi
 from local.queue_poller import QueuePoller
 from local.template import (
     ROOT,
@@ -39,6 +39,9 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
 ]
+
+
+OPENAPI_PATH = "/openapi.json"
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,9 @@ def build_app() -> Router:
         [
             MountedRoute(r.method, path_pattern(r.path), handlers[r.function].app)
             for r in http_routes(template)
-        ],
+        ]
+        # One OpenAPI document for every route above (the runner's own; not an API route).
+        + [MountedRoute("GET", path_pattern(OPENAPI_PATH), openapi.DocumentApp(handlers))],
         api_key=os.environ.get("HERMES_API_KEY") or None,
     )
 

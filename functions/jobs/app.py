@@ -4,13 +4,14 @@ For generations longer than API Gateway's 30 s (llama3 may take 45 s)."""
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from hermes.http import create_app, lambda_handler, read_json_body
+from hermes.http import create_app, lambda_handler, openapi_body, read_json_body
 from hermes.jobs import get_jobs
+from hermes.schemas import GenerateRequest
 
 app = create_app("Hermes jobs")
 
 
-@app.post("/v1/jobs/{model}")
+@app.post("/v1/jobs/{model}", status_code=202, openapi_extra=openapi_body(GenerateRequest))
 async def submit(model: str, request: Request) -> JSONResponse:
     jobs = get_jobs()
     body = await read_json_body(request, jobs.settings.max_prompt_chars)

@@ -1,6 +1,8 @@
 """POST /v1/llm/{model}: one prompt to one model, under Hermes' limits.
 Also invoked directly by other functions with {"model", "prompt", "request_id"}."""
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -29,7 +31,7 @@ async def generate(model: str, request: Request) -> JSONResponse:
     return JSONResponse(await service.generate(model, body, deadline_s=deadline))
 
 
-def direct_invoke(event: dict, context: object) -> dict:
+def direct_invoke(event: dict[str, Any], context: object) -> dict[str, Any]:
     from hermes.direct import handle_direct  # only direct invokes pay for powertools
 
     return handle_direct(event, context)

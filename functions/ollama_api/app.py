@@ -6,10 +6,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from hermes import ollama_api
-from hermes.http import StreamingBody, create_app, lambda_handler, read_json_body, sync_deadline_s
+from hermes.http import (
+    StreamingBody,
+    create_app,
+    lambda_handler,
+    openapi_body,
+    read_json_body,
+    sync_deadline_s,
+)
 from hermes.service import get_service
 
 app = create_app("Hermes - Ollama API", render=ollama_api.render_error)
+# Streamed by default: one JSON object per line ("stream": false gives one object).
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-ndjson": {}}}}
 
 
 async def _run(request: Request, path: str, kind: type[Any]) -> Response:
@@ -26,12 +35,20 @@ async def _run(request: Request, path: str, kind: type[Any]) -> Response:
     return StreamingBody(ollama_api.ndjson(chunks, body.model), media_type="application/x-ndjson")
 
 
-@app.post("/api/generate")
+@app.post(
+    "/api/generate",
+    openapi_extra=openapi_body(ollama_api.GenerateBody),
+    responses=STREAMED,
+)
 async def generate(request: Request) -> Response:
     return await _run(request, "/api/generate", ollama_api.GenerateBody)
 
 
-@app.post("/api/chat")
+@app.post(
+    "/api/chat",
+    openapi_extra=openapi_body(ollama_api.ChatBody),
+    responses=STREAMED,
+)
 async def chat(request: Request) -> Response:
     return await _run(request, "/api/chat", ollama_api.ChatBody)
 

@@ -7,10 +7,23 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from hermes import openai_api
-from hermes.http import StreamingBody, create_app, lambda_handler, read_json_body, sync_deadline_s
+from hermes.http import (
+    StreamingBody,
+    create_app,
+    lambda_handler,
+    openapi_body,
+    read_json_body,
+    sync_deadline_s,
+)
 from hermes.service import get_service
 
-app = create_app("Hermes - OpenAI-compatible API", render=openai_api.render_error)
+app = create_app(
+    "Hermes - OpenAI-compatible API",
+    render=openai_api.render_error,
+    error_model=openai_api.OpenAIError,
+)
+# With "stream": true the answer is server-sent events.
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 async def _run(request: Request, chat: bool) -> Response:
@@ -31,12 +44,20 @@ async def _run(request: Request, chat: bool) -> Response:
     return StreamingBody(events, media_type="text/event-stream")
 
 
-@app.post("/v1/chat/completions")
+@app.post(
+    "/v1/chat/completions",
+    openapi_extra=openapi_body(openai_api.ChatRequest),
+    responses=STREAMED,
+)
 async def chat_completions(request: Request) -> Response:
     return await _run(request, chat=True)
 
 
-@app.post("/v1/completions")
+@app.post(
+    "/v1/completions",
+    openapi_extra=openapi_body(openai_api.CompletionRequest),
+    responses=STREAMED,
+)
 async def completions(request: Request) -> Response:
     return await _run(request, chat=False)
 

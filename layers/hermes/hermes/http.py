@@ -4,6 +4,7 @@ and helpers to read a JSON body and the Lambda deadline from a request."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -13,10 +14,11 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from mangum import Mangum
 from mangum.adapter import DEFAULT_TEXT_MIME_TYPES
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from hermes import __version__
@@ -48,14 +50,27 @@ def error_response(error: HermesError) -> JSONResponse:
 ErrorRenderer = Callable[[HermesError], JSONResponse]
 
 
-def create_app(title: str, render: ErrorRenderer = error_response) -> FastAPI:
+class Error(BaseModel):
+    """Every Hermes error, and the Ollama API's (same shape, without the extra fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="what went wrong, as a sentence")
+    code: str = Field(description="stable snake_case code, e.g. model_busy")
+
+
+def create_app(
+    title: str, render: ErrorRenderer = error_response, error_model: type[BaseModel] = Error
+) -> FastAPI:
     """A FastAPI app whose every failure, including unknown routes, is a JSON error drawn by
-    `render`: Hermes' own shape by default, Ollama's or OpenAI's for the compatible APIs."""
+    `render`: Hermes' own shape by default, Ollama's or OpenAI's for the compatible APIs.
+    Its OpenAPI document says so (`error_model`), rather than FastAPI's 422 `detail`."""
     # No trailing-slash redirects: an empty 307 is not a JSON answer, and API Gateway does
     # not redirect either.
     app = FastAPI(
         title=title, version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False
     )
+    app.openapi = functools.partial(_openapi, app, error_model)  # type: ignore[method-assign]
 
     @app.exception_handler(HermesError)
     async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:
@@ -83,6 +98,36 @@ def create_app(title: str, render: ErrorRenderer = error_response) -> FastAPI:
         return render(InternalError("internal error; see the service logs"))
 
     return app
+
+
+def _openapi(app: FastAPI, error_model: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI's document, with the errors Hermes really answers: a 400 for what FastAPI
+    would call a 422, and the app's own error shape for every failure."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        error = error_model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = {
+            name: value
+            for name, value in schema.get("components", {}).get("schemas", {}).items()
+            if name not in ("HTTPValidationError", "ValidationError")
+        }
+        components |= error.pop("$defs", {})
+        components[error_model.__name__] = error
+        failure = {
+            "description": "An error, always JSON in this API's error shape",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{error_model.__name__}"}
+                }
+            },
+        }
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                operation["responses"]["default"] = failure
+        schema["components"] = {"schemas": dict(sorted(components.items()))}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def read_json_body(request: Request, max_prompt_chars: int) -> Any:

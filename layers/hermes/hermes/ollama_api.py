@@ -40,9 +40,15 @@ class _Body(BaseModel):
 
     model: str = Field(min_length=1, max_length=200)
     stream: bool = True
-    options: dict[str, Any] | None = None
+    options: dict[str, Any] | None = Field(
+        default=None,
+        description="Ollama's runtime options; num_ctx up to the model's max_num_ctx. Options "
+        "that decide how the model is loaded (num_gpu, num_thread...) are refused.",
+    )
     format: str | dict[str, Any] | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: str | int | float | None = Field(
+        default=None, description="ignored unless the model's config has allow_keep_alive"
+    )
     think: bool | str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

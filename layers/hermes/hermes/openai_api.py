@@ -31,6 +31,19 @@ def render_error(error: HermesError) -> JSONResponse:
     return JSONResponse(body, error.status, headers=error.headers())
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "rate_limit_error", "server_error"]
+    param: str | None = None
+    code: str = Field(description="Hermes' stable code, e.g. model_busy")
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error shape, as every failure of this API is answered."""
+
+    error: OpenAIErrorDetail
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # user, logprobs...: accepted and ignored
 
