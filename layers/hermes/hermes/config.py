@@ -96,12 +96,53 @@ class Settings(BaseModel):
     job_retry_base_s: int
     job_retention_s: int
     job_max_wait_s: int
+    # The worker's own Lambda timeout (WorkerFunction's Timeout), so the jobs machinery can
+    # refuse a model whose jobs could never finish; 0 = unknown (tests, scripts).
+    worker_timeout_s: int = 0
+    # Where the worker parks a job it gives up on itself (it waited too long for capacity).
+    jobs_dlq_url: str = ""
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
 
     def host_url(self, host: str) -> str:
         return (self.hosts[host].url or self.ollama_url).rstrip("/")
+
+
+# A job runs with its model's whole timeout (and admission wait, queue_timeout_ms); around
+# the call the worker also writes the job record (running, finished), the idempotency record
+# (in progress, result), admits and releases (a few DynamoDB writes, ~2 s each when DynamoDB
+# is slow) and keeps 1 s back at the Lambda deadline. A record is only started with this much
+# time left; a later record of a batch that finds less is handed back (jobs.py).
+JOB_OVERHEAD_S = 15
+# What an invocation may spend before its first job starts (reading the job record).
+WORKER_START_S = 5
+
+
+def job_time_needed_s(model: ModelConfig) -> float:
+    """Lambda time a job of `model` needs from its start to be sure of the whole timeout."""
+    return (model.timeout + model.queue_timeout_ms) / 1000 + JOB_OVERHEAD_S
+
+
+def check_worker_timeout(settings: Settings) -> None:
+    """Refuse a model whose jobs the worker could never finish (ConfigError naming the field).
+    Checked where jobs are loaded (jobs API, worker), not for the synchronous routes, which
+    a local models file with longer timeouts may still serve."""
+    if settings.worker_timeout_s <= 0:
+        return
+    path = os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE
+    for name, model in sorted(settings.models.items()):
+        needed = job_time_needed_s(model) + WORKER_START_S
+        if needed > settings.worker_timeout_s:
+            wait = f" + queue_timeout_ms {model.queue_timeout_ms}" if model.queue_timeout_ms else ""
+            raise ConfigError(
+                f"models file {path}: field 'models.{name}.timeout': {model.timeout} ms{wait} "
+                f"+ {JOB_OVERHEAD_S + WORKER_START_S} s of job overhead is {needed:g} s, more "
+                f"than the worker's timeout of {settings.worker_timeout_s} s "
+                "(HERMES_WORKER_TIMEOUT_S, WorkerFunction's Timeout): its jobs could never "
+                "finish. Raise the worker's Timeout in template.yaml (and JobsQueue's "
+                "VisibilityTimeout to 6 times it) or lower the model's timeout"
+            )
 
 
 def load_models(path: Path) -> dict[str, ModelConfig]:
@@ -195,4 +236,6 @@ def get_settings() -> Settings:
         job_retry_base_s=_env_int("HERMES_JOB_RETRY_BASE_S", 5, 0),
         job_retention_s=_env_int("HERMES_JOB_RETENTION_S", 7 * 24 * 3600, 60),
         job_max_wait_s=_env_int("HERMES_JOB_MAX_WAIT_S", 3600, 1),
+        worker_timeout_s=_env_int("HERMES_WORKER_TIMEOUT_S", 0, 0),
+        jobs_dlq_url=os.environ.get("HERMES_JOBS_DLQ_URL") or "",
     )
