@@ -34,6 +34,7 @@ def runner(
         "AWS_ENDPOINT_URL_SQS": sqs_endpoint,
         "HERMES_PARAMETERS": "JobMaxAttempts=3",
         "HERMES_JOB_RETRY_BASE_S": "1",
+        "HERMES_MAX_PROMPT_CHARS": "100000",  # the default: full-size prompts as jobs
     }
     with HermesProcess(env) as process:
         yield process
@@ -134,3 +135,17 @@ def test_a_poisoned_job_lands_in_the_dead_letter_queue_and_reads_failed(
         ]
         time.sleep(0.2)
     assert {"job_id": job_id} in [json.loads(b) for b in bodies]
+
+
+def test_a_non_ascii_prompt_the_llm_route_accepts_is_accepted_as_a_job(
+    runner: HermesProcess,
+) -> None:
+    # 100,000 '€': within HERMES_MAX_PROMPT_CHARS as /v1/llm counts, 300 KB of UTF-8, and the
+    # job record in DynamoDB Local (which enforces the 400 KB item limit) still holds it.
+    prompt = "€" * 100_000
+    sync = httpx.post(f"{runner.url}/v1/llm/gemma", json={"prompt": prompt}, timeout=30)
+    assert sync.status_code == 200, sync.text[:300]
+    final = wait_for(runner, submit(runner, "gemma", prompt))[-1]
+    assert final["status"] == "succeeded", final
+    assert final["result"]["result"].startswith("Echo: €€€")
+    assert "error" not in final and "code" not in final

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from hermes.config import DEFAULT_MODELS_FILE, load_models
-from local.template import ROOT, functions, http_routes, load_template
+from local.template import (
+    ROOT,
+    functions,
+    http_routes,
+    load_template,
+    queue_definitions,
+    queue_sources,
+)
 
 pytestmark = pytest.mark.template
 BIN = Path(sys.executable).parent
@@ -46,6 +53,34 @@ def test_reserved_concurrency_covers_every_model_slot() -> None:
 def test_llm_function_outlives_the_slowest_model() -> None:
     models = load_models(DEFAULT_MODELS_FILE)
     assert functions()["LlmFunction"].timeout * 1000 > max(m.timeout for m in models.values())
+
+
+def test_every_job_gets_its_model_s_whole_timeout_in_the_worker() -> None:
+    """One record per invocation, and a worker Timeout covering the slowest model's timeout
+    and admission wait plus the jobs' overhead (what the worker itself checks at load)."""
+    from hermes.config import JOB_OVERHEAD_S, WORKER_START_S
+
+    models = load_models(DEFAULT_MODELS_FILE)
+    worker = functions()["WorkerFunction"]
+    slowest_s = max((m.timeout + m.queue_timeout_ms) / 1000 for m in models.values())
+    assert worker.timeout >= slowest_s + JOB_OVERHEAD_S + WORKER_START_S
+    assert int(worker.environment["HERMES_WORKER_TIMEOUT_S"]) == worker.timeout
+    assert [s.batch_size for s in queue_sources() if s.function == "WorkerFunction"] == [1]
+
+
+def test_the_jobs_queue_hides_a_message_six_worker_timeouts() -> None:
+    """AWS: a source queue's visibility timeout at least 6 times the function's timeout."""
+    worker = functions()["WorkerFunction"]
+    visibility = int(queue_definitions()["JobsQueue"].attributes["VisibilityTimeout"])
+    assert visibility >= 6 * worker.timeout
+
+
+def test_the_worker_can_dead_letter_a_job_itself() -> None:
+    worker = functions()["WorkerFunction"]
+    assert worker.environment["HERMES_JOBS_DLQ_URL"] == {"Ref": "JobsDLQ"}
+    statements = [s for p in worker.properties["Policies"] for s in p["Statement"]]
+    assert {"Effect": "Allow", "Action": "sqs:SendMessage",
+            "Resource": {"Fn::GetAtt": ["JobsDLQ", "Arn"]}} in statements  # fmt: skip
 
 
 def test_every_route_has_an_event_and_every_event_a_route() -> None:

@@ -29,6 +29,7 @@ def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) ->
     urls = ensure_queues(load_template())
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     monkeypatch.setenv("HERMES_JOBS_QUEUE_URL", urls["JobsQueue"])
+    monkeypatch.setenv("HERMES_JOBS_DLQ_URL", urls["JobsDLQ"])
     monkeypatch.setenv("HERMES_JOB_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("HERMES_JOB_RETRY_BASE_S", "0")
     for cached in (get_jobs, _persistence):
@@ -127,7 +128,9 @@ def read(job_id: str) -> tuple[int, dict[str, Any]]:
     return response["statusCode"], json.loads(response["body"])
 
 
-def deliver(urls: dict[str, str], messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def deliver(
+    urls: dict[str, str], messages: list[dict[str, Any]] | None = None, context: Any = None
+) -> dict[str, Any]:
     """One SQS batch to the worker, as the event source mapping would send it."""
     sqs = boto3.client("sqs")
     if messages is None:
@@ -145,7 +148,7 @@ def deliver(urls: dict[str, str], messages: list[dict[str, Any]] | None = None) 
         }
         for m in messages
     ]
-    return load_function("worker").handler({"Records": records}, LambdaContext())  # type: ignore[no-any-return]
+    return load_function("worker").handler({"Records": records}, context or LambdaContext())  # type: ignore[no-any-return]
 
 
 def test_a_job_is_queued_then_run_by_the_worker(env: dict[str, str]) -> None:
@@ -173,15 +176,12 @@ def test_a_redelivered_message_does_not_call_the_model_twice(
     message = boto3.client("sqs").receive_message(
         QueueUrl=env["JobsQueue"], AttributeNames=["All"]
     )["Messages"]
+    ddb = boto3.client("dynamodb")
+    key = {"job_id": {"S": job["job_id"]}}
+    queued = ddb.get_item(TableName="JobsTable", Key=key)["Item"]
     deliver(env, message)
     # The worker crashed after the model answered but before the job was marked: redelivery.
-    boto3.client("dynamodb").update_item(
-        TableName="JobsTable",
-        Key={"job_id": {"S": job["job_id"]}},
-        UpdateExpression="SET #s = :q",
-        ExpressionAttributeNames={"#s": "status"},
-        ExpressionAttributeValues={":q": {"S": "queued"}},
-    )
+    ddb.put_item(TableName="JobsTable", Item=queued)
     deliver(env, message)
     assert read(job["job_id"])[1]["status"] == "succeeded"
     assert calls(emulator) == 1
@@ -202,9 +202,10 @@ def test_a_busy_model_delays_a_job_instead_of_failing_it(env: dict[str, str]) ->
     assert read(job["job_id"])[1]["status"] == "succeeded"
 
 
-def test_a_job_waiting_past_its_limit_fails_as_busy(
+def test_a_job_waiting_past_its_limit_fails_as_busy_and_is_dead_lettered(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Given llama3's only slot is held and jobs may wait 1 s
     monkeypatch.setenv("HERMES_JOB_MAX_WAIT_S", "1")
     service = get_service()
     service.limiter.acquire(
@@ -212,9 +213,30 @@ def test_a_job_waiting_past_its_limit_fails_as_busy(
     )
     _, job, _ = submit("llama3")
     time.sleep(1.1)
-    deliver(env)
+    # When the worker finds the model still busy after the wait
+    assert deliver(env) == {"batchItemFailures": []}
+    # Then the job reads failed, saying why, and its message sits in the dead-letter queue
     view = read(job["job_id"])[1]
     assert (view["status"], view["code"]) == ("failed", "model_busy")
+    assert "for a free slot of model 'llama3'" in view["error"]
+    assert "HERMES_JOB_MAX_WAIT_S" in view["error"] and "giving up" in view["error"]
+    sqs = boto3.client("sqs")
+    dlq = sqs.receive_message(QueueUrl=env["JobsDLQ"], MessageAttributeNames=["All"]).get(
+        "Messages", []
+    )
+    assert [json.loads(m["Body"])["job_id"] for m in dlq] == [job["job_id"]]
+    assert dlq[0]["MessageAttributes"]["code"]["StringValue"] == "model_busy"
+    assert sqs.receive_message(QueueUrl=env["JobsQueue"]).get("Messages", []) == []
+
+
+def test_the_worker_is_given_the_dead_letter_queue_as_the_runner_resolves_it(
+    env: dict[str, str],
+) -> None:
+    from local.template import functions, resolve
+
+    template = load_template()
+    worker = functions(template)["WorkerFunction"].environment
+    assert resolve(worker["HERMES_JOBS_DLQ_URL"], template, env) == env["JobsDLQ"]
 
 
 def test_a_job_failing_every_attempt_is_marked_failed_and_dead_lettered(
@@ -278,3 +300,132 @@ def test_the_worker_refuses_events_that_are_not_sqs_batches() -> None:
     assert (
         load_function("worker").handler({"hello": 1}, LambdaContext())["code"] == "invalid_request"
     )
+
+
+# -- issue 10, items 5 and 6 ------------------------------------------------------------
+
+
+class ClockContext(LambdaContext):
+    """A Lambda context whose remaining time runs down with the wall clock, as Lambda's does."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.deadline = time.monotonic() + timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+
+def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
+    env: dict[str, str],
+    emulator: OllamaEmulator,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deployed case is llama3: 45 s jobs in a worker of 65 s. Scaled down here to a 4 s
+    model, 1 s of job overhead and 1 s of start-up, i.e. a worker timeout of 6 s."""
+    import hermes.config
+
+    monkeypatch.setattr(hermes.config, "JOB_OVERHEAD_S", 1, raising=False)
+    monkeypatch.setattr(hermes.config, "WORKER_START_S", 1, raising=False)
+    models = json.loads(hermes.config.DEFAULT_MODELS_FILE.read_text())
+    models["models"] = {"llama3": {**models["models"]["llama3"], "timeout": 4000}}
+    models["models"]["llama3"]["max_concurrency"] = 2
+    models["hosts"]["default"]["memory_budget"] = 16
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+    monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "6")
+    # Given two llama3 jobs whose generations take 3.5 s of their 4 s, in one SQS batch
+    emulator.set_behaviour(model="llama3:8b", delay_ms=3500)
+    first, second = submit("llama3")[1]["job_id"], submit("llama3")[1]["job_id"]
+    sqs = boto3.client("sqs")
+    batch: list[dict[str, Any]] = []
+    while len(batch) < 2:
+        batch += sqs.receive_message(
+            QueueUrl=env["JobsQueue"], MaxNumberOfMessages=10, AttributeNames=["All"]
+        ).get("Messages", [])
+    batch.sort(key=lambda m: json.loads(m["Body"])["job_id"] != first)
+    # When one worker invocation with the worker's whole timeout gets both
+    result = deliver(env, batch, ClockContext(6))
+    # Then the first ran, and the second, which could no longer get its 4 s, was handed back
+    # as a fresh message: no attempt used up, no failure reported, the model never called
+    assert result == {"batchItemFailures": []}
+    assert read(first)[1]["status"] == "succeeded"
+    waiting = read(second)[1]
+    assert (waiting["status"], waiting["attempts"], waiting.get("code")) == ("queued", 0, None)
+    assert calls(emulator, "llama3:8b") == 1
+    again = sqs.receive_message(QueueUrl=env["JobsQueue"], AttributeNames=["All"])["Messages"]
+    assert [json.loads(m["Body"])["job_id"] for m in again] == [second]
+    assert again[0]["Attributes"]["ApproximateReceiveCount"] == "1"
+    # And the next invocation runs it with its whole timeout
+    assert deliver(env, again, ClockContext(6)) == {"batchItemFailures": []}
+    done = read(second)[1]
+    assert (done["status"], done["attempts"]) == ("succeeded", 1)
+
+
+def test_a_model_the_worker_cannot_serve_is_refused_at_load(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hermes.config import ConfigError
+    from hermes.jobs import get_jobs
+
+    # Given a worker of 60 s and llama3's 45 s timeout plus the jobs' overhead (65 s)
+    monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "60")
+    with pytest.raises(ConfigError, match=r"models\.llama3\.timeout.*HERMES_WORKER_TIMEOUT_S"):
+        get_jobs()
+    with pytest.raises(ConfigError, match=r"models\.llama3\.timeout"):
+        deliver(env, [{"MessageId": "m", "ReceiptHandle": "r", "Body": "{}"}])
+
+
+def test_a_succeeded_job_shows_no_error_from_an_earlier_attempt(env: dict[str, str]) -> None:
+    service = get_service()
+    lease = service.limiter.acquire(
+        host_pool("default"), service.counters("llama3", service.model("llama3")), 60_000
+    )
+    _, job, _ = submit("llama3")
+    deliver(env)
+    assert read(job["job_id"])[1]["code"] == "model_busy"
+    service.limiter.release(lease)
+    deliver(env)
+    view = read(job["job_id"])[1]
+    assert view["status"] == "succeeded"
+    assert "error" not in view and "code" not in view
+
+
+def test_a_non_ascii_prompt_the_llm_route_accepts_is_accepted_as_a_job(
+    env: dict[str, str],
+) -> None:
+    # Given 100,000 '€' (300 KB of UTF-8): within HERMES_MAX_PROMPT_CHARS, as /v1/llm counts
+    body = {"prompt": "€" * 100_000}
+    sync = load_function("llm").handler(
+        event("llm_generate.json", body=json.dumps(body)), LambdaContext()
+    )
+    assert sync["statusCode"] == 200
+    # When it is submitted as a job, Then it is queued and runs like any other
+    status, job, _ = submit("gemma", body)
+    assert status == 202, job
+    assert deliver(env) == {"batchItemFailures": []}
+    done = read(job["job_id"])[1]
+    assert done["status"] == "succeeded"
+    assert done["result"]["result"].startswith("Echo: €€€")
+
+
+def test_a_result_too_large_for_the_job_record_fails_the_job(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    import random
+
+    # Given a model that answers ~600 KB of text that does not compress (random words)
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    words = ["".join(rng.choices(alphabet, k=8)) for _ in range(11_000)]
+    emulator.set_behaviour(model="gemma3:1b", tokens=6 * len(words))
+    _, job, _ = submit("gemma", {"prompt": " ".join(words)})
+    # When the worker runs it
+    assert deliver(env) == {"batchItemFailures": []}
+    # Then the job fails at once with result_too_large, never left running or retried
+    view = read(job["job_id"])[1]
+    assert (view["status"], view["code"]) == ("failed", "result_too_large")
+    assert "result" not in view
+    assert calls(emulator) == 1
+    assert boto3.client("sqs").receive_message(QueueUrl=env["JobsQueue"]).get("Messages") is None

@@ -92,6 +92,13 @@ class QueueUnavailable(HermesError):
     status, code = 503, "queue_unavailable"
 
 
+class ResultTooLarge(HermesError):
+    """A job's answer does not fit its job record. Only a job ever reads it; 507 (Insufficient
+    Storage) keeps it out of the retryable statuses: the same prompt would answer as much."""
+
+    status, code = 507, "result_too_large"
+
+
 def is_retryable(error: HermesError) -> bool:
     """Worth trying again later: capacity, availability and timeouts, not bad input."""
     return error.status in (409, 429, 500, 502, 503, 504)

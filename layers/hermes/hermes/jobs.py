@@ -7,22 +7,35 @@ A busy model is not a failure: the job is re-queued as a new, delayed message (g
 jittered delays), so waiting never uses up the queue's delivery attempts; it stays
 `queued` up to HERMES_JOB_MAX_WAIT_S. An unavailable backend or an error is retried
 through a growing visibility timeout; on the queue's last delivery the job reads
-`failed` and SQS moves the message to the dead-letter queue. Bad input fails at once.
+`failed` and SQS moves the message to the dead-letter queue. A job that waited past
+HERMES_JOB_MAX_WAIT_S reads `failed` too, and the worker moves its message to the dead-letter
+queue itself (its fresh messages never reach the queue's receive count). Bad input fails at
+once.
+
+Every job gets its model's whole timeout: the worker takes one record per invocation
+(BatchSize 1), and a record that would still start with less time left than its model needs
+(a larger batch, a slow start) is handed back as a fresh message without using an attempt.
+
+Requests and results are stored zlib-compressed (Binary) so a prompt /v1/llm accepts fits
+DynamoDB's 400 KB item; a result that does not fit fails the job with `result_too_large`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
 import time
 import uuid
+import zlib
 from functools import lru_cache
 from typing import Any
 
+from hermes import config
 from hermes.aio import run_sync
 from hermes.aws import client
-from hermes.config import Settings
+from hermes.config import Settings, check_worker_timeout
 from hermes.errors import (
     HermesError,
     HostBusy,
@@ -32,6 +45,7 @@ from hermes.errors import (
     PromptTooLarge,
     QueueUnavailable,
     RequestInProgress,
+    ResultTooLarge,
     is_retryable,
 )
 from hermes.http import lambda_time_left_s
@@ -42,8 +56,11 @@ from hermes.service import HermesService, get_service
 log = logging.getLogger(__name__)
 
 FINISHED = ("succeeded", "failed")
-# DynamoDB items hold at most 400 KB; leave room for the result next to the request.
-MAX_REQUEST_BYTES = 200_000
+# DynamoDB items hold at most 400 KB (409,600 bytes, attribute names included). A job record
+# holds its compressed request until it succeeds, then its compressed result instead.
+MAX_REQUEST_BYTES = 350_000
+# The result also travels through the idempotency record as base64 (4/3 of it: 373 KB).
+MAX_RESULT_BYTES = 280_000
 MAX_RETRY_DELAY_S = 900  # SQS caps a visibility timeout change at 12 h; 15 min is plenty
 MAX_DELAY_S = 900  # SQS's limit for DelaySeconds
 
@@ -58,15 +75,21 @@ class Jobs:
         self.settings: Settings = service.settings
         self._ddb = dynamodb
         self._sqs = sqs
+        check_worker_timeout(self.settings)  # a model the worker cannot serve fails at load
 
     # -- API side ---------------------------------------------------------------
 
     def submit(self, model: str, body: Any) -> dict[str, Any]:
         self.service.model(model)
+        # The prompt is counted in characters, as /v1/llm counts it; what is stored is the
+        # compressed request, which only a pathological (random) request fails to fit.
         parse_generate_request(body, self.settings.max_prompt_chars)
-        request = json.dumps(body)
-        if len(request.encode()) > MAX_REQUEST_BYTES:
-            raise PromptTooLarge(f"a job request may hold at most {MAX_REQUEST_BYTES} bytes")
+        request = _pack(body)
+        if len(request) > MAX_REQUEST_BYTES:
+            raise PromptTooLarge(
+                f"the job request takes {len(request)} bytes compressed; a job record holds at "
+                f"most {MAX_REQUEST_BYTES}"
+            )
         if not self.settings.jobs_queue_url:
             raise QueueUnavailable("no jobs queue is configured (HERMES_JOBS_QUEUE_URL)")
         job_id = uuid.uuid4().hex
@@ -78,7 +101,7 @@ class Jobs:
                 "job_id": {"S": job_id},
                 "model": {"S": model},
                 "status": {"S": "queued"},
-                "request": {"S": request},
+                "request_z": {"B": request},
                 "attempts": {"N": "0"},
                 "created_at": {"N": f"{now:.3f}"},
                 "updated_at": {"N": f"{now:.3f}"},
@@ -120,7 +143,9 @@ class Jobs:
             "created_at": float(item["created_at"]["N"]),
             "updated_at": float(item["updated_at"]["N"]),
         }
-        if "result" in item:
+        if "result_z" in item:
+            view["result"] = _unpack(item["result_z"]["B"])
+        elif "result" in item:  # a record written before results were compressed
             view["result"] = json.loads(item["result"]["S"])
         for field in ("error", "code"):
             if field in item:
@@ -129,8 +154,17 @@ class Jobs:
 
     # -- worker side --------------------------------------------------------------
 
-    def process(self, body: str, receive_count: int, receipt_handle: str, context: Any) -> None:
-        """Handle one SQS message; raising RetryLater leaves it on the queue."""
+    def process(
+        self,
+        body: str,
+        receive_count: int,
+        receipt_handle: str,
+        context: Any,
+        *,
+        first: bool = True,
+    ) -> None:
+        """Handle one SQS message; raising RetryLater leaves it on the queue. `first`: no
+        earlier record of this invocation's batch has run (it is never handed back)."""
         try:
             message = json.loads(body)
             job_id, waits = message["job_id"], int(message.get("waits", 0))
@@ -144,22 +178,28 @@ class Jobs:
             return
         if item["status"]["S"] in FINISHED:
             return  # a redelivery after the job finished
+        model = item["model"]["S"]
+        if not first and not self._time_for(model, context):
+            # Started now, it would get less than its model's timeout. A fresh message is a
+            # new first delivery (ApproximateReceiveCount 1), so no attempt is used up; the
+            # next invocation starts with the worker's whole timeout. The first record of an
+            # invocation is never handed back, so a job always makes progress.
+            self._send(job_id, waits=waits)
+            log.info("job %s handed back: not enough time left in this invocation", job_id)
+            return
         self._update(job_id, status="running", attempts=receive_count)
         try:
-            data = {
-                "job_id": job_id,
-                "model": item["model"]["S"],
-                "body": json.loads(item["request"]["S"]),
-            }
+            data = {"job_id": job_id, "model": model, "body": _request(item)}
             result = once(lambda d: self._run(d, context), data, key="job_id", context=context)
         except (ModelBusy, HostBusy) as busy:
-            if time.time() - float(item["created_at"]["N"]) < self.settings.job_max_wait_s:
+            waited = time.time() - float(item["created_at"]["N"])
+            if waited < self.settings.job_max_wait_s:
                 self._update(
                     job_id, status="queued", error=busy.message, code=busy.code, waits=waits + 1
                 )
                 self._send(job_id, waits=waits + 1, delay_s=self._backoff_s(waits + 1))
                 return  # this delivery is done; the job lives on in the delayed message
-            self._after_failure(job_id, busy, self.settings.job_max_attempts, receipt_handle)
+            self._give_up(job_id, model, body, busy, waited)
             return
         except HermesError as error:
             self._after_failure(job_id, error, receive_count, receipt_handle)
@@ -170,11 +210,61 @@ class Jobs:
                 job_id, InternalError(str(exc)[:200]), receive_count, receipt_handle
             )
             return
-        self._finish(job_id, "succeeded", result=result)
+        packed = base64.b64decode(result["z"]) if "z" in result else _pack(result)
+        try:
+            # The request is dropped on success: the result gets the record's whole room.
+            self._finish(
+                job_id,
+                "succeeded",
+                result_z=packed,
+                remove=("error", "code", "request", "request_z"),
+            )
+        except _TooLarge:  # MAX_RESULT_BYTES should have caught it; never leave it running
+            self._finish(job_id, "failed", error=_too_large(len(packed)), code=ResultTooLarge.code)
 
     def _run(self, data: dict[str, Any], context: Any) -> dict[str, Any]:
         deadline = lambda_time_left_s(context)
-        return run_sync(self.service.generate(data["model"], data["body"], deadline_s=deadline))
+        result = run_sync(self.service.generate(data["model"], data["body"], deadline_s=deadline))
+        # Checked here, inside the idempotent call, so that a result too large for the
+        # records is a failure (nothing stored, the job failed at once), not a save error
+        # that would call the model again on every redelivery.
+        packed = _pack(result)
+        if len(packed) > MAX_RESULT_BYTES:
+            raise ResultTooLarge(_too_large(len(packed)))
+        return {"z": base64.b64encode(packed).decode()}
+
+    def _time_for(self, model: str, context: Any) -> bool:
+        """Whether a job of `model` started now still gets its whole timeout."""
+        model_config = self.settings.models.get(model)
+        if not hasattr(context, "get_remaining_time_in_millis") or model_config is None:
+            return True  # no Lambda deadline, or the run fails at once as not configured
+        left_s = float(context.get_remaining_time_in_millis()) / 1000
+        return left_s >= config.job_time_needed_s(model_config)
+
+    def _give_up(
+        self, job_id: str, model: str, body: str, busy: ModelBusy | HostBusy, waited: float
+    ) -> None:
+        """The job waited past HERMES_JOB_MAX_WAIT_S: failed, and its message dead-lettered
+        by the worker itself. Its current message is a fresh one (waiting re-queues), so SQS
+        would never count it to maxReceiveCount; the dead-letter copy goes first, so a crash
+        in between leaves the job to be given up again, never deleted unrecorded."""
+        what = "a free slot" if isinstance(busy, ModelBusy) else "memory budget on the host"
+        message = (
+            f"waited {waited:.0f} s for {what} of model '{model}' "
+            f"(HERMES_JOB_MAX_WAIT_S={self.settings.job_max_wait_s}); giving up"
+        )
+        if self.settings.jobs_dlq_url:
+            self._sqs.send_message(
+                QueueUrl=self.settings.jobs_dlq_url,
+                MessageBody=body,  # as the queue's own redrive would park it
+                MessageAttributes={
+                    "code": {"DataType": "String", "StringValue": busy.code},
+                    "error": {"DataType": "String", "StringValue": message},
+                },
+            )
+        else:
+            log.warning("job %s gave up; no HERMES_JOBS_DLQ_URL to park it in", job_id)
+        self._finish(job_id, "failed", error=message, code=busy.code)
 
     def _after_failure(self, job_id: str, error: HermesError, attempt: int, receipt: str) -> None:
         if isinstance(error, RequestInProgress):
@@ -230,11 +320,13 @@ class Jobs:
         item: dict[str, Any] | None = response.get("Item")
         return item
 
-    def _update(self, job_id: str, **fields: Any) -> None:
+    def _update(self, job_id: str, *, remove: tuple[str, ...] = (), **fields: Any) -> None:
         fields["updated_at"] = time.time()
         names = {f"#f{i}": name for i, name in enumerate(fields)}
         values = {f":v{i}": _attr(value) for i, value in enumerate(fields.values())}
         sets = ", ".join(f"#f{i} = :v{i}" for i in range(len(fields)))
+        names |= {f"#r{i}": name for i, name in enumerate(remove)}
+        removes = ", ".join(f"#r{i}" for i in range(len(remove)))
         # A finished job never changes again, whatever a late or duplicate delivery does.
         names["#status"] = "status"
         values[":succeeded"], values[":failed"] = {"S": "succeeded"}, {"S": "failed"}
@@ -243,7 +335,7 @@ class Jobs:
                 "update_item",
                 TableName=self.settings.jobs_table,
                 Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"SET {sets}",
+                UpdateExpression=f"SET {sets}" + (f" REMOVE {removes}" if remove else ""),
                 ConditionExpression="NOT #status IN (:succeeded, :failed)",
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
@@ -252,12 +344,10 @@ class Jobs:
             log.info("job %s had already finished; left as it is", job_id)
 
     def _finish(
-        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, **fields: Any
+        self, job_id: str, status: str, *, remove: tuple[str, ...] = (), **fields: Any
     ) -> None:
-        if result is not None:
-            fields["result"] = json.dumps(result)
         fields["expires_at"] = int(time.time()) + self.settings.job_retention_s
-        self._update(job_id, status=status, **fields)
+        self._update(job_id, status=status, remove=remove, **fields)
 
     def _call(self, operation: str, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -265,8 +355,11 @@ class Jobs:
         try:
             return getattr(self._ddb, operation)(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            error = exc.response.get("Error", {})
+            if error.get("Code") == "ConditionalCheckFailedException":
                 raise _AlreadyFinished() from None
+            if error.get("Code") == "ValidationException" and "size" in error.get("Message", ""):
+                raise _TooLarge() from None
             log.error("jobs table %s failed: %s", operation, exc)
             raise QueueUnavailable(
                 "the jobs table is unavailable; retry later", retry_after=2
@@ -282,10 +375,38 @@ class _AlreadyFinished(Exception):
     pass
 
 
-def _attr(value: Any) -> dict[str, str]:
+class _TooLarge(Exception):
+    """DynamoDB refused an item over 400 KB."""
+
+
+def _attr(value: Any) -> dict[str, Any]:
+    if isinstance(value, bytes):
+        return {"B": value}
     if isinstance(value, int | float):
         return {"N": str(value)}
     return {"S": str(value)}
+
+
+def _pack(value: Any) -> bytes:
+    return zlib.compress(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _unpack(data: bytes) -> Any:
+    return json.loads(zlib.decompress(data))
+
+
+def _request(item: dict[str, Any]) -> Any:
+    if "request_z" in item:
+        return _unpack(item["request_z"]["B"])
+    return json.loads(item["request"]["S"])  # a record written before requests were compressed
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"the result takes {size} bytes compressed; a job record holds at most "
+        f"{MAX_RESULT_BYTES} (ask for fewer tokens with options.num_predict, or call the model "
+        "directly)"
+    )
 
 
 @lru_cache(maxsize=1)
