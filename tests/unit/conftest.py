@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.dynamodb_limits import ExpressionWatch
 from tests.support.ollama_emulator import OllamaEmulator
 
 
@@ -12,3 +13,14 @@ def emulator() -> Iterator[OllamaEmulator]:
     """One in-thread emulator for the unit tests; each test resets what it changes."""
     with OllamaEmulator() as emu:
         yield emu
+
+
+@pytest.fixture
+def dynamodb_limits() -> Iterator[ExpressionWatch]:
+    """Checks every request of the DynamoDB clients it `watch`es against DynamoDB's documented
+    limits (4 KB per expression, 2 MB of substitutions, 300 update operators, 100 keys per
+    BatchGetItem), which moto and DynamoDB Local do not enforce. A request over a limit
+    fails where it is made, and the test fails at teardown even if something caught it."""
+    watch = ExpressionWatch()
+    yield watch
+    assert watch.found == [], watch.found

@@ -1,4 +1,5 @@
-"""/v1/status answers within ~2 s even when Ollama accepts connections and never answers."""
+"""/v1/status stays bounded: it answers within ~2 s even when Ollama accepts connections and
+never answers, and it reads the usage of any number of hosts."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from hermes.aws import client
+from hermes.service import get_service, host_pool
+from tests.support.dynamodb_limits import ExpressionWatch
+from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
@@ -53,3 +59,49 @@ def test_status_stays_fast_when_ollama_hangs(
     )
     assert body["checks"]["dynamodb"]["status"] == "ok"
     assert elapsed < 5, elapsed  # probes stop at 1.5 s; a wedged Ollama must not hold it
+
+
+def test_status_reports_usage_of_more_hosts_than_one_batch_get_can_read(
+    aws: None,
+    emulator: OllamaEmulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dynamodb_limits: ExpressionWatch,
+) -> None:
+    """BatchGetItem reads at most 100 keys per call: 150 hosts take two."""
+    hosts = {f"gpu{i}": {"memory_budget": 8} for i in range(150)}
+    models = {
+        f"m{i}": {
+            "max_concurrency": 2,
+            "memory_cost": "medium",
+            "timeout": 1000,
+            "backend_model": "gemma3:1b",
+            "host": f"gpu{i}",
+        }
+        for i in range(150)
+    }
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": models, "hosts": hosts}))
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    emulator.reset()
+    client.cache_clear()
+    service = get_service()
+    dynamodb_limits.watch(service.limiter._ddb)
+    # gpu99 sorts last of the 150 hosts: its key is in the second BatchGetItem.
+    m99 = service.model("m99")
+    service.limiter.acquire(host_pool("gpu99"), service.counters("m99", m99), 60_000)
+
+    status = load_function("status").handler
+    # Warm-up: a process's first status call creates one httpx client per host (~65 ms each
+    # here, mostly its own SSL context), which can hold the event loop past the probes' 1.5 s.
+    status(event("status.json"), LambdaContext())
+    response = status(event("status.json"), LambdaContext())
+    body = json.loads(response["body"])
+    assert body["checks"]["dynamodb"]["status"] == "ok", body["checks"]
+    in_flight = {m["name"]: m["in_flight"] for m in body["models"]}
+    assert len(in_flight) == 150 and in_flight["m99"] == 1
+    assert sum(in_flight.values()) == 1
+    memory = {h["name"]: h["memory_in_use"] for h in body["hosts"]}
+    assert memory["gpu99"] == 2 and sum(memory.values()) == 2
+    client.cache_clear()

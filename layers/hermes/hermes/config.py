@@ -180,7 +180,51 @@ def load_config(path: Path) -> ModelsFile:
                 f"{parsed.weight(model)} exceeds host '{model.host}' memory_budget "
                 f"{host.memory_budget}, so it could never run"
             )
+    _check_capacities(path, parsed)
     return parsed
+
+
+# What one host's lease item can hold: hermes.limiter keeps a host's counters and every
+# lease in ONE DynamoDB item, and an item is at most 400 KB. By DynamoDB's item-size rules
+# a lease takes 78 bytes plus its model's name, and each model a counter of 12 bytes plus
+# its name: with names of at most MAX_MODEL_NAME_CHARS, 1,000 leases and 1,000 counters
+# come to ~290 KB. (Every expression the limiter builds is bounded by construction: two
+# counters per admission, REAP_BATCH leases per reaping write; none limits capacities.)
+MAX_LEASES_PER_HOST = 1000
+MAX_MODEL_NAME_CHARS = 100  # also the longest name a request can carry
+
+
+def _check_capacities(path: Path, parsed: ModelsFile) -> None:
+    for cost, weight in parsed.memory_weights.items():
+        if weight < 0:
+            raise ConfigError(
+                f"models file {path}: field 'memory_weights.{cost}': must be at least 0, "
+                f"got {weight}"
+            )
+    for name in parsed.models:
+        if len(name) > MAX_MODEL_NAME_CHARS:
+            raise ConfigError(
+                f"models file {path}: field 'models.{name[:20]}...': model names are at most "
+                f"{MAX_MODEL_NAME_CHARS} characters, got {len(name)}"
+            )
+    for host_name, host in parsed.hosts.items():
+        models = {n: m for n, m in parsed.models.items() if m.host == host_name}
+        if not models:
+            continue
+        total = sum(m.max_concurrency for m in models.values())
+        lightest = min(parsed.weight(m) for m in models.values())
+        by_budget = host.memory_budget // lightest if lightest > 0 else total
+        leases = min(total, by_budget)
+        if leases > MAX_LEASES_PER_HOST:
+            largest = max(models, key=lambda n: models[n].max_concurrency)
+            raise ConfigError(
+                f"models file {path}: field 'models.{largest}.max_concurrency': host "
+                f"'{host_name}' could hold {leases} leases at once (its models' "
+                f"max_concurrency add up to {total}; its memory_budget {host.memory_budget} "
+                f"fits {by_budget} of its lightest model), over the bound of "
+                f"{MAX_LEASES_PER_HOST} leases that one lease item can hold (a DynamoDB item "
+                "is at most 400 KB): lower max_concurrency or memory_budget"
+            )
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:

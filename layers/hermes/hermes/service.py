@@ -14,8 +14,9 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from hermes import observability
 from hermes.aws import client
@@ -25,6 +26,7 @@ from hermes.errors import (
     HermesError,
     HostBusy,
     InvalidRequest,
+    LimiterUnavailable,
     ModelBusy,
     ModelNotConfigured,
     UpstreamTimeout,
@@ -38,6 +40,15 @@ from hermes.schemas import parse_generate_request
 # price of more failed conditional writes while requests wait.
 BACKOFF_BASE_S = 0.01
 BACKOFF_CAP_S = 0.1
+
+# A holder stops its backend call this long before its lease expires, on top of
+# LeaseMarginMs (which lets the release land): room for clock skew between instances
+# (Lambda hosts keep within milliseconds) and for the event loop to act on the deadline.
+LEASE_SAFETY_MS = 250
+# A granted lease that leaves less than this to run is given back rather than used.
+MIN_RUN_S = 0.1
+# Below the requested run time by more than this, a 504 says the lease was what cut it.
+LEASE_SHORTFALL_S = 0.5
 
 
 MEMORY_COUNTER = "memory"
@@ -54,6 +65,25 @@ def model_counter(model: str) -> str:
     return f"inflight_{model}"
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A granted lease and how long the call may run from `granted_at` (time.monotonic()):
+    up to the model's timeout, never past the caller's deadline nor the lease's expiry less
+    LeaseMarginMs and LEASE_SAFETY_MS. `cut_by` names what set `run_s`."""
+
+    lease: Lease
+    run_s: float
+    granted_at: float
+    cut_by: Literal["model", "deadline", "lease"]
+
+    @property
+    def ends_at(self) -> float:
+        return self.granted_at + self.run_s
+
+    def left_s(self) -> float:
+        return self.ends_at - time.monotonic()
+
+
 class HermesService:
     def __init__(
         self, settings: Settings, limiter: Limiter, backends: dict[str, OllamaClient]
@@ -63,9 +93,16 @@ class HermesService:
         self.backends = backends  # one client per Ollama host
 
     def release(self, lease: Lease) -> None:
-        """Synchronous on purpose: it runs in `finally` blocks of tasks that may have been
-        cancelled (a client gone), where an await would be cancelled again."""
+        """Free `lease`, blocking until DynamoDB answers (for callers off the event loop)."""
         self.limiter.release(lease)
+
+    async def _release(self, lease: Lease) -> None:
+        """Free `lease` from a worker thread and wait for it. A slow DynamoDB must not stall
+        the event loop, where the other calls of this process keep their deadlines. The
+        release starts before the first await, so a cancelled task (a client gone) still
+        frees its slot: only the waiting is cancelled."""
+        done = asyncio.get_running_loop().run_in_executor(None, self.limiter.release, lease)
+        await asyncio.shield(done)
 
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
@@ -94,37 +131,59 @@ class HermesService:
             ),
         ]
 
-    async def admit(
-        self, name: str, config: ModelConfig, deadline: float | None
-    ) -> tuple[Lease, float]:
+    async def admit(self, name: str, config: ModelConfig, deadline: float | None) -> Admission:
         """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
-        a time.monotonic() value). Returns the lease and the seconds the call may run."""
+        a time.monotonic() value). The run time is derived from the lease as granted, when
+        the answer arrives: however long DynamoDB took, the call ends before the lease can
+        look expired to another instance."""
         pool, counters = host_pool(config.host), self.counters(name, config)
         asked_at = time.monotonic()
         wait_until = asked_at + config.queue_timeout_ms / 1000
         if deadline is not None:
             wait_until = min(wait_until, deadline)
+        reserve_ms = self.settings.lease_margin_ms + LEASE_SAFETY_MS
         attempt = 0
         while True:
-            run_s = config.timeout / 1000
+            wanted_s = config.timeout / 1000
             if deadline is not None:
-                run_s = max(0.001, min(run_s, deadline - time.monotonic()))
-            lease_ms = math.ceil(run_s * 1000) + self.settings.lease_margin_ms
+                wanted_s = max(0.001, min(wanted_s, deadline - time.monotonic()))
             try:
-                lease = await self._acquire(pool, counters, lease_ms)
-                observability.admitted(
-                    name,
-                    lease.counts.get(model_counter(name), 0),
-                    config.max_concurrency,
-                    (time.monotonic() - asked_at) * 1000,
-                )
-                return lease, run_s
+                lease = await self._acquire(pool, counters, math.ceil(wanted_s * 1000) + reserve_ms)
+                break
             except (ModelBusy, HostBusy):
                 pause = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
                 if time.monotonic() + pause >= wait_until:
                     raise
             await asyncio.sleep(pause)
             attempt += 1
+        granted_at = time.monotonic()
+        lease_s = self.limiter.time_left(lease) - reserve_ms / 1000
+        limits = {"model": config.timeout / 1000, "lease": lease_s}
+        if deadline is not None:
+            limits["deadline"] = deadline - granted_at
+        run_s = min(limits.values())
+        cut_by: Literal["model", "deadline", "lease"] = (
+            "deadline" if limits.get("deadline", math.inf) < limits["model"] else "model"
+        )
+        if lease_s < limits[cut_by] - LEASE_SHORTFALL_S:
+            cut_by = "lease"
+        if run_s <= 0 or (cut_by == "lease" and run_s < MIN_RUN_S):
+            await self._release(lease)
+            if cut_by == "deadline":
+                raise self._timeout(name, config, 0.0, "deadline")
+            raise LimiterUnavailable(
+                f"the lease table took {time.monotonic() - asked_at:.1f} s to grant a slot of "
+                f"model '{name}', which left no time to run it; the slot was given back, "
+                "retry later",
+                retry_after=self.settings.retry_after_s,
+            )
+        observability.admitted(
+            name,
+            lease.counts.get(model_counter(name), 0),
+            config.max_concurrency,
+            (granted_at - asked_at) * 1000,
+        )
+        return Admission(lease, run_s, granted_at, cut_by)
 
     async def _acquire(self, pool: str, counters: list[Counter], lease_ms: int) -> Lease:
         """The limiter's blocking write, off the event loop (other requests of this process
@@ -142,7 +201,8 @@ class HermesService:
 
     def _release_orphan(self, future: asyncio.Future[Lease]) -> None:
         if not future.cancelled() and future.exception() is None:
-            self.release(future.result())
+            # A callback on the event loop: the blocking write goes to a worker thread.
+            asyncio.get_running_loop().run_in_executor(None, self.limiter.release, future.result())
 
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
@@ -188,16 +248,16 @@ class HermesService:
         config = self.model(model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            lease, timeout_s = await self.admit(model_name, config, deadline)
+            admission = await self.admit(model_name, config, deadline)
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(_loop_time(admission.ends_at)):
                     answer = await self.backends[config.host].complete(
-                        path, {**body, "model": config.backend_model}, timeout_s + 1
+                        path, {**body, "model": config.backend_model}, admission.run_s + 1
                     )
             except TimeoutError:
-                raise self._timeout(model_name, config, timeout_s) from None
+                raise self._timeout(model_name, config, admission.run_s, admission.cut_by) from None
             finally:
-                self.release(lease)
+                await self._release(admission.lease)
             outcome.update(
                 usage=_usage(answer),
                 prompt=body.get("prompt", body.get("messages")),
@@ -216,20 +276,22 @@ class HermesService:
         started = time.perf_counter()
         with observed(model_name, only_failures=True):
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            lease, timeout_s = await self.admit(model_name, config, deadline)
-        ends_at = time.monotonic() + timeout_s
+            admission = await self.admit(model_name, config, deadline)
+        lease, timeout_s = admission.lease, admission.run_s
         chunks = self.backends[config.host].stream(
             path, {**body, "model": config.backend_model}, timeout_s + 1
         )
         try:
             with observed(model_name, only_failures=True, started=started):
                 try:
-                    first = await asyncio.wait_for(anext(chunks), timeout_s)
+                    first = await asyncio.wait_for(anext(chunks), max(admission.left_s(), 0.001))
                 except TimeoutError:
-                    raise self._timeout(model_name, config, timeout_s) from None
+                    raise self._timeout(model_name, config, timeout_s, admission.cut_by) from None
         except BaseException:
-            self.release(lease)
-            await _close_quietly(chunks)
+            try:
+                await _close_quietly(chunks)  # the backend sees the call end first
+            finally:
+                await self._release(lease)
             raise
 
         async def rest() -> AsyncIterator[dict[str, Any]]:
@@ -238,14 +300,15 @@ class HermesService:
             try:
                 yield first
                 while True:
-                    left = ends_at - time.monotonic()
                     try:
-                        chunk = await asyncio.wait_for(anext(chunks), max(left, 0.001))
+                        chunk = await asyncio.wait_for(
+                            anext(chunks), max(admission.left_s(), 0.001)
+                        )
                     except StopAsyncIteration:
                         outcome = {"code": "ok", "status": 200}
                         return
                     except TimeoutError:
-                        error = self._timeout(model_name, config, timeout_s)
+                        error = self._timeout(model_name, config, timeout_s, admission.cut_by)
                         outcome = {"code": error.code, "status": error.status}
                         raise error from None
                     last = chunk
@@ -254,8 +317,6 @@ class HermesService:
                 outcome = {"code": error.code, "status": error.status}
                 raise
             finally:
-                # First, and synchronously: a cancelled task (client gone) cannot await.
-                self.release(lease)
                 observability.finished(
                     model_name,
                     outcome["code"],
@@ -263,21 +324,42 @@ class HermesService:
                     (time.perf_counter() - started) * 1000,
                     _usage(last),
                 )
-                await _close_quietly(chunks)
+                try:
+                    # Shielded, so it completes in a cancelled task (client gone): the backend
+                    # sees the call end before the slot is freed.
+                    await _close_quietly(chunks)
+                finally:
+                    await self._release(lease)
 
         return rest()
 
-    def _timeout(self, name: str, config: ModelConfig, timeout_s: float) -> UpstreamTimeout:
-        message = f"model '{name}' did not answer within {timeout_s:g} s; its slot was released"
-        if timeout_s < config.timeout / 1000:
-            # Stopped by the caller's deadline (e.g. API Gateway's 30 s), not the model's own.
+    def _timeout(
+        self,
+        name: str,
+        config: ModelConfig,
+        timeout_s: float,
+        cut_by: Literal["model", "deadline", "lease"],
+    ) -> UpstreamTimeout:
+        if cut_by == "model":
             return UpstreamTimeout(
-                f"{message}. The model may take up to {config.timeout / 1000:g} s, longer than "
-                f"this synchronous request can wait: submit it as a job with POST /v1/jobs/{name}",
-                timeout_ms=round(timeout_s * 1000),
-                jobs_url=f"/v1/jobs/{name}",
+                f"model '{name}' did not answer within {config.timeout / 1000:g} s; "
+                "its slot was released",
+                timeout_ms=config.timeout,
             )
-        return UpstreamTimeout(message, timeout_ms=round(timeout_s * 1000))
+        message = f"model '{name}' did not answer within {timeout_s:g} s; its slot was released"
+        if cut_by == "lease":
+            return UpstreamTimeout(
+                f"{message}. The lease table was slow to grant the slot, and a call never "
+                "outlives its lease: retry later",
+                timeout_ms=round(timeout_s * 1000),
+            )
+        # Stopped by the caller's deadline (e.g. API Gateway's 30 s), not the model's own.
+        return UpstreamTimeout(
+            f"{message}. The model may take up to {config.timeout / 1000:g} s, longer than "
+            f"this synchronous request can wait: submit it as a job with POST /v1/jobs/{name}",
+            timeout_ms=round(timeout_s * 1000),
+            jobs_url=f"/v1/jobs/{name}",
+        )
 
 
 @contextlib.contextmanager
@@ -312,6 +394,11 @@ def _usage(answer: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": answer.get("prompt_eval_count"),
         "completion_tokens": answer.get("eval_count"),
     }
+
+
+def _loop_time(monotonic: float) -> float:
+    """A time.monotonic() instant on the running loop's clock (asyncio.timeout_at's)."""
+    return asyncio.get_running_loop().time() + (monotonic - time.monotonic())
 
 
 async def _close_quietly(chunks: AsyncIterator[dict[str, Any]]) -> None:
