@@ -23,7 +23,8 @@ app = create_app("Hermes LLM")
 async def generate(model: str, request: Request) -> JSONResponse:
     service = get_service()
     body = await read_json_body(request, service.settings.max_prompt_chars)
-    # The model's bounds (max_num_ctx) before admission; generate() validates the rest.
+    # Validated with the model's bounds (max_num_ctx) before any slot is taken; generate()
+    # parses it again (without them until the service passes the model's config).
     config = service.model(model)
     with observed(model, only_failures=True):
         parse_generate_request(body, service.settings.max_prompt_chars, config)
