@@ -335,8 +335,8 @@ def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
     (tmp_path / "models.json").write_text(json.dumps(models))
     monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
     monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "6")
-    # Given two llama3 jobs whose generations take 3.5 s of their 4 s, in one SQS batch
-    emulator.set_behaviour(model="llama3:8b", delay_ms=3500)
+    # Given two llama3 jobs whose generations take 3 s of their 4 s, in one SQS batch
+    emulator.set_behaviour(model="llama3:8b", delay_ms=3000)
     first, second = submit("llama3")[1]["job_id"], submit("llama3")[1]["job_id"]
     sqs = boto3.client("sqs")
     batch: list[dict[str, Any]] = []
