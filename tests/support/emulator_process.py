@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import httpx
 
-from local.dynamodb_local import free_port
+from local.process import ChildProcess, free_port
 from local.template import ROOT
 
 
@@ -17,27 +16,22 @@ class EmulatorProcess:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[str] | None = None
+        self.child: ChildProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process if self.child is not None else None
 
     def __enter__(self) -> EmulatorProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.ollama_emulator", "--port", str(self.port)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()  # printed once it listens
-        assert "listening" in line, line
-        # Keep draining: a full pipe would block the emulator on its next print.
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        command = [sys.executable, "-m", "tests.support.ollama_emulator", "--port", str(self.port)]
+        child = self.child = ChildProcess("the Ollama emulator", command, cwd=ROOT).start()
+        child.wait_until(lambda: "listening" in child.output(), timeout_s=30)  # its first line
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.child is not None:
+            self.child.kill()
+            self.child.close()
 
     def control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         # trust_env=False: a proxy configured in the shell must not see loopback traffic.

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import httpx
 
-from local.dynamodb_local import free_port
+from local.process import ChildProcess, free_port
 from local.template import ROOT
 
 
@@ -20,58 +17,42 @@ class HermesProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PORT": str(self.port), "HERMES_ACCESS_LOG": "0", **env}
-        self.process: subprocess.Popen[str] | None = None
-        # A file, not a pipe: nobody reads while it runs, and a full pipe (64 KB of request
-        # log lines) would block the runner on its next print.
-        self.output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the runner
+        self.child: ChildProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process if self.child is not None else None
 
     def start(self, timeout_s: float = 30) -> HermesProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "local.runner"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.output,
-            stderr=subprocess.STDOUT,
-            text=True,
+        # Its output goes to a temporary file: read_output() shows it.
+        self.child = ChildProcess(
+            "the Hermes runner", [sys.executable, "-m", "local.runner"], env=self.env, cwd=ROOT
+        ).start()
+        self.child.wait_until(self._answers, timeout_s)
+        return self
+
+    def _answers(self) -> bool:
+        key = self.env.get("HERMES_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        status = httpx.get(f"{self.url}/v1/status", headers=headers, timeout=5)
+        # Only Hermes' own status counts (another server may hold the port).
+        return (
+            "checks" in status.json() and self.child is not None and self.child.returncode is None
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"runner exited: {self.read_output()}")
-            try:
-                key = self.env.get("HERMES_API_KEY")
-                headers = {"Authorization": f"Bearer {key}"} if key else {}
-                status = httpx.get(f"{self.url}/v1/status", headers=headers, timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.1)
-                continue
-            # Only Hermes' own status counts (another server may hold the port).
-            if "checks" in status.json() and self.process.poll() is None:
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("runner did not start in time")
 
     def kill(self) -> None:
         """SIGKILL: no finally, no release, exactly like a Lambda that timed out."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        if self.child is not None:
+            self.child.kill()
 
     def stop(self) -> str:
-        if self.process is None:
+        if self.child is None:
             return ""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.child.stop()
         return self.read_output()
 
     def read_output(self) -> str:
-        self.output.seek(0)
-        return self.output.read()
+        return self.child.output() if self.child is not None else ""
 
     def __enter__(self) -> HermesProcess:
         return self.start()
