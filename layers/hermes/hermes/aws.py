@@ -13,10 +13,16 @@ def client(service: str) -> Any:
 
     return boto3.client(  # type: ignore[call-overload]
         service,
+        # DynamoDB answers in milliseconds; a call that hears nothing for 2 s is retried
+        # (3 attempts in all: botocore's "max_attempts" would count retries only, and give 4).
+        # Worst case for one call: 3 x (1 + 2) s + backoff (< 1 + 2 s) = 12 s. The limiter
+        # stays safe whatever the latency (a holder's run time comes from the lease as
+        # granted, and a write whose answer is lost is withdrawn), so these only bound how
+        # long a caller waits for its 503.
         config=Config(
             connect_timeout=1,
             read_timeout=2,
-            retries={"mode": "standard", "max_attempts": 3},
+            retries={"mode": "standard", "total_max_attempts": 3},
             tcp_keepalive=True,
             # Hermes builds every request itself; client-side validation only costs
             # ~0.4 ms per call on the admission path.

@@ -208,7 +208,8 @@ class Limiter:
         try:
             self._remove(lease)
         except _ConditionFailed:
-            log.warning("lease %s in %s had expired and was taken over", lease.lease_id, lease.pool)
+            # Taken over after it expired, or freed by an earlier attempt whose answer was lost.
+            log.warning("lease %s in %s was already gone", lease.lease_id, lease.pool)
             return False
         except LimiterUnavailable as exc:
             # The caller's answer must not depend on this write; the lease expires by itself.
