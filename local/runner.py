@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from local import dynamodb_local, embedded_model, openapi
+from local.process import ProcessFailed
 from local.queue_poller import QueuePoller
 from local.template import (
     ROOT,
@@ -234,9 +235,19 @@ def start_embedded_model() -> None:
         "(llama-cpp-python)...",
         flush=True,
     )
-    server = embedded_model.ModelServer(dynamodb_local.free_port()).start()
+    server = embedded_model.ModelServer(dynamodb_local.free_port())
+    print(f"hermes: model server log: {server.log}", flush=True)
+    try:
+        server.start()
+    except ProcessFailed as exc:
+        sys.exit(f"hermes: {exc}")
     atexit.register(server.stop)
+    from hermes.backends import set_down_reason
     from hermes.config import DEFAULT_MODELS_FILE
+
+    # When the server dies, requests for its models answer 503 with why (e.g. killed by
+    # SIGILL) and where its log is, instead of a 502 about a closed connection.
+    set_down_reason(server.url, server.down_reason)
 
     source = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
     target = ROOT / ".cache" / "models.embedded.json"
@@ -244,7 +255,10 @@ def start_embedded_model() -> None:
     path = embedded_model.models_with_embedded_gemma(source, server.url, target)
     os.environ["HERMES_MODELS_FILE"] = str(path)
     global MODEL_DESCRIPTION
-    MODEL_DESCRIPTION = f"embedded Gemma 3 270M (llama-cpp-python, {path.name})"
+    MODEL_DESCRIPTION = (
+        f"embedded Gemma 3 270M (llama-cpp-python, {path.name}; {server.backend or 'llama.cpp'};"
+        f" log {server.log.relative_to(ROOT)})"
+    )
 
 
 def build_app() -> Router:

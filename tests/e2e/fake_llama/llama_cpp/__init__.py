@@ -1,0 +1,1 @@
+"""Stand-in for llama-cpp-python (see ../README.md)."""
