@@ -74,13 +74,20 @@ java:
 	@command -v java >/dev/null || { echo "installing openjdk-17-jre-headless"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
 
+# SAM's emulator needs a Docker engine (local/sam runs Debian's dockerd privately when none
+# runs) and, where AWS's Lambda image cannot be pulled, debootstrap to build a stand-in.
+docker:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  echo "installing docker.io debootstrap"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; }
+
 install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed .tools/checkov/.installed java
 
 # Java is optional here: without it the runner embeds moto instead of DynamoDB Local.
 run: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed
 	$(PY) -m local.runner
 
-test: install
+test: install docker
 	$(PY) -m pytest
 
 test-unit: $(VENV)/.installed
@@ -106,6 +113,20 @@ bench: install
 
 clean:
 	rm -rf .aws-sam .pytest_cache .mypy_cache .ruff_cache
+
+# SAM's own emulator on http://localhost:$(SAM_PORT), wired to what `make run` would use
+# (DynamoDB Local, local SQS queues, Ollama or the embedded model); Ctrl-C stops all of it.
+# `make sam-invoke EVENT=events/sqs_job.json` invokes the function the event is for
+# (FUNCTION=... to choose), against a running `make sam-api`'s store when there is one.
+.PHONY: sam-api sam-invoke docker
+SAM_PORT ?= 3000
+EVENT ?= events/llm_generate.json
+FUNCTION ?=
+sam-api: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed java docker
+	$(PY) -m local.sam api --port $(SAM_PORT)
+
+sam-invoke: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed java docker
+	$(PY) -m local.sam invoke $(EVENT) $(FUNCTION)
 
 # openapi.json (the committed OpenAPI document) from the functions' FastAPI apps.
 .PHONY: openapi

@@ -1,0 +1,175 @@
+"""SAM's own emulator, for real: one Docker engine, one Lambda image, one set of services,
+one build and one `sam local start-api` for the whole tier, plus a Docker-free runner on
+the same DynamoDB Local, queues and Ollama emulator for the parity checks.
+
+Everything started here is stopped here, also when a test fails: containers (sam removes
+them on SIGTERM; any it leaves are removed by the ids it logged), the private dockerd and
+its docker0 bridge (local/sam/docker_engine.py), DynamoDB Local. The session ends by
+checking that the machine's network settings are as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from local.dynamodb_local import free_port
+from local.sam import api, lambda_image
+from local.sam.docker_engine import BRIDGE, Engine, acquire, release
+from local.sam.wiring import Services, Wiring
+from local.template import http_routes
+from tests.support.hermes_process import HermesProcess
+from tests.support.ollama_emulator import OllamaEmulator
+
+# A short synchronous budget (API Gateway's is 29 s) so the 504 check takes seconds.
+SYNC_BUDGET_MS = 5000
+PARAMETERS = {"SyncBudgetMs": str(SYNC_BUDGET_MS)}
+TIMINGS: dict[str, float] = {}  # printed at the end of the run
+
+
+class timed:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *_: object) -> None:
+        TIMINGS[self.name] = time.monotonic() - self.started
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if TIMINGS:
+        terminalreporter.write_sep("-", "sam_local timings (s)")
+        for name, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{name:48} {seconds:7.1f}")
+
+
+def _network_settings() -> dict[str, str]:
+    """Every net.* sysctl except those of interfaces that come and go with containers."""
+    found = {}
+    for path in Path("/proc/sys/net").rglob("*"):
+        parts = path.parts
+        if any(p == BRIDGE or p.startswith("veth") for p in parts) or not path.is_file():
+            continue
+        try:
+            found[str(path)] = path.read_text()
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def machine_unchanged() -> Iterator[None]:
+    """Torn down last: no bridge left behind, no network sysctl changed."""
+    bridge_before = Path(f"/sys/class/net/{BRIDGE}").exists()
+    before = _network_settings()
+    yield
+    after = _network_settings()
+    changed = {
+        k: (before[k], after[k]) for k in before.keys() & after.keys() if before[k] != after[k]
+    }
+    # Counters and per-boot randomness move by themselves; settings do not.
+    changed = {k: v for k, v in changed.items() if "/neigh/" not in k and "random" not in k}
+    assert not changed, changed
+    assert Path(f"/sys/class/net/{BRIDGE}").exists() == bridge_before
+
+
+@pytest.fixture(scope="session")
+def engine(machine_unchanged: None) -> Iterator[Engine]:
+    with timed("docker engine: start or reuse"):
+        found = acquire()
+    try:
+        yield found
+    finally:
+        with timed("docker engine: stop (when this session was its last user)"):
+            release(found)
+
+
+@pytest.fixture(scope="session")
+def image(engine: Engine) -> str | None:
+    cached = lambda_image.tarball().exists()
+    with timed(f"lambda image ({'cached tarball' if cached else 'built'}: import)"):
+        return lambda_image.invoke_image(engine)
+
+
+@pytest.fixture(scope="session")
+def emulator(engine: Engine) -> Iterator[OllamaEmulator]:
+    """The Ollama emulator on the bridge's gateway address, where containers reach it."""
+    with OllamaEmulator(host=engine.gateway()) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def wiring(engine: Engine, emulator: OllamaEmulator) -> Iterator[Wiring]:
+    with Services(engine.gateway()) as services:
+        with timed("DynamoDB Local, SQS, tables and queues"):
+            found = services.start(ollama=emulator.url)
+        yield found
+
+
+@pytest.fixture(scope="session")
+def built(wiring: Wiring) -> Path:
+    with timed("sam build (cached)"):
+        return api.build(wiring.models_file)
+
+
+@pytest.fixture(scope="session")
+def sam_api(
+    engine: Engine, image: str | None, wiring: Wiring, built: Path
+) -> Iterator[api.StartApi]:
+    server = api.StartApi(engine, wiring, image, port=free_port(), parameters=PARAMETERS)
+    try:
+        with timed("sam local start-api: listening (EAGER containers)"):
+            server.start()
+        with timed("first request to every function (in parallel)"):
+            warm_up(server.url)
+        yield server
+    finally:
+        server.stop()
+    running = engine.docker("ps", "-aq", "--no-trunc").split()
+    assert not server.container_ids() & set(running), "sam left containers behind"
+
+
+@pytest.fixture(scope="session")
+def runner_env(wiring: Wiring, emulator: OllamaEmulator) -> dict[str, str]:
+    """The Docker-free runner on the very store, queues and emulator the functions use."""
+    return {
+        "AWS_ENDPOINT_URL_DYNAMODB": wiring.host_dynamodb,
+        "AWS_ENDPOINT_URL_SQS": wiring.host_sqs,
+        "OLLAMA_URL": emulator.url,
+        "HERMES_SYNC_BUDGET_MS": str(SYNC_BUDGET_MS),
+    }
+
+
+@pytest.fixture(scope="session")
+def runner(runner_env: dict[str, str]) -> Iterator[HermesProcess]:
+    with HermesProcess(runner_env) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def runner_subprocess_env(runner_env: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, **runner_env}
+
+
+def warm_up(url: str) -> None:
+    """One request per function: the first invoke of a container starts its runtime, which
+    the synchronous budget would count (it runs from the request's arrival, as on AWS)."""
+    first = {}
+    for route in http_routes():
+        first.setdefault(route.function, route)
+
+    def hit(route) -> None:  # type: ignore[no-untyped-def]
+        path = re.sub(r"\{[^}]+\}", "warm-up", route.path)
+        httpx.request(route.method, url + path, content=b"{}", timeout=120)
+
+    with ThreadPoolExecutor(len(first)) as pool:
+        list(pool.map(hit, first.values()))
