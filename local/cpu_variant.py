@@ -13,7 +13,11 @@ one library to llama.cpp through GGML_BACKEND_PATH, never loading the others:
   kernel also clears of features it disabled), and
 - the OS must have enabled the register state those features use: the xstate components
   Linux reports with arch_prctl(ARCH_GET_XCOMP_SUPP) (kernel 5.16+; XCR0 as the kernel
-  set it). Without that call, AVX-512 and AMX are treated as not enabled.
+  set it). Without that call, AVX-512 is treated as not enabled;
+- never AMX. On our own VMs (Firecracker, kernel 6.18) the CPU reports AMX, the kernel
+  reports its tile state enabled and grants ARCH_REQ_XCOMP_PERM, and the first `tilezero`
+  still dies with SIGILL: a natively built llama.cpp crashes there on its first token. No
+  check a process can make tells, so the build has no AMX variant and none is chosen.
 """
 
 from __future__ import annotations
@@ -129,6 +133,9 @@ def choose(lib_dir: Path, flags: frozenset[str], xstate: int | None) -> Choice:
             passed_over[name] = "CPU lacks " + " ".join(sorted(missing))
             continue
         needed = xstate_needed(features)
+        if needed & XSTATE_AMX:
+            passed_over[name] = "AMX: may fault even where the OS says it is enabled"
+            continue
         if needed & ~enabled:
             passed_over[name] = f"the OS has not enabled their registers (xstate {enabled:#x})"
             continue

@@ -31,16 +31,25 @@ def lib_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_with_everything_enabled_the_most_capable_variant_is_chosen(lib_dir: Path) -> None:
-    assert choose(lib_dir, SAPPHIRE_RAPIDS, ALL_ENABLED).variant == "sapphirerapids"
+def test_with_everything_enabled_the_most_capable_variant_without_amx_is_chosen(
+    lib_dir: Path,
+) -> None:
+    # AMX faults on our VMs even where the CPU, the kernel and arch_prctl all say yes
+    choice = choose(lib_dir, SAPPHIRE_RAPIDS, ALL_ENABLED)
+    assert choice.variant == "zen4"
+    assert "AMX" in choice.passed_over["sapphirerapids"]
 
 
 def test_amx_reported_but_not_enabled_by_the_os_is_never_chosen(lib_dir: Path) -> None:
-    # Given a CPU that reports AMX, under an OS that has not enabled the tile registers
     choice = choose(lib_dir, SAPPHIRE_RAPIDS, ALL_ENABLED & ~XSTATE_AMX)
-    # Then the best variant without AMX is chosen, and the log line says why
     assert choice.variant == "zen4"
-    assert "sapphirerapids" in choice.describe() and "not enabled" in choice.describe()
+
+
+def test_avx512_reported_but_not_enabled_by_the_os_is_named_in_the_log_line(
+    lib_dir: Path,
+) -> None:
+    choice = choose(lib_dir, SAPPHIRE_RAPIDS, 0b11 | XSTATE_YMM)
+    assert "icelake" in choice.describe() and "not enabled" in choice.describe()
 
 
 def test_avx512_reported_but_not_enabled_by_the_os_is_never_chosen(lib_dir: Path) -> None:
