@@ -77,7 +77,7 @@ class ChildProcess:
             self._output = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         else:
             self.log.parent.mkdir(parents=True, exist_ok=True)
-            self._output = self.log.open("wb")
+            self._output = self.log.open("w+b")
         self.process = subprocess.Popen(
             self.command,
             env=self.env,
