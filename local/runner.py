@@ -235,7 +235,9 @@ def start_embedded_model() -> None:
         "(llama-cpp-python)...",
         flush=True,
     )
-    server = embedded_model.ModelServer(dynamodb_local.free_port())
+    # One log per runner port: `make run` always writes .cache/logs/model-server-4020.log.
+    log = embedded_model.LOG_DIR / f"model-server-{os.environ.get('PORT') or 4020}.log"
+    server = embedded_model.ModelServer(dynamodb_local.free_port(), log=log)
     print(f"hermes: model server log: {server.log}", flush=True)
     try:
         server.start()
