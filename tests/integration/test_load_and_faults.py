@@ -54,6 +54,9 @@ DOCUMENTED = {
     (429, "host_busy"),
     (502, "upstream_error"),
     (503, "upstream_unavailable"),
+    # DynamoDB Local on a loaded machine can take seconds to grant a lease; a lease granted
+    # with no time left to run is given back (issue 10, item 2), never run past its expiry.
+    (503, "limiter_unavailable"),
     (504, "upstream_timeout"),
 }
 

@@ -14,6 +14,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -50,6 +51,10 @@ MIN_RUN_S = 0.1
 # Below the requested run time by more than this, a 504 says the lease was what cut it.
 LEASE_SHORTFALL_S = 0.5
 
+
+# Releases get threads of their own: queued behind admissions (the default executor), a
+# release would keep its slot busy for nothing.
+_RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hermes-release")
 
 MEMORY_COUNTER = "memory"
 # Hermes names and backend tags (gemma, gemma3:1b); anything else is refused before lookup.
@@ -101,7 +106,7 @@ class HermesService:
         the event loop, where the other calls of this process keep their deadlines. The
         release starts before the first await, so a cancelled task (a client gone) still
         frees its slot: only the waiting is cancelled."""
-        done = asyncio.get_running_loop().run_in_executor(None, self.limiter.release, lease)
+        done = asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
         await asyncio.shield(done)
 
     def model(self, name: str) -> ModelConfig:
@@ -202,7 +207,7 @@ class HermesService:
     def _release_orphan(self, future: asyncio.Future[Lease]) -> None:
         if not future.cancelled() and future.exception() is None:
             # A callback on the event loop: the blocking write goes to a worker thread.
-            asyncio.get_running_loop().run_in_executor(None, self.limiter.release, future.result())
+            _RELEASES.submit(self.limiter.release, future.result())
 
     async def generate(
         self, model_name: str, body: Any, *, deadline_s: float | None = None
