@@ -288,6 +288,22 @@ def test_a_late_admission_answer_shortens_the_call_to_what_its_lease_has_left(
     assert emulator.stats()["requests"]["llama3:8b"] == 1
 
 
+def test_a_stream_admitted_late_ends_before_its_lease_too(
+    solo: list[Lease], emulator: OllamaEmulator
+) -> None:
+    emulator.set_behaviour(model="llama3:8b", mode="ok", tokens=50, token_delay_ms=100)
+    answers_late(0.6)
+
+    async def stream() -> list[dict[str, Any]]:
+        chunks = await get_service().open_stream("solo", "/api/generate", {"prompt": "hi"})
+        return [chunk async for chunk in chunks]
+
+    with pytest.raises(UpstreamTimeout, match="slow to grant"):
+        asyncio.run(stream())  # 5 s of tokens; the lease left ~0.4 s of them
+    (lease,) = solo
+    assert lease.expires_at_ms / 1000 - time.time() > MARGIN_S
+
+
 def test_a_lease_granted_too_late_to_use_is_given_back_with_503(
     solo: list[Lease], emulator: OllamaEmulator
 ) -> None:
