@@ -174,8 +174,12 @@ def test_a_holder_whose_admission_answered_late_stops_before_its_lease_can_be_ta
         f"{elapsed:.2f} s ({body.get('timeout_ms')} ms run), others {dict(outcomes)}, {figures}"
     )
     assert stats["peak_in_flight"]["llama3:8b"] == 1
-    assert (status, body["code"]) == (504, "upstream_timeout")
-    assert "slow to grant" in body["error"] and body["timeout_ms"] <= TIMEOUT_MS - 1000
+    # A ran what its lease had left (~1 s, less what a loaded machine adds to the write), or,
+    # with under 100 ms left, gave the lease back at once: never the model's whole 2 s.
+    if status == 504:
+        assert "slow to grant" in body["error"] and body["timeout_ms"] <= TIMEOUT_MS - 1000
+    else:
+        assert (status, body["code"]) == (503, "limiter_unavailable"), body
     assert set(outcomes) <= DOCUMENTED and outcomes[(504, "upstream_timeout")] >= 1
     assert figures["leases_reaped"] == 0  # A was done, and released, before it could be
 

@@ -153,7 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         for attempt in range(2):
             if self.upstream is None:
-                self.upstream = http.client.HTTPConnection(*self.server.proxy.upstream, timeout=30)
+                host, port = self.server.proxy.upstream
+                self.upstream = http.client.HTTPConnection(host, port, timeout=30)
             try:
                 self.upstream.request("POST", self.path, body=body, headers=headers)
                 response = self.upstream.getresponse()
