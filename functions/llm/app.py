@@ -13,8 +13,8 @@ from hermes.http import (
     read_json_body,
     sync_deadline_s,
 )
-from hermes.schemas import GenerateRequest, parse_generate_request
-from hermes.service import get_service, observed
+from hermes.schemas import GenerateRequest
+from hermes.service import get_service
 
 app = create_app("Hermes LLM")
 
@@ -23,11 +23,6 @@ app = create_app("Hermes LLM")
 async def generate(model: str, request: Request) -> JSONResponse:
     service = get_service()
     body = await read_json_body(request, service.settings.max_prompt_chars)
-    # Validated with the model's bounds (max_num_ctx) before any slot is taken; generate()
-    # parses it again (without them until the service passes the model's config).
-    config = service.model(model)
-    with observed(model, only_failures=True):
-        parse_generate_request(body, service.settings.max_prompt_chars, config)
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
     return JSONResponse(await service.generate(model, body, deadline_s=deadline))
 

@@ -117,7 +117,7 @@ def test_a_context_over_the_models_cap_is_refused_naming_the_field(
     function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
 ) -> None:
     status, answer = call(function, name, {**body, "options": {"num_ctx": CAP + 1}})
-    assert (status, answer["code"]) == (400, "invalid_request")
+    assert (status, answer["code"]) == (400, "invalid_request"), answer
     assert "options.num_ctx" in message(answer) and str(CAP) in message(answer)
     assert sent == [] and in_flight("gemma") == 0  # refused before any slot or backend call
 
@@ -231,7 +231,7 @@ def test_an_undocumented_field_or_option_is_a_400_naming_it(
     name: str, body: dict[str, Any], field: str, sent: list[dict[str, Any]]
 ) -> None:
     status, answer = call("ollama_api", name, body)
-    assert (status, answer["code"]) == (400, "invalid_request")
+    assert (status, answer["code"]) == (400, "invalid_request"), answer
     assert f"'{field}'" in message(answer)
     assert sent == []
 
@@ -284,3 +284,16 @@ def test_every_documented_chat_field_passes_through(sent: list[dict[str, Any]]) 
     }
     assert call("ollama_api", "ollama_chat.json", body)[0] == 200
     assert sent == [{**{k: v for k, v in body.items() if k != "stream"}, "model": "mistral:7b"}]
+
+
+def test_jobs_and_direct_invokes_refuse_a_context_over_the_cap(sent: list[dict[str, Any]]) -> None:
+    over = {"prompt": "hi", "options": {"num_ctx": CAP + 1}}
+    job = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps(over))
+    job["pathParameters"] = {"model": "gemma"}
+    response = load_function("jobs").handler(job, LambdaContext())
+    status, answer = response["statusCode"], json.loads(response["body"])
+    assert (status, answer["code"]) == (400, "invalid_request")
+    assert "options.num_ctx" in message(answer)
+    direct = load_function("llm").handler({"model": "gemma", **over}, LambdaContext())
+    assert (direct["code"], direct["status"]) == ("invalid_request", 400)
+    assert sent == [] and in_flight("gemma") == 0

@@ -33,8 +33,8 @@ def _generate(event: Any, context: Any) -> dict[str, Any]:
     service = get_service()
     model = event["model"]
     body = {k: v for k, v in event.items() if k not in ENVELOPE}
-    service.model(model)  # reject bad input before anything is stored
-    parse_generate_request(body, service.settings.max_prompt_chars)
+    config = service.model(model)  # reject bad input before anything is stored
+    parse_generate_request(body, service.settings.max_prompt_chars, config)
     request_id = event.get("request_id")
 
     def call(data: dict[str, Any]) -> dict[str, Any]:

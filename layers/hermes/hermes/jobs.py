@@ -80,10 +80,10 @@ class Jobs:
     # -- API side ---------------------------------------------------------------
 
     def submit(self, model: str, body: Any) -> dict[str, Any]:
-        self.service.model(model)
+        config = self.service.model(model)
         # The prompt is counted in characters, as /v1/llm counts it; what is stored is the
         # compressed request, which only a pathological (random) request fails to fit.
-        parse_generate_request(body, self.settings.max_prompt_chars)
+        parse_generate_request(body, self.settings.max_prompt_chars, config)
         request = _pack(body)
         if len(request) > MAX_REQUEST_BYTES:
             raise PromptTooLarge(

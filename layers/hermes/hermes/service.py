@@ -216,7 +216,7 @@ class HermesService:
         still wait (Lambda time left)."""
         config = self.model(model_name)
         with observed(model_name, only_failures=True):
-            request = parse_generate_request(body, self.settings.max_prompt_chars)
+            request = parse_generate_request(body, self.settings.max_prompt_chars, config)
         started = time.perf_counter()
         data = await self.complete(
             model_name, "/api/generate", request.to_ollama(), deadline_s=deadline_s
