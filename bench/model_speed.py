@@ -6,12 +6,16 @@ llama.cpp builds and CPU backend variants on one machine:
     .venv/bin/python -m bench.model_speed --python /tmp/native-venv/bin/python   # another build
 
 Each run: one warm-up completion, then `--runs` completions of `--tokens` tokens at
-temperature 0 with the same prompt; generation speed is completion tokens / wall time.
+temperature 0 with the same prompt. Two speeds per completion: tokens per second of wall
+time, and tokens per CPU-second of the server process (utime + stime from /proc). On a
+machine shared with other work the first swings with the load; the second does not, and
+with `--threads 1` (no thread spinning) it compares builds fairly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -27,18 +31,27 @@ from local.process import free_port
 PROMPT = "The history of the lighthouse begins"
 
 
-def measure(server: ModelServer, runs: int, tokens: int) -> list[float]:
-    speeds = []
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def measure(server: ModelServer, runs: int, tokens: int) -> tuple[list[float], list[float]]:
+    """Tokens per wall second and per CPU-second of the server, one pair per completion."""
+    assert server.child is not None
+    wall, cpu = [], []
     with httpx.Client(trust_env=False, timeout=300) as client:
         for i in range(runs + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds(server.child.pid)
             answer = client.post(f"{server.url}/v1/completions", json={
                 "model": ALIAS, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
             }).json()  # fmt: skip
             elapsed = time.perf_counter() - started
+            used = cpu_seconds(server.child.pid) - cpu_started
             if i:  # the first one warms up
-                speeds.append(answer["usage"]["completion_tokens"] / elapsed)
-    return speeds
+                wall.append(answer["usage"]["completion_tokens"] / elapsed)
+                cpu.append(answer["usage"]["completion_tokens"] / used)
+    return wall, cpu
 
 
 def main() -> None:
@@ -63,15 +76,15 @@ def main() -> None:
             backend=backend,
         ).start()
         try:
-            speeds = measure(server, args.runs, args.tokens)
+            wall, cpu = measure(server, args.runs, args.tokens)
         finally:
             server.stop()
     print(f"python: {args.python}")
     print(server.backend or "llama.cpp CPU backend: chosen by llama.cpp")
     print(
         f"{args.runs} x {args.tokens} tokens, {args.threads} threads: "
-        f"median {statistics.median(speeds):.1f} tokens/s "
-        f"(min {min(speeds):.1f}, max {max(speeds):.1f})"
+        f"{statistics.median(wall):.1f} tokens/s (median; max {max(wall):.1f}), "
+        f"{statistics.median(cpu):.1f} tokens per CPU-second (median)"
     )
 
 
