@@ -69,7 +69,10 @@ def build(models_file: str | None = None, output: IO[str] | None = None) -> Path
     return TEMPLATE
 
 
-def sam_env(engine: Engine) -> dict[str, str]:
+def sam_env(engine: Engine, wiring: Wiring) -> dict[str, str]:
+    """sam's own environment: the engine, fake credentials, none of the declared variables.
+    sam asks STS who the caller is before every invoke (for AWS::AccountId); moto answers
+    at once, where AWS's endpoint would cost seconds and a request to AWS."""
     declared = {name for fn in functions().values() for name in fn.environment}
     env = {
         name: value
@@ -84,6 +87,7 @@ def sam_env(engine: Engine) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_STS": wiring.host_sqs,
     }
 
 
@@ -131,6 +135,7 @@ class StartApi:
         output: IO[str] | None = None,
     ) -> None:
         self.engine = engine
+        self.wiring = wiring
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.env_vars = write_env_vars(wiring)
@@ -149,7 +154,7 @@ class StartApi:
         self.process = subprocess.Popen(
             self.command,
             cwd=ROOT,
-            env=sam_env(self.engine),
+            env=sam_env(self.engine, self.wiring),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -216,23 +221,55 @@ def invoke(
     function: str,
     event: Path,
     parameters: dict[str, str] | None = None,
+    timeout_s: float = 600,
 ) -> tuple[Any, str]:
-    """`sam local invoke FUNCTION -e EVENT`: (the function's answer, sam's log)."""
-    env_vars = write_env_vars(wiring)
+    """`sam local invoke FUNCTION -e EVENT`: (the function's answer, sam's log).
+
+    Retried once when the function timed out: sam counts a container's cold start (the
+    layer's imports) into the function's timeout, which Lambda does not (init has its own
+    10 s), and a cold start on a busy 2-core machine can pass a 10 s timeout on its own."""
     try:
-        result = subprocess.run(
-            [SAM, "local", "invoke", function, "-e", str(event),
-             *local_args(engine, wiring, image, env_vars, parameters)],
-            cwd=ROOT,
-            env=sam_env(engine),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )  # fmt: skip
+        return _invoke(engine, wiring, image, function, event, parameters, timeout_s)
+    except FunctionTimedOut:
+        return _invoke(engine, wiring, image, function, event, parameters, timeout_s)
+
+
+class FunctionTimedOut(RuntimeError):
+    pass
+
+
+def _invoke(
+    engine: Engine,
+    wiring: Wiring,
+    image: str | None,
+    function: str,
+    event: Path,
+    parameters: dict[str, str] | None,
+    timeout_s: float,
+) -> tuple[Any, str]:
+    env_vars = write_env_vars(wiring)
+    process = subprocess.Popen(
+        [SAM, "local", "invoke", function, "-e", str(event),
+         *local_args(engine, wiring, image, env_vars, parameters)],
+        cwd=ROOT,
+        env=sam_env(engine, wiring),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()  # sam's container outlives it: removed below by the id sam logged
+        stdout, stderr = process.communicate()
+        stderr += f"\nsam local invoke {function} killed after {timeout_s:.0f} s"
     finally:
         env_vars.unlink(missing_ok=True)
-    remove_containers(engine, set(CONTAINER_ID.findall(result.stderr)))
-    if result.returncode != 0:
-        raise RuntimeError(f"sam local invoke {function} failed:\n{result.stderr[-4000:]}")
+    # Normally gone already: sam removes its container after the invoke.
+    remove_containers(engine, set(CONTAINER_ID.findall(stderr)))
     # The answer is sam's stdout, the function's own logs are on stderr.
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+    if f"Function '{function}' timed out" in stderr:
+        raise FunctionTimedOut(f"sam local invoke {function}: the function timed out")
+    if process.returncode != 0 or not stdout.strip():
+        raise RuntimeError(f"sam local invoke {function} failed:\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), stderr

@@ -84,6 +84,10 @@ IMAGE_CONFIG = [
     'ENTRYPOINT ["/lambda-entrypoint.sh"]',
 ]
 
+PIP_FLAGS = ("--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+             "--implementation", "cp", "--python-version", "3.11",
+             "--platform", "manylinux2014_x86_64")  # fmt: skip
+
 # Not needed to run a function: documentation, translations, apt's package lists.
 TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
         "var/cache/apt", "var/lib/apt/lists"]  # fmt: skip
@@ -98,7 +102,16 @@ def boto3_pin() -> str:
 def recipe_version() -> str:
     """Changes whenever what goes into the stand-in changes, so a stale cache is rebuilt."""
     recipe = "\n".join(
-        [DEBIAN_SUITE, AWSLAMBDARIC, boto3_pin(), BOOTSTRAP, ENTRYPOINT, *IMAGE_CONFIG, *TRIM]
+        [
+            DEBIAN_SUITE,
+            AWSLAMBDARIC,
+            boto3_pin(),
+            BOOTSTRAP,
+            ENTRYPOINT,
+            *IMAGE_CONFIG,
+            *TRIM,
+            *PIP_FLAGS,
+        ]
     )
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
@@ -148,6 +161,9 @@ def ensure_tarball() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             build_tarball(path)
+            for stale in CACHE_DIR.glob("lambda-python3.11-x86_64-*.tar"):
+                if stale != path:  # an older recipe's
+                    stale.unlink()
     return path
 
 
@@ -234,13 +250,11 @@ def _debootstrap(rootfs: Path) -> None:
 
 
 def _pip_install(target: Path, requirement: str) -> None:
-    """Wheels for Lambda's platform (manylinux x86_64, CPython 3.11), never built here."""
+    """Wheels for Lambda's platform (manylinux x86_64, CPython 3.11), never built here,
+    compiled to .pyc as the runtime's own packages are (a cold start then only reads them)."""
     print(f"  pip: {requirement}", flush=True)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
-         "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp",
-         "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
-         "--target", str(target), requirement],
+        [sys.executable, "-m", "pip", "install", *PIP_FLAGS, "--target", str(target), requirement],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:

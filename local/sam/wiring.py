@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,14 +97,16 @@ def create_tables_and_queues(host_dynamodb: str, host_sqs: str) -> dict[str, str
 class Services(contextlib.ExitStack):
     """Starts what is missing; closing stops what it started, in reverse order."""
 
-    def __init__(self, gateway: str) -> None:
+    def __init__(self, gateway: str, from_environment: bool = True) -> None:
         super().__init__()
         self.gateway = gateway
+        # Tests start their own servers whatever the shell says.
+        self.environ: Mapping[str, str] = os.environ if from_environment else {}
         self.notes: list[str] = []
 
     def dynamodb(self) -> tuple[str, str]:
         """(container URL, host URL)."""
-        given = os.environ.get("AWS_ENDPOINT_URL_DYNAMODB")
+        given = self.environ.get("AWS_ENDPOINT_URL_DYNAMODB")
         if given:
             self.notes.append(f"DynamoDB: {given} (AWS_ENDPOINT_URL_DYNAMODB)")
             return self._reachable(given), given
@@ -120,6 +122,10 @@ class Services(contextlib.ExitStack):
         return url, url
 
     def sqs(self) -> tuple[str, str]:
+        given = self.environ.get("AWS_ENDPOINT_URL_SQS")
+        if given:
+            self.notes.append(f"SQS: {given} (AWS_ENDPOINT_URL_SQS)")
+            return self._reachable(given), given
         from local.embedded_moto import start_embedded_moto
 
         # moto's single-threaded server in a daemon thread of this process: it ends with it.
@@ -129,7 +135,7 @@ class Services(contextlib.ExitStack):
 
     def backend(self) -> tuple[str, str | None]:
         """(OLLAMA_URL for the containers, models file for the layer or None)."""
-        given = os.environ.get("OLLAMA_URL")
+        given = self.environ.get("OLLAMA_URL")
         default = str(load_template()["Parameters"]["OllamaUrl"]["Default"])
         if given:
             self.notes.append(f"Ollama: {given} (OLLAMA_URL)")
@@ -137,7 +143,7 @@ class Services(contextlib.ExitStack):
         if embedded_model.ollama_answers("http://localhost:11434"):
             self.notes.append("Ollama: http://localhost:11434")
             return self._reachable("http://127.0.0.1:11434"), None
-        if os.environ.get("HERMES_EMBEDDED_MODEL") == "0" or not embedded_model.available():
+        if self.environ.get("HERMES_EMBEDDED_MODEL") == "0" or not embedded_model.available():
             self.notes.append(
                 "Ollama: none at http://localhost:11434 and no embedded model "
                 "(make install builds it): models will answer 503"
@@ -149,7 +155,7 @@ class Services(contextlib.ExitStack):
         url = self._reachable(server.url)
         from hermes.config import DEFAULT_MODELS_FILE
 
-        source = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
+        source = Path(self.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
         target = ROOT / ".cache" / "sam" / "models.embedded.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         path = embedded_model.models_with_embedded_gemma(source, url, target)
