@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from local.dynamodb_local import die_with_parent
 from local.sam.docker_engine import Engine
 from local.sam.wiring import Wiring
 from local.template import ROOT, functions
@@ -159,6 +160,8 @@ class StartApi:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # Should we be killed outright, sam still gets its SIGTERM and removes its containers.
+            preexec_fn=die_with_parent,
         )
         import threading
 

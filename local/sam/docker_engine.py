@@ -148,6 +148,7 @@ def acquire() -> Engine:
     with _locked_state() as state:
         if state and _alive(state["pid"]) and answers(state["host"]):
             state["users"] = [p for p in state["users"] if _alive(p)] + [os.getpid()]
+            print(f"sharing the private Docker engine (dockerd pid {state['pid']})", flush=True)
             return Engine(state["host"], private=True)
         if state:  # its dockerd died with its users: clear what it left
             _clean_up(state)
@@ -170,6 +171,19 @@ def release(engine: Engine) -> None:
             _stop_dockerd(state)
             _clean_up(state)
             state.clear()
+
+
+def bridge_in_use() -> bool:
+    """Whether a running engine accounts for the docker0 bridge (when there is one)."""
+    if not _bridge_exists():
+        return True
+    with _locked_state() as state:
+        if state and _alive(state["pid"]):
+            return True
+    return any(
+        answers(h)
+        for h in filter(None, [os.environ.get("DOCKER_HOST"), f"unix://{DEFAULT_SOCKET}"])
+    )
 
 
 @contextlib.contextmanager

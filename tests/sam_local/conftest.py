@@ -22,7 +22,7 @@ import pytest
 
 from local.dynamodb_local import free_port
 from local.sam import api, lambda_image
-from local.sam.docker_engine import BRIDGE, Engine, acquire, release
+from local.sam.docker_engine import BRIDGE, Engine, acquire, bridge_in_use, release
 from local.sam.wiring import Services, Wiring
 from local.template import http_routes
 from tests.support.hermes_process import HermesProcess
@@ -68,8 +68,8 @@ def _network_settings() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def machine_unchanged() -> Iterator[None]:
-    """Torn down last: no bridge left behind, no network sysctl changed."""
-    bridge_before = Path(f"/sys/class/net/{BRIDGE}").exists()
+    """Torn down last: no network sysctl changed, and no bridge left that no engine uses
+    (an engine left by a killed session, adopted by this one, takes its bridge with it)."""
     before = _network_settings()
     yield
     after = _network_settings()
@@ -79,7 +79,7 @@ def machine_unchanged() -> Iterator[None]:
     # Counters and per-boot randomness move by themselves; settings do not.
     changed = {k: v for k, v in changed.items() if "/neigh/" not in k and "random" not in k}
     assert not changed, changed
-    assert Path(f"/sys/class/net/{BRIDGE}").exists() == bridge_before
+    assert bridge_in_use(), f"{BRIDGE} left behind"
 
 
 @pytest.fixture(scope="session")
