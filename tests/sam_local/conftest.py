@@ -25,6 +25,7 @@ from local.sam import api, lambda_image
 from local.sam.docker_engine import BRIDGE, Engine, acquire, bridge_in_use, release
 from local.sam.wiring import Services, Wiring
 from local.template import http_routes
+from tests.sam_local.answers import Answer
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
@@ -45,7 +46,16 @@ class timed:
         TIMINGS[self.name] = time.monotonic() - self.started
 
 
+# (what was asked, through which command, the runner's answer, sam's answer), for the summary.
+PARITY: list[tuple[str, str, Answer, Answer]] = []
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PARITY:
+        terminalreporter.write_sep("-", "sam_local parity: the runner's answer | sam's answer")
+        for asked, via, runner, sam in PARITY:
+            line = f"{asked:44} {via:18} {_brief(runner):34} {_brief(sam)}"
+            terminalreporter.write_line(line.rstrip())
     if TIMINGS:
         terminalreporter.write_sep("-", "sam_local timings (s)")
         for name, seconds in TIMINGS.items():
@@ -207,3 +217,12 @@ def warm_latencies(url: str) -> None:
                 client.request(method, path, json=body)
                 seconds.append(time.monotonic() - started)
             TIMINGS[f"warm request {method} {path}: median (ms)"] = sorted(seconds)[5] * 1000
+
+
+def _brief(answer: Answer) -> str:
+    status = "-" if answer.status is None else str(answer.status)
+    retry = dict(answer.headers).get("retry-after")
+    return (
+        " ".join(filter(None, [status, answer.code, f"Retry-After {retry}" if retry else ""]))
+        or "ok"
+    )

@@ -28,7 +28,7 @@ from tests.sam_local.answers import (
     load,
     request_for,
 )
-from tests.sam_local.conftest import PARAMETERS, timed
+from tests.sam_local.conftest import PARAMETERS, PARITY, timed
 from tests.support.hermes_process import HermesProcess
 
 # Generous: the first test also pays for the session (a cold stand-in image build: ~2 min).
@@ -137,6 +137,8 @@ def test_sam_local_invoke_answers_as_the_runner_does(
     event: str, answers: dict[str, tuple[Answer, Answer]]
 ) -> None:
     sam, runner = answers[event]
+    function = function_for(load(ROOT / "events" / event))
+    PARITY.append((f"{event} -> {function}", "invoke", runner, sam))
     assert sam.comparable() == runner.comparable()
     assert sam.status is None or sam.status < 500, sam
 

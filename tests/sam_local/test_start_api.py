@@ -15,7 +15,7 @@ import pytest
 
 from local.sam.api import StartApi
 from tests.sam_local.answers import EVENTS, Answer, from_http, load, request_for
-from tests.sam_local.conftest import SYNC_BUDGET_MS
+from tests.sam_local.conftest import PARITY, SYNC_BUDGET_MS
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
@@ -63,6 +63,8 @@ def normal_emulator(emulator: OllamaEmulator) -> Iterator[None]:
 
 
 def same(sam: httpx.Response, runner: httpx.Response) -> Answer:
+    asked = f"{sam.request.method} {sam.request.url.path}"
+    PARITY.append((asked, "start-api", from_http(runner), from_http(sam)))
     assert from_http(sam).comparable() == from_http(runner).comparable(), (sam.text, runner.text)
     return from_http(sam)
 
