@@ -220,9 +220,9 @@ def warm_latencies(url: str) -> None:
 
 
 def _brief(answer: Answer) -> str:
-    status = "-" if answer.status is None else str(answer.status)
+    if answer.status is None:  # a direct or SQS answer: its code, else its keys
+        keys = ",".join(sorted(answer.body)) if isinstance(answer.body, dict) else "?"
+        return answer.code or f"{{{keys}}}"[:34]
     retry = dict(answer.headers).get("retry-after")
-    return (
-        " ".join(filter(None, [status, answer.code, f"Retry-After {retry}" if retry else ""]))
-        or "ok"
-    )
+    words = [str(answer.status), answer.code, f"Retry-After {retry}" if retry else None]
+    return " ".join(word for word in words if word)
