@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from local.dynamodb_local import die_with_parent
+from local.process import die_with_parent
 from local.sam.docker_engine import Engine
 from local.sam.wiring import Wiring
 from local.template import ROOT, functions

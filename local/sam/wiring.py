@@ -26,6 +26,7 @@ from unittest import mock
 import httpx
 
 from local import dynamodb_local, embedded_model
+from local.process import free_port
 from local.sam.relay import relayed
 from local.template import ROOT, functions, load_template, resources
 
@@ -150,7 +151,7 @@ class Services(contextlib.ExitStack):
             )
             return default, None
         print("no Ollama at http://localhost:11434: starting the embedded Gemma 3 270M...")
-        server = embedded_model.ModelServer(dynamodb_local.free_port()).start()
+        server = embedded_model.ModelServer(free_port()).start()
         self.callback(server.stop)
         url = self._reachable(server.url)
         from hermes.config import DEFAULT_MODELS_FILE

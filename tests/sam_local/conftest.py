@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local.dynamodb_local import free_port
+from local.process import free_port
 from local.sam import api, lambda_image
 from local.sam.docker_engine import BRIDGE, Engine, acquire, bridge_in_use, release
 from local.sam.wiring import Services, Wiring
