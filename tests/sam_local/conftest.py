@@ -221,8 +221,9 @@ def warm_latencies(url: str) -> None:
 
 def _brief(answer: Answer) -> str:
     if answer.status is None:  # a direct or SQS answer: its code, else its keys
-        keys = ",".join(sorted(answer.body)) if isinstance(answer.body, dict) else "?"
-        return answer.code or f"{{{keys}}}"[:34]
+        keys = sorted(answer.body) if isinstance(answer.body, dict) else []
+        shown = ",".join(keys) if len(keys) <= 3 else f"{','.join(keys[:2])},... {len(keys)} keys"
+        return answer.code or f"{{{shown}}}"
     retry = dict(answer.headers).get("retry-after")
     words = [str(answer.status), answer.code, f"Retry-After {retry}" if retry else None]
     return " ".join(word for word in words if word)
