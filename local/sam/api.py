@@ -37,18 +37,22 @@ from local.template import ROOT, functions
 
 SAM = str(Path(sys.executable).parent / "sam")
 BUILD_ROOT = ROOT / ".aws-sam" / "local"
-TEMPLATE = BUILD_ROOT / "build" / "template.yaml"
-LAYER_MODELS = BUILD_ROOT / "build" / "HermesLayer" / "python" / "hermes" / "models.json"
+BUILD_DIR = BUILD_ROOT / "build"
+TEMPLATE = BUILD_DIR / "template.yaml"
 CONTAINER_ID = re.compile(r"SAM_CONTAINER_ID: ([0-9a-f]{12,64})")
 
 
-def build(models_file: str | None = None, output: IO[str] | None = None) -> Path:
+def build(
+    models_file: str | None = None, output: IO[str] | None = None, build_dir: Path = BUILD_DIR
+) -> Path:
     """`sam build` (cached, x86_64: the architecture of the image and of our machines) into
-    the local build dir; the layer gets `models_file` (default: HERMES_MODELS_FILE or the
-    repository's models.json)."""
+    `build_dir`; the layer gets `models_file` (default: HERMES_MODELS_FILE or the
+    repository's models.json). Returns the built template. A test session builds into a
+    directory of its own: a build rewritten under a running start-api makes sam restart its
+    containers. The cache is shared: it is keyed by content."""
     command = [
         SAM, "build",
-        "--build-dir", str(BUILD_ROOT / "build"),
+        "--build-dir", str(build_dir),
         "--cache-dir", str(BUILD_ROOT / "cache"),
         "--cached", "--parallel",
         "--parameter-overrides", "Architecture=x86_64",
@@ -66,8 +70,8 @@ def build(models_file: str | None = None, output: IO[str] | None = None) -> Path
     from hermes.config import DEFAULT_MODELS_FILE
 
     source = models_file or os.environ.get("HERMES_MODELS_FILE") or str(DEFAULT_MODELS_FILE)
-    shutil.copyfile(source, LAYER_MODELS)
-    return TEMPLATE
+    shutil.copyfile(source, build_dir / "HermesLayer" / "python" / "hermes" / "models.json")
+    return build_dir / "template.yaml"
 
 
 def sam_env(engine: Engine, wiring: Wiring) -> dict[str, str]:
@@ -105,11 +109,12 @@ def local_args(
     image: str | None,
     env_vars: Path,
     parameters: dict[str, str] | None = None,
+    template: Path = TEMPLATE,
 ) -> list[str]:
     """The flags `sam local start-api` and `sam local invoke` share."""
     overrides = {**wiring.parameters(), **(parameters or {})}
     args = [
-        "-t", str(TEMPLATE),
+        "-t", str(template),
         "--parameter-overrides", *(f"{name}={value}" for name, value in overrides.items()),
         "--env-vars", str(env_vars),
         "--skip-pull-image",
@@ -134,6 +139,7 @@ class StartApi:
         parameters: dict[str, str] | None = None,
         warm: str = "EAGER",
         output: IO[str] | None = None,
+        template: Path = TEMPLATE,
     ) -> None:
         self.engine = engine
         self.wiring = wiring
@@ -142,7 +148,7 @@ class StartApi:
         self.env_vars = write_env_vars(wiring)
         self.command = [
             SAM, "local", "start-api",
-            *local_args(engine, wiring, image, self.env_vars, parameters),
+            *local_args(engine, wiring, image, self.env_vars, parameters, template),
             "--host", "127.0.0.1", "--port", str(port),
             "--warm-containers", warm,
         ]  # fmt: skip
@@ -225,6 +231,7 @@ def invoke(
     event: Path,
     parameters: dict[str, str] | None = None,
     timeout_s: float = 600,
+    template: Path = TEMPLATE,
 ) -> tuple[Any, str]:
     """`sam local invoke FUNCTION -e EVENT`: (the function's answer, sam's log).
 
@@ -232,9 +239,9 @@ def invoke(
     layer's imports) into the function's timeout, which Lambda does not (init has its own
     10 s), and a cold start on a busy 2-core machine can pass a 10 s timeout on its own."""
     try:
-        return _invoke(engine, wiring, image, function, event, parameters, timeout_s)
+        return _invoke(engine, wiring, image, function, event, parameters, timeout_s, template)
     except FunctionTimedOut:
-        return _invoke(engine, wiring, image, function, event, parameters, timeout_s)
+        return _invoke(engine, wiring, image, function, event, parameters, timeout_s, template)
 
 
 class FunctionTimedOut(RuntimeError):
@@ -249,11 +256,12 @@ def _invoke(
     event: Path,
     parameters: dict[str, str] | None,
     timeout_s: float,
+    template: Path,
 ) -> tuple[Any, str]:
     env_vars = write_env_vars(wiring)
     process = subprocess.Popen(
         [SAM, "local", "invoke", function, "-e", str(event),
-         *local_args(engine, wiring, image, env_vars, parameters)],
+         *local_args(engine, wiring, image, env_vars, parameters, template)],
         cwd=ROOT,
         env=sam_env(engine, wiring),
         stdout=subprocess.PIPE,

@@ -93,14 +93,16 @@ def machine_unchanged() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def build(machine_unchanged: None) -> Iterator[Future[Path]]:
+def build(
+    machine_unchanged: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Future[Path]]:
     """`sam build` needs none of the rest: it runs while the engine, the image and the
     servers start (the tests use the repository's models file)."""
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
 
         def run() -> Path:
-            path = api.build()
+            path = api.build(build_dir=tmp_path_factory.mktemp("sam-local-build"))
             TIMINGS["sam build (cached; while the rest starts)"] = time.monotonic() - started
             return path
 
@@ -150,7 +152,9 @@ def built(build: Future[Path], wiring: Wiring) -> Path:
 def sam_api(
     engine: Engine, image: str | None, wiring: Wiring, built: Path
 ) -> Iterator[api.StartApi]:
-    server = api.StartApi(engine, wiring, image, port=free_port(), parameters=PARAMETERS)
+    server = api.StartApi(
+        engine, wiring, image, port=free_port(), parameters=PARAMETERS, template=built
+    )
     try:
         with timed("sam local start-api: listening (EAGER containers)"):
             server.start()

@@ -96,11 +96,12 @@ def runner_answers(
 
 
 def sam_answers(
-    names: list[str], engine: Engine, image: str | None, wiring: Wiring
+    names: list[str], engine: Engine, image: str | None, wiring: Wiring, template: Path
 ) -> dict[str, Answer]:
     def one(name: str) -> tuple[str, Answer]:
         path = ROOT / "events" / name
-        answer, _ = api.invoke(engine, wiring, image, function_for(load(path)), path, PARAMETERS)
+        function = function_for(load(path))
+        answer, _ = api.invoke(engine, wiring, image, function, path, PARAMETERS, template=template)
         return name, from_lambda(answer)
 
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -125,10 +126,10 @@ def answers(
     runner_side |= runner_answers([SQS_EVENT], runner, runner_subprocess_env)
     seed_job(runner, wiring)
     with timed(f"sam local invoke: {len(names)} events, {PARALLEL} at a time"):
-        sam_side = sam_answers(names, engine, image, wiring)
+        sam_side = sam_answers(names, engine, image, wiring, built)
     seed_job(runner, wiring)
     with timed("sam local invoke: the SQS event"):
-        sam_side |= sam_answers([SQS_EVENT], engine, image, wiring)
+        sam_side |= sam_answers([SQS_EVENT], engine, image, wiring, built)
     yield {name: (sam_side[name], runner_side[name]) for name in sam_side}
 
 
