@@ -18,7 +18,7 @@ from local.template import http_routes
 
 
 def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM too runs every `finally` below
+    raise KeyboardInterrupt  # every `finally` below runs: sam, servers, engine stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("event", type=Path)
     one.add_argument("function", nargs="?", help="default: the one the event is for")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Set, not inherited: started in the background from a script (make ... &), SIGINT comes
+    # ignored, and Python then never raises KeyboardInterrupt. A closed terminal stops us too.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     started = time.monotonic()
     try:
         with docker_engine() as engine:
