@@ -28,15 +28,18 @@ for _name in [
 
 @pytest.fixture(autouse=True)
 def fresh_settings() -> Iterator[None]:
-    """Settings and the service are cached per process; each test gets its own."""
+    """Settings, the service and the jobs built on it are cached per process; each test gets
+    its own."""
     from hermes.config import get_settings
+    from hermes.jobs import get_jobs
     from hermes.service import get_service
 
-    get_settings.cache_clear()
-    get_service.cache_clear()
+    caches = (get_settings, get_service, get_jobs)
+    for cached in caches:
+        cached.cache_clear()
     yield
-    get_settings.cache_clear()
-    get_service.cache_clear()
+    for cached in caches:
+        cached.cache_clear()
 
 
 @pytest.fixture
