@@ -173,7 +173,13 @@ def ensure_queues(template: dict[str, Any]) -> dict[str, str]:
             attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": queue.max_receive_count}
             )
-        urls[name] = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        try:
+            urls[name] = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        except sqs.exceptions.QueueNameExists:
+            # Made earlier with other settings (another runner, other parameters, a store
+            # shared with tests): the template's settings win, as a deploy's would.
+            urls[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            sqs.set_queue_attributes(QueueUrl=urls[name], Attributes=attributes)
     return urls
 
 

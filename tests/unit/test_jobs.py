@@ -429,3 +429,18 @@ def test_a_result_too_large_for_the_job_record_fails_the_job(
     assert "result" not in view
     assert calls(emulator) == 1
     assert boto3.client("sqs").receive_message(QueueUrl=env["JobsQueue"]).get("Messages") is None
+
+
+def test_queues_made_earlier_with_other_settings_take_the_template_s(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the queues exist with another redrive (JobMaxAttempts=3, from the fixture)
+    monkeypatch.setenv("HERMES_PARAMETERS", "JobMaxAttempts=7")
+    # When a runner (or sam local's wiring) sets them up again with other parameters
+    urls = ensure_queues(load_template())
+    # Then it reuses them and the template's settings win
+    assert urls == {name: env[name] for name in urls}
+    attributes = boto3.client("sqs").get_queue_attributes(
+        QueueUrl=urls["JobsQueue"], AttributeNames=["RedrivePolicy"]
+    )["Attributes"]
+    assert json.loads(attributes["RedrivePolicy"])["maxReceiveCount"] == 7
