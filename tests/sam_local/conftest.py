@@ -4,8 +4,12 @@ the same DynamoDB Local, queues and Ollama emulator for the parity checks.
 
 Everything started here is stopped here, also when a test fails: containers (sam removes
 them on SIGTERM; any it leaves are removed by the ids it logged), the private dockerd and
-its docker0 bridge (local/sam/docker_engine.py), DynamoDB Local. The session ends by
+its docker0 bridge (local/sam/docker_engine.py), DynamoDB Local. The tier ends by
 checking that the machine's network settings are as they were.
+
+Fixtures are package-scoped, not session-scoped: everything stops when the tier ends. The
+parity runner polls the jobs queue of moto's server in this process, and moto's state is
+global: left running, it took the unit tests' job messages from their own mock_aws queues.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def _network_settings() -> dict[str, str]:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def machine_unchanged() -> Iterator[None]:
     """Torn down last: no network sysctl changed, and no bridge left that no engine uses
     (an engine left by a killed session, adopted by this one, takes its bridge with it)."""
@@ -92,7 +96,7 @@ def machine_unchanged() -> Iterator[None]:
     assert bridge_in_use(), f"{BRIDGE} left behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def build(
     machine_unchanged: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Future[Path]]:
@@ -109,7 +113,7 @@ def build(
         yield pool.submit(run)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine(machine_unchanged: None, build: Future[Path]) -> Iterator[Engine]:
     with timed("docker engine: start or reuse"):
         found = acquire()
@@ -120,21 +124,21 @@ def engine(machine_unchanged: None, build: Future[Path]) -> Iterator[Engine]:
             release(found)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def image(engine: Engine) -> str | None:
     cached = lambda_image.tarball().exists()
     with timed(f"lambda image ({'cached tarball' if cached else 'built'}: import)"):
         return lambda_image.invoke_image(engine)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def emulator(engine: Engine) -> Iterator[OllamaEmulator]:
     """The Ollama emulator on the bridge's gateway address, where containers reach it."""
     with OllamaEmulator(host=engine.gateway()) as emu:
         yield emu
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def wiring(engine: Engine, emulator: OllamaEmulator) -> Iterator[Wiring]:
     with Services(engine.gateway(), from_environment=False) as services:
         with timed("DynamoDB Local, SQS, tables and queues"):
@@ -142,13 +146,13 @@ def wiring(engine: Engine, emulator: OllamaEmulator) -> Iterator[Wiring]:
         yield found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def built(build: Future[Path], wiring: Wiring) -> Path:
     with timed("waiting for sam build"):
         return build.result()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def sam_api(
     engine: Engine, image: str | None, wiring: Wiring, built: Path
 ) -> Iterator[api.StartApi]:
@@ -168,7 +172,7 @@ def sam_api(
     assert not server.container_ids() & set(running), "sam left containers behind"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def runner_env(wiring: Wiring, emulator: OllamaEmulator) -> dict[str, str]:
     """The Docker-free runner on the very store, queues and emulator the functions use."""
     return {
@@ -179,13 +183,13 @@ def runner_env(wiring: Wiring, emulator: OllamaEmulator) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def runner(runner_env: dict[str, str]) -> Iterator[HermesProcess]:
     with HermesProcess(runner_env) as process:
         yield process
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def runner_subprocess_env(runner_env: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **runner_env}
 
