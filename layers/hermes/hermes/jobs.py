@@ -32,10 +32,9 @@ import zlib
 from functools import lru_cache
 from typing import Any
 
-from hermes import config
 from hermes.aio import run_sync
 from hermes.aws import client
-from hermes.config import Settings, check_worker_timeout
+from hermes.config import Settings, check_worker_timeout, job_time_needed_s
 from hermes.errors import (
     HermesError,
     HostBusy,
@@ -239,7 +238,7 @@ class Jobs:
         if not hasattr(context, "get_remaining_time_in_millis") or model_config is None:
             return True  # no Lambda deadline, or the run fails at once as not configured
         left_s = float(context.get_remaining_time_in_millis()) / 1000
-        return left_s >= config.job_time_needed_s(model_config)
+        return left_s >= job_time_needed_s(model_config)
 
     def _give_up(
         self, job_id: str, model: str, body: str, busy: ModelBusy | HostBusy, waited: float

@@ -97,10 +97,6 @@ class HermesService:
         self.limiter = limiter
         self.backends = backends  # one client per Ollama host
 
-    def release(self, lease: Lease) -> None:
-        """Free `lease`, blocking until DynamoDB answers (for callers off the event loop)."""
-        self.limiter.release(lease)
-
     async def _release(self, lease: Lease) -> None:
         """Free `lease` from a worker thread and wait for it. A slow DynamoDB must not stall
         the event loop, where the other calls of this process keep their deadlines. The
