@@ -71,6 +71,10 @@ class GenerateOptions(BaseModel):
     stop: list[str] | None = Field(default=None, max_length=16)
 
 
+# Order among waiting requests (issue 12): high first, low last, with aging (hermes.limiter).
+Priority = Literal["high", "normal", "low"]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -78,10 +82,12 @@ class GenerateRequest(BaseModel):
     system: str | None = None
     options: GenerateOptions | None = None
     format: Literal["json"] | dict[str, Any] | None = None
+    # Hermes' own: the place among waiting requests (the X-Hermes-Priority header otherwise).
+    priority: Priority | None = None
 
     def to_ollama(self) -> dict[str, Any]:
-        """The body of Ollama's /api/generate (without model and stream)."""
-        return self.model_dump(exclude_none=True)
+        """The body of Ollama's /api/generate (without model, stream and Hermes' fields)."""
+        return self.model_dump(exclude_none=True, exclude={"priority"})
 
 
 def parse_generate_request(

@@ -33,7 +33,7 @@ from hermes.errors import (
     UpstreamTimeout,
 )
 from hermes.limiter import Counter, Lease, Limiter
-from hermes.schemas import parse_generate_request
+from hermes.schemas import Priority, parse_generate_request
 
 # Bounded waiting: full-jitter exponential backoff between admission attempts. The cap sets
 # how long a freed slot may stay idle before some waiter retries (with N waiters, about
@@ -132,7 +132,13 @@ class HermesService:
             ),
         ]
 
-    async def admit(self, name: str, config: ModelConfig, deadline: float | None) -> Admission:
+    async def admit(
+        self,
+        name: str,
+        config: ModelConfig,
+        deadline: float | None,
+        priority: Priority = "normal",
+    ) -> Admission:
         """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
         a time.monotonic() value). The run time is derived from the lease as granted, when
         the answer arrives: however long DynamoDB took, the call ends before the lease can
@@ -206,7 +212,12 @@ class HermesService:
             _RELEASES.submit(self.limiter.release, future.result())
 
     async def generate(
-        self, model_name: str, body: Any, *, deadline_s: float | None = None
+        self,
+        model_name: str,
+        body: Any,
+        *,
+        deadline_s: float | None = None,
+        priority: Priority = "normal",
     ) -> dict[str, Any]:
         """Run one prompt (the seed's /v1/llm shape); `deadline_s` is what the caller can
         still wait (Lambda time left)."""
@@ -215,7 +226,11 @@ class HermesService:
             request = parse_generate_request(body, self.settings.max_prompt_chars, config)
         started = time.perf_counter()
         data = await self.complete(
-            model_name, "/api/generate", request.to_ollama(), deadline_s=deadline_s
+            model_name,
+            "/api/generate",
+            request.to_ollama(),
+            deadline_s=deadline_s,
+            priority=request.priority or priority,
         )
         return {
             "result": data["response"],
@@ -242,14 +257,20 @@ class HermesService:
         raise AssertionError("unreachable")
 
     async def complete(
-        self, model_name: str, path: str, body: dict[str, Any], *, deadline_s: float | None = None
+        self,
+        model_name: str,
+        path: str,
+        body: dict[str, Any],
+        *,
+        deadline_s: float | None = None,
+        priority: Priority = "normal",
     ) -> dict[str, Any]:
         """One non-streamed backend call (`path` /api/generate or /api/chat, Ollama's body
         with Hermes' model name), under the model's limits. Returns Ollama's answer."""
         config = self.model(model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            admission = await self.admit(model_name, config, deadline)
+            admission = await self.admit(model_name, config, deadline, priority)
             try:
                 async with asyncio.timeout_at(_loop_time(admission.ends_at)):
                     answer = await self.backends[config.host].complete(
@@ -267,7 +288,13 @@ class HermesService:
             return answer
 
     async def open_stream(
-        self, model_name: str, path: str, body: dict[str, Any], *, deadline_s: float | None = None
+        self,
+        model_name: str,
+        path: str,
+        body: dict[str, Any],
+        *,
+        deadline_s: float | None = None,
+        priority: Priority = "normal",
     ) -> AsyncIterator[dict[str, Any]]:
         """Admit, start a streamed backend call and wait for its first object, so that busy,
         unknown-model and unreachable errors are raised before the caller sends any byte.
@@ -277,7 +304,7 @@ class HermesService:
         started = time.perf_counter()
         with observed(model_name, only_failures=True):
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            admission = await self.admit(model_name, config, deadline)
+            admission = await self.admit(model_name, config, deadline, priority)
         lease, timeout_s = admission.lease, admission.run_s
         chunks = self.backends[config.host].stream(
             path, {**body, "model": config.backend_model}, timeout_s + 1
