@@ -184,13 +184,13 @@ def load_config(path: Path) -> ModelsFile:
     return parsed
 
 
-# What one host's lease item can hold: hermes.limiter keeps a host's counters and every
-# lease in ONE DynamoDB item, and an item is at most 400 KB. By DynamoDB's item-size rules
-# a lease takes 78 bytes plus its model's name, and each model a counter of 12 bytes plus
-# its name: with names of at most MAX_MODEL_NAME_CHARS, 1,000 leases and 1,000 counters
-# come to ~290 KB. (Every expression the limiter builds is bounded by construction: two
-# counters per admission, REAP_BATCH leases per reaping write; none limits capacities.)
-MAX_LEASES_PER_HOST = 1000
+# What one host may serve. hermes.limiter keeps a host's counters (its memory and each of its
+# models' in-flight count) in one small state item; leases and waiters are items of their
+# own, so no number of leases approaches DynamoDB's 400 KB per item. What grows with the
+# models of a host is the grant pass, whose state update names every counter it changes
+# (about 90 bytes of expression per counter): 50 models keep it under 2.5 KB of DynamoDB's
+# 4 KB per expression, and the state item under 4 KB.
+MAX_MODELS_PER_HOST = 50
 MAX_MODEL_NAME_CHARS = 100  # also the longest name a request can carry
 
 
@@ -207,23 +207,14 @@ def _check_capacities(path: Path, parsed: ModelsFile) -> None:
                 f"models file {path}: field 'models.{name[:20]}...': model names are at most "
                 f"{MAX_MODEL_NAME_CHARS} characters, got {len(name)}"
             )
-    for host_name, host in parsed.hosts.items():
-        models = {n: m for n, m in parsed.models.items() if m.host == host_name}
-        if not models:
-            continue
-        total = sum(m.max_concurrency for m in models.values())
-        lightest = min(parsed.weight(m) for m in models.values())
-        by_budget = host.memory_budget // lightest if lightest > 0 else total
-        leases = min(total, by_budget)
-        if leases > MAX_LEASES_PER_HOST:
-            largest = max(models, key=lambda n: models[n].max_concurrency)
+    for host_name in parsed.hosts:
+        served = sorted(n for n, m in parsed.models.items() if m.host == host_name)
+        if len(served) > MAX_MODELS_PER_HOST:
             raise ConfigError(
-                f"models file {path}: field 'models.{largest}.max_concurrency': host "
-                f"'{host_name}' could hold {leases} leases at once (its models' "
-                f"max_concurrency add up to {total}; its memory_budget {host.memory_budget} "
-                f"fits {by_budget} of its lightest model), over the bound of "
-                f"{MAX_LEASES_PER_HOST} leases that one lease item can hold (a DynamoDB item "
-                "is at most 400 KB): lower max_concurrency or memory_budget"
+                f"models file {path}: field 'models.{served[MAX_MODELS_PER_HOST]}.host': host "
+                f"'{host_name}' would serve {len(served)} models, over the bound of "
+                f"{MAX_MODELS_PER_HOST} per host (the limiter's writes name every counter of "
+                "a host, and DynamoDB allows 4 KB per expression): add a host entry"
             )
 
 

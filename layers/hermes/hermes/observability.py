@@ -35,9 +35,12 @@ def _metric(name: str, unit: MetricUnit, value: float, **dimensions: str) -> Non
             metric.add_dimension(name=key, value=dimension)
 
 
-def admitted(model: str, in_flight: int, capacity: int, wait_ms: float) -> None:
-    _metric("InFlight", MetricUnit.Count, in_flight, model=model)
-    _metric("SlotUtilization", MetricUnit.Percent, 100 * in_flight / capacity, model=model)
+def admitted(model: str, in_flight: int | None, capacity: int, wait_ms: float) -> None:
+    """`in_flight`: the model's count right after this admission, when the limiter knows it
+    (a grant from the queue); a direct admission is a transaction, which returns no values."""
+    if in_flight is not None:
+        _metric("InFlight", MetricUnit.Count, in_flight, model=model)
+        _metric("SlotUtilization", MetricUnit.Percent, 100 * in_flight / capacity, model=model)
     _metric("WaitTime", MetricUnit.Milliseconds, wait_ms, model=model)
 
 

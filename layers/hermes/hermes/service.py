@@ -10,14 +10,13 @@ import asyncio
 import contextlib
 import functools
 import math
-import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from hermes import observability
 from hermes.aws import client
@@ -32,15 +31,8 @@ from hermes.errors import (
     ModelNotConfigured,
     UpstreamTimeout,
 )
-from hermes.limiter import Counter, Lease, Limiter
+from hermes.limiter import Counter, Lease, Limiter, Ticket
 from hermes.schemas import Priority, parse_generate_request
-
-# Bounded waiting: full-jitter exponential backoff between admission attempts. The cap sets
-# how long a freed slot may stay idle before some waiter retries (with N waiters, about
-# cap/N): 100 ms kept utilization above 90% in bench section 4 (250 ms gave 82%), at the
-# price of more failed conditional writes while requests wait.
-BACKOFF_BASE_S = 0.01
-BACKOFF_CAP_S = 0.1
 
 # A holder stops its backend call this long before its lease expires, on top of
 # LeaseMarginMs (which lets the release land): room for clock skew between instances
@@ -55,6 +47,11 @@ LEASE_SHORTFALL_S = 0.5
 # Releases get threads of their own: queued behind admissions (the default executor), a
 # release would keep its slot busy for nothing.
 _RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hermes-release")
+# Admissions and polls: a waiting request holds no thread between polls, so a few threads
+# serve many waiters; more than asyncio's default (cores + 4) so that a burst of admissions
+# on a small instance does not queue behind a slow DynamoDB answer.
+_LIMITER = ThreadPoolExecutor(max_workers=32, thread_name_prefix="hermes-limiter")
+T = TypeVar("T")
 
 MEMORY_COUNTER = "memory"
 # Hermes names and backend tags (gemma, gemma3:1b); anything else is refused before lookup.
@@ -139,30 +136,47 @@ class HermesService:
         deadline: float | None,
         priority: Priority = "normal",
     ) -> Admission:
-        """Take a lease, waiting up to the model's queue_timeout_ms (never past `deadline`,
-        a time.monotonic() value). The run time is derived from the lease as granted, when
-        the answer arrives: however long DynamoDB took, the call ends before the lease can
-        look expired to another instance."""
+        """Take a lease at once, or a place in the host's queue (first come, first served by
+        ticket, `priority` with aging) and wait there up to the model's queue_timeout_ms, never
+        past `deadline` (a time.monotonic() value). The run time is derived from the lease as
+        granted: however long DynamoDB took, the call ends before the lease can look expired
+        to another instance."""
         pool, counters = host_pool(config.host), self.counters(name, config)
         asked_at = time.monotonic()
-        wait_until = asked_at + config.queue_timeout_ms / 1000
-        if deadline is not None:
-            wait_until = min(wait_until, deadline)
         reserve_ms = self.settings.lease_margin_ms + LEASE_SAFETY_MS
-        attempt = 0
-        while True:
-            wanted_s = config.timeout / 1000
-            if deadline is not None:
-                wanted_s = max(0.001, min(wanted_s, deadline - time.monotonic()))
-            try:
-                lease = await self._acquire(pool, counters, math.ceil(wanted_s * 1000) + reserve_ms)
-                break
-            except (ModelBusy, HostBusy):
-                pause = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
-                if time.monotonic() + pause >= wait_until:
-                    raise
-            await asyncio.sleep(pause)
-            attempt += 1
+        wanted_s = config.timeout / 1000
+        wait_s = config.queue_timeout_ms / 1000
+        if deadline is not None:
+            wanted_s = max(0.001, min(wanted_s, deadline - asked_at))
+            wait_s = min(wait_s, deadline - asked_at)
+        retry_after = self.settings.retry_after_s
+        if wait_s <= 0:
+            # No waiting: admitted now, or 429 model_busy/host_busy at once (also when others
+            # wait for that capacity: nobody jumps the queue).
+            call = functools.partial(
+                self.limiter.acquire, pool, counters, math.ceil(wanted_s * 1000) + reserve_ms
+            )
+            lease = await self._blocking(functools.partial(call, retry_after))
+        else:
+            now_ms = int(time.time() * 1000)
+            got = await self._blocking(
+                functools.partial(
+                    self.limiter.enqueue,
+                    pool,
+                    counters,
+                    # A grant may come late: it gives the model's whole timeout, capped by the
+                    # caller's deadline (run_until_ms), both plus the reserve.
+                    config.timeout + reserve_ms,
+                    wait_until_ms=now_ms + int(wait_s * 1000),
+                    run_until_ms=(
+                        now_ms + int((deadline - asked_at) * 1000) + reserve_ms
+                        if deadline is not None
+                        else 0
+                    ),
+                    priority=priority,
+                )
+            )
+            lease = got if isinstance(got, Lease) else await self._wait(got, asked_at + wait_s)
         granted_at = time.monotonic()
         lease_s = self.limiter.time_left(lease) - reserve_ms / 1000
         limits = {"model": config.timeout / 1000, "lease": lease_s}
@@ -182,34 +196,64 @@ class HermesService:
                 f"the lease table took {time.monotonic() - asked_at:.1f} s to grant a slot of "
                 f"model '{name}', which left no time to run it; the slot was given back, "
                 "retry later",
-                retry_after=self.settings.retry_after_s,
+                retry_after=retry_after,
             )
         observability.admitted(
             name,
-            lease.counts.get(model_counter(name), 0),
+            lease.counts.get(model_counter(name)),  # None for a direct admission
             config.max_concurrency,
             (granted_at - asked_at) * 1000,
         )
         return Admission(lease, run_s, granted_at, cut_by)
 
-    async def _acquire(self, pool: str, counters: list[Counter], lease_ms: int) -> Lease:
-        """The limiter's blocking write, off the event loop (other requests of this process
-        keep moving while it waits on DynamoDB). If the caller is cancelled meanwhile, the
-        lease DynamoDB may still grant is released as soon as it arrives: never leaked."""
-        call = functools.partial(
-            self.limiter.acquire, pool, counters, lease_ms, self.settings.retry_after_s
-        )
-        future = asyncio.get_running_loop().run_in_executor(None, call)
+    async def _wait(self, ticket: Ticket, wait_until: float) -> Lease:
+        """Poll the ticket (reads only) until a lease is handed over, or give the place up at
+        `wait_until` and answer 429. A cancelled request (client gone) gives its place up too,
+        and releases a lease handed over meanwhile."""
+        loop = asyncio.get_running_loop()
+        handed = asyncio.Event()
+        self.limiter.notify(ticket, lambda: loop.call_soon_threadsafe(handed.set))
+        try:
+            while True:
+                if self.limiter.poll_needed(ticket):
+                    lease = await self._blocking(functools.partial(self.limiter.poll, ticket))
+                    if lease is not None:
+                        return lease
+                if time.monotonic() + ticket.poll_after_s >= wait_until:
+                    lease = await self._blocking(functools.partial(self.limiter.abandon, ticket))
+                    if lease is not None:
+                        return lease  # granted at the last moment: the run-time check decides
+                    raise self.limiter.busy(ticket, self.settings.retry_after_s)
+                handed.clear()
+                # A handoff by this process wakes us at once; others are seen by the next poll.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(handed.wait(), ticket.poll_after_s)
+        except asyncio.CancelledError:
+            _RELEASES.submit(self._give_up, ticket)
+            raise
+
+    def _give_up(self, got: Lease | Ticket | None) -> None:
+        """In a worker thread: whatever a cancelled request holds goes back."""
+        if isinstance(got, Ticket):
+            got = self.limiter.abandon(got)  # a lease handed over meanwhile comes back here
+        if isinstance(got, Lease):
+            self.limiter.release(got)
+
+    async def _blocking(self, call: Callable[[], T]) -> T:
+        """A limiter call off the event loop (other requests of this process keep moving while
+        it waits on DynamoDB). If the caller is cancelled meanwhile, the lease or place the
+        call still obtains is given back as soon as it arrives: never leaked."""
+        future = asyncio.get_running_loop().run_in_executor(_LIMITER, call)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(self._release_orphan)
+            future.add_done_callback(self._give_up_orphan)
             raise
 
-    def _release_orphan(self, future: asyncio.Future[Lease]) -> None:
+    def _give_up_orphan(self, future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and future.exception() is None:
             # A callback on the event loop: the blocking write goes to a worker thread.
-            _RELEASES.submit(self.limiter.release, future.result())
+            _RELEASES.submit(self._give_up, future.result())
 
     async def generate(
         self,

@@ -1,0 +1,672 @@
+"""The limiter: admission, waiting in line, release with handoff, crash recovery, usage."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hermes.errors import HermesError, LimiterUnavailable
+from hermes.limiter import writes
+from hermes.limiter.mailbox import Mailbox
+from hermes.limiter.records import (
+    AGING_TICKETS,
+    ANY,
+    BLOCKED,
+    POLL_FAST_S,
+    POLL_SLOW_S,
+    PRIORITIES,
+    STATE_SK,
+    WAITING,
+    Counter,
+    Entry,
+    Lease,
+    Refusal,
+    Ticket,
+    counters_of,
+    key,
+    n,
+    s,
+    value,
+)
+from hermes.limiter.table import Cancelled, Table, pause
+
+log = logging.getLogger("hermes.limiter")
+
+# Bounded work: optimistic rounds per operation (a round fails only when another writer
+# changed the state item in between, or on a transaction conflict).
+MAX_ROUNDS = 4
+RELEASE_ROUNDS = 6
+# A grant pass reads this many queue entries from the head; entries beyond it wait for the next
+# pass. Each grant is 3 transaction items, a reaped lease 1-2, a lapsed entry 1, plus the state
+# item and the releaser's 1-2: a pass stops adding before TransactWriteItems' 100 items.
+GRANT_WINDOW = 32
+REAP_BATCH = 30
+MAX_TRANSACT_ITEMS = 100
+# A waiter is "near the head" with fewer than HEAD_WINDOW live entries ahead: it polls fast and
+# may run a grant pass itself when its check finds capacity free or held by expired leases (a
+# handoff that did not happen: the releaser crashed). Checks (a read of the state item and of
+# the entries ahead) come every CHECK_S, spread so that a pool's waiters together check at most
+# CHECKS_PER_S_PER_POOL times a second; a ticket's own passes are at most WAITER_PASSES.
+HEAD_WINDOW = 8
+CHECK_S = 0.25
+CHECKS_PER_S_PER_POOL = 1000
+WAITER_PASSES = 3
+# After seeing waiters on a pool, a release goes straight to a handoff for this long.
+CONTENDED_S = 1.0
+
+
+@dataclass
+class _Pass:
+    """What a grant pass did: `written` when its transaction committed; the grants it made
+    ({ticket id: (expiry ms, counts)}); `lease_gone` when the lease it was releasing was
+    already gone (expired and reaped); `cleaned`: expired leases and lapsed entries it removed
+    (work for crashed requests); `more` when it left some of those for the next pass."""
+
+    written: bool = False
+    grants: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    lease_gone: bool = False
+    cleaned: int = 0
+    more: bool = False
+
+
+@dataclass
+class _Plan:
+    items: list[dict[str, Any]]
+    grants: dict[str, tuple[int, dict[str, int]]]
+    cleaned: int
+    more: bool
+
+
+# (sort key, weights, ticket id if it came from the queue)
+_Expired = tuple[str, dict[str, int], str | None]
+
+
+class Limiter:
+    def __init__(
+        self,
+        client: Any,
+        table: str,
+        clock: Callable[[], float] = time.time,
+        aging_tickets: int = AGING_TICKETS,
+    ) -> None:
+        self._table = Table(client, table)
+        self._clock = clock
+        self._aging = aging_tickets
+        self._mailbox = Mailbox()
+        self._contended_until: dict[str, float] = {}
+
+    @property
+    def _ddb(self) -> Any:  # the boto3 client, for tests that hook it
+        return self._table.client
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _observe(self, pool: str, state: dict[str, Any]) -> None:
+        """Remember that `pool` has waiters: this process's releases there hand over at once."""
+        if value(state, WAITING) > 0:
+            self._contended_until[pool] = time.monotonic() + CONTENDED_S
+
+    def _contended(self, pool: str) -> bool:
+        return self._contended_until.get(pool, 0.0) > time.monotonic()
+
+    def time_left(self, lease: Lease) -> float:
+        """Seconds until `lease` expires, by this limiter's clock (negative once expired)."""
+        return (lease.expires_at_ms - self._now_ms()) / 1000
+
+    # -- admission without waiting -------------------------------------------------------
+
+    def acquire(
+        self, pool: str, counters: Sequence[Counter], lease_ms: int, retry_after_s: int = 1
+    ) -> Lease:
+        """Take every counter at once, or raise the `busy` error of the first full counter (or
+        of the first one that queued requests are waiting for: nobody jumps the queue).
+
+        The lease's `expires_at_ms` is the expiry written (it is in the key): the caller stops
+        before it (`time_left`), however long the write took. When no answer comes back
+        (LimiterUnavailable) although the write may have landed, the lease is withdrawn."""
+        outcome = self._admit_now(pool, tuple(counters), lease_ms, 0)
+        if isinstance(outcome, Lease):
+            return outcome
+        raise outcome.error(retry_after_s)
+
+    def _admit_now(
+        self, pool: str, counters: tuple[Counter, ...], lease_ms: int, run_until_ms: int
+    ) -> Lease | Refusal:
+        """One transaction; on a full pool with expired leases, a grant pass (which reaps
+        them) and another try. A refusal says why, with the state item."""
+        refusal = Refusal(counters[0], False, {})
+        for _ in range(MAX_ROUNDS):
+            now = self._now_ms()
+            expires = now + lease_ms if not run_until_ms else min(now + lease_ms, run_until_ms)
+            lease = Lease(uuid.uuid4().hex, pool, counters, expires)
+            try:
+                self._table.transact(writes.admit(self._table.name, lease))
+            except Cancelled as cancelled:
+                if cancelled.conflict:
+                    pause()
+                    continue
+                state = cancelled.item(0)
+                self._observe(pool, state)
+                refusal = Refusal.of(state, counters)
+                if refusal.gated:
+                    return refusal
+                if refusal.full and not (
+                    self._has_expired(pool) and self._grant_pass(pool).written
+                ):
+                    return refusal
+                continue  # capacity came back, or the state changed meanwhile: try again
+            except LimiterUnavailable:
+                self._withdraw(lease)
+                raise
+            return lease
+        return refusal
+
+    # -- admission with waiting ----------------------------------------------------------
+
+    def enqueue(
+        self,
+        pool: str,
+        counters: Sequence[Counter],
+        lease_ms: int,
+        *,
+        wait_until_ms: int,
+        run_until_ms: int = 0,
+        priority: str = "normal",
+    ) -> Lease | Ticket:
+        """Admit now if the pool has room and nobody waits for these counters; otherwise take
+        a ticket and a place in the pool's queue. Poll the ticket (`poll`) until it turns
+        into a lease, and `abandon` it when the caller stops waiting.
+
+        `lease_ms` is the lease a grant gives (run time plus margins), never past
+        `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses."""
+        counters = tuple(counters)
+        outcome = self._admit_now(pool, counters, lease_ms, run_until_ms)
+        if isinstance(outcome, Lease):
+            return outcome
+        seq = self._next_seq(pool)
+        ticket = Ticket(
+            ticket_id=uuid.uuid4().hex,
+            pool=pool,
+            counters=counters,
+            seq=seq,
+            order=seq + PRIORITIES[priority] * self._aging,
+            lease_ms=lease_ms,
+            wait_until_ms=wait_until_ms,
+            run_until_ms=run_until_ms,
+            priority=priority,
+            passes_left=WAITER_PASSES,
+        )
+        full = [c.name for c in counters if value(outcome.state, c.name) + c.weight > c.capacity]
+        self._mailbox.register(ticket.ticket_id)
+        for _ in range(MAX_ROUNDS):
+            try:
+                self._table.transact(writes.enqueue(self._table.name, ticket, full))
+                break
+            except Cancelled as cancelled:
+                if not cancelled.conflict:
+                    raise AssertionError("a new queue entry cannot exist already") from None
+                pause()
+            except LimiterUnavailable:
+                # The write may have landed: take the place back (and a lease, had it one).
+                granted = self.abandon(ticket)
+                if granted is not None:
+                    self.release(granted)
+                raise
+        else:
+            self._mailbox.forget(ticket.ticket_id)
+            raise LimiterUnavailable("the lease table stayed contended; retry later", retry_after=1)
+        # A release between our refusal and our enqueue saw nobody waiting: look once now.
+        try:
+            lease = self._check(ticket, force=True)
+        except LimiterUnavailable:
+            return ticket  # the caller holds a place: its polls (or abandon) carry on
+        if lease is not None:
+            self._mailbox.forget(ticket.ticket_id)
+            return lease
+        return ticket
+
+    def _next_seq(self, pool: str) -> int:
+        """A ticket: the pool's atomic counter, so arrival order is DynamoDB's own order."""
+        answer = self._table.call(
+            "update_item",
+            TableName=self._table.name,
+            Key=key(f"{pool}#seq", "seq"),
+            UpdateExpression="ADD n :one",
+            ExpressionAttributeValues={":one": n(1)},
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(answer["Attributes"]["n"]["N"])
+
+    def poll(self, ticket: Ticket) -> Lease | None:
+        """The lease handed to `ticket`, if any yet: reads only (the notices of all of this
+        process's tickets in one BatchGetItem, at most every POLL_FAST_S); now and then a
+        check of the queue's head, which may run a grant pass (bounded per ticket). Wait
+        `ticket.poll_after_s` between polls (or until `notify`'s callback)."""
+        lease = self._handed(ticket)
+        if lease is not None:
+            return lease
+        due = self._mailbox.due(min(POLL_FAST_S, ticket.poll_after_s))
+        if due:
+            self._mailbox.hand(self._notices(due))
+            lease = self._handed(ticket)
+            if lease is not None:
+                return lease
+        if self._now_ms() >= ticket.next_check_ms:
+            lease = self._check(ticket)
+            if lease is not None:
+                self._mailbox.forget(ticket.ticket_id)
+            return lease
+        return None
+
+    def poll_needed(self, ticket: Ticket) -> bool:
+        """Whether `poll` has anything to do now (no I/O here): a lease handed over in memory,
+        this process's poll interval gone by, or the ticket's check due. Lets an event loop
+        skip a thread hop per waiter per interval."""
+        return (
+            self._mailbox.take(ticket.ticket_id) is not None
+            or self._mailbox.poll_due(min(POLL_FAST_S, ticket.poll_after_s))
+            or self._now_ms() >= ticket.next_check_ms
+        )
+
+    def notify(self, ticket: Ticket, callback: Callable[[], object]) -> None:
+        """Call `callback` (from whichever thread) when this process hands `ticket` a lease or
+        a poll finds one: an event loop passes `lambda: loop.call_soon_threadsafe(ev.set)`."""
+        self._mailbox.notify(ticket.ticket_id, callback)
+
+    def busy(self, ticket: Ticket, retry_after_s: int = 1) -> HermesError:
+        """The 429 for a ticket whose wait ran out: the busy error of the counter it waited for."""
+        counter = next((c for c in ticket.counters if c.name == ticket.short), ticket.counters[0])
+        return counter.busy(
+            f"{counter.label} had no capacity free within the wait; retry later",
+            retry_after=retry_after_s,
+        )
+
+    def wait(self, ticket: Ticket) -> Lease | None:
+        """Blocking: poll until a lease is handed over (returned) or the ticket's wait deadline
+        passes (the place is given up; None). The service does the same on its event loop."""
+        event = self._mailbox.event(ticket.ticket_id)
+        while True:
+            lease = self.poll(ticket)
+            if lease is not None:
+                return lease
+            if self._now_ms() + ticket.poll_after_s * 1000 >= ticket.wait_until_ms:
+                return self.abandon(ticket)
+            if event is not None:
+                event.wait(ticket.poll_after_s)
+            else:
+                time.sleep(ticket.poll_after_s)
+
+    def _handed(self, ticket: Ticket) -> Lease | None:
+        notice = self._mailbox.take(ticket.ticket_id)
+        if notice is None:
+            return None
+        self._mailbox.forget(ticket.ticket_id)
+        return self._granted(ticket, notice)
+
+    def _notices(self, ticket_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The grant notices that exist among `ticket_ids` (eventually consistent reads: a
+        notice is written once, so a stale answer only delays it)."""
+        items = self._table.batch_get(
+            [key(f"grant#{t}", "grant") for t in ticket_ids], consistent=False
+        )
+        return {item["pk"]["S"].removeprefix("grant#"): item for item in items}
+
+    def abandon(self, ticket: Ticket) -> Lease | None:
+        """Give the place up (one write). If a lease was handed over meanwhile it is returned:
+        the caller uses it or releases it."""
+        self._mailbox.forget(ticket.ticket_id)
+        for _ in range(MAX_ROUNDS):
+            try:
+                self._table.transact(writes.abandon(self._table.name, ticket))
+                return None
+            except Cancelled as cancelled:
+                if cancelled.conflict:
+                    pause()
+                    continue
+                # The entry is gone: granted (there is a notice) or removed as lapsed.
+                notice = self._table.get(f"grant#{ticket.ticket_id}", "grant", consistent=True)
+                return self._granted(ticket, notice) if notice is not None else None
+            except LimiterUnavailable as exc:
+                # The entry lapses at wait_until_ms; a grant made before that expires too.
+                log.error("could not give up ticket %s: %s", ticket.ticket_id, exc)
+                return None
+        return None
+
+    def _granted(self, ticket: Ticket, notice: dict[str, Any]) -> Lease:
+        return Lease(
+            ticket.ticket_id,
+            ticket.pool,
+            ticket.counters,
+            int(notice["exp"]["N"]),
+            granted=True,
+            counts={k: int(v["N"]) for k, v in notice.get("n", {}).get("M", {}).items()},
+        )
+
+    def _check(self, ticket: Ticket, force: bool = False) -> Lease | None:
+        """Reads the state item and the queue ahead of `ticket`; runs a grant pass when the
+        ticket is near the head and capacity is free or held by expired leases (a release
+        that did not hand over: its holder crashed, or its rounds ran out)."""
+        now = self._now_ms()
+        state = self._table.get(ticket.pool, STATE_SK, consistent=force) or {}
+        self._observe(ticket.pool, state)
+        # Live entries among the first HEAD_WINDOW ahead: lapsed ones (crashed waiters) make
+        # a ticket nearer, so that somebody's pass drops them.
+        ahead = self._table.query(
+            KeyConditionExpression="pk = :pk AND sk < :me",
+            FilterExpression="#wu > :now",
+            ExpressionAttributeNames={"#wu": "wu"},
+            ExpressionAttributeValues={
+                ":pk": s(f"{ticket.pool}#queue"),
+                ":me": s(ticket.sk),
+                ":now": n(now),
+            },
+            Select="COUNT",
+            Limit=HEAD_WINDOW,
+        )["Count"]
+        near = ahead < HEAD_WINDOW
+        ticket.poll_after_s = POLL_FAST_S if near else POLL_SLOW_S
+        spread = max(1.0, value(state, WAITING) / (CHECK_S * CHECKS_PER_S_PER_POOL))
+        ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
+        short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
+        ticket.short = short[0] if short else ticket.short
+        if not near or ticket.passes_left <= 0:
+            return None
+        if short and not self._has_expired(ticket.pool):
+            return None
+        done = self._grant_pass(ticket.pool, state if force else None)
+        if done.cleaned:
+            # Work for crashed requests (at most one pass each): not charged to this ticket,
+            # and the next poll checks again if some is left.
+            if done.more:
+                ticket.next_check_ms = now
+        else:
+            ticket.passes_left -= 1
+        if ticket.ticket_id in done.grants:
+            exp, counts = done.grants[ticket.ticket_id]
+            return Lease(
+                ticket.ticket_id, ticket.pool, ticket.counters, exp, granted=True, counts=counts
+            )
+        return None
+
+    # -- release and handoff ------------------------------------------------------------
+
+    def release(self, lease: Lease) -> bool:
+        """Free the caller's own lease, handing its capacity to waiters if there are any.
+        False when it was already gone (expired and reaped) or DynamoDB failed; then the
+        lease simply expires."""
+        if lease.granted or self._contended(lease.pool):
+            return self._hand_over(lease, None)  # waiters are likely: no write bound to fail
+        for _ in range(RELEASE_ROUNDS):
+            try:
+                self._table.transact(writes.release(self._table.name, lease, True))
+                return True
+            except Cancelled as cancelled:
+                if cancelled.conflict:
+                    pause()
+                    continue
+                if cancelled.failed(0):
+                    log.warning(
+                        "lease %s in %s had expired and was reaped", lease.lease_id, lease.pool
+                    )
+                    return False
+                state = cancelled.item(len(cancelled.reasons) - 1)
+                self._observe(lease.pool, state)
+                return self._hand_over(lease, state)
+            except LimiterUnavailable as exc:
+                log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
+                return False
+        return self._release_plainly(lease)
+
+    def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool:
+        try:
+            passed_on = self._pass_on(lease)
+            if passed_on is not None:
+                return passed_on
+            outcome = self._grant_pass(lease.pool, state, releasing=lease)
+        except LimiterUnavailable as exc:
+            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
+            return False
+        if outcome.lease_gone:
+            return False
+        if not outcome.written:
+            # Out of rounds: free the capacity anyway; waiters' own checks pick it up (CHECK_S).
+            return self._release_plainly(lease)
+        return True
+
+    def _pass_on(self, lease: Lease) -> bool | None:
+        """The common handoff, in two requests: when the first live entry of the queue wants no
+        more than `lease` frees (same counters, weights no larger), the release and its grant
+        are one transaction. None when that does not apply (then a full grant pass runs)."""
+        now = self._now_ms()
+        entries, _ = self._head(lease.pool)
+        ticket_id = lease.lease_id if lease.granted else None
+        items = writes.delete_lease(self._table.name, lease.pool, lease.sk, ticket_id)
+        dropped, head = 0, None
+        for entry in entries:
+            if entry.wait_until_ms > now:
+                head = entry
+                break
+            items.append(writes.drop_entry(self._table.name, lease.pool, entry.sk, now))
+            dropped += 1
+        if head is None:
+            return None  # nobody lives in the head window: the full pass tidies up
+        freed = {c.name: c.weight for c in lease.counters}
+        wanted = {name: weight for name, _, weight in head.counters}
+        if not wanted.keys() <= freed.keys() or any(w > freed[k] for k, w in wanted.items()):
+            return None
+        expires = head.expiry(now)
+        if expires <= now:
+            return None
+        items.append(writes.pass_on_state(self._table.name, lease.pool, head, freed, dropped))
+        items += writes.grant(self._table.name, lease.pool, head, expires, {})
+        try:
+            self._table.transact(items)
+        except Cancelled as cancelled:
+            if not cancelled.conflict and cancelled.failed(0):
+                return False  # our lease had expired and was reaped
+            return None  # the head left, a limit was lowered, or a conflict: full pass
+        self._mailbox.hand({head.ticket_id: {"exp": n(expires)}})
+        return True
+
+    def _release_plainly(self, lease: Lease) -> bool:
+        try:
+            self._table.transact(writes.release(self._table.name, lease, False))
+            return True
+        except Cancelled:
+            return False
+        except LimiterUnavailable as exc:
+            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
+            return False
+
+    def _withdraw(self, lease: Lease) -> None:
+        """Best effort, after an admission whose answer was lost: remove the lease if the
+        write landed after all (if it did not, the condition makes this a no-op)."""
+        try:
+            self._table.transact(writes.release(self._table.name, lease, False))
+        except (Cancelled, LimiterUnavailable) as exc:
+            if isinstance(exc, LimiterUnavailable):
+                log.error(
+                    "unanswered admission %s may hold its slot until it expires", lease.lease_id
+                )
+            return
+        log.warning(
+            "admission %s in %s got no answer; its lease was removed", lease.lease_id, lease.pool
+        )
+
+    # -- the grant pass: hand capacity to waiters in order, reap, drop lapsed entries ------
+
+    def _grant_pass(
+        self, pool: str, state: dict[str, Any] | None = None, releasing: Lease | None = None
+    ) -> _Pass:
+        """One transaction that (1) releases `releasing`, (2) deletes expired leases, (3) drops
+        queue entries past their wait deadline, (4) hands a lease to each waiter that fits, in
+        queue order, never letting an entry overtake an earlier one on a counter that the
+        earlier one waits for, and (5) records those counters in q_blocked."""
+        for _ in range(MAX_ROUNDS):
+            if state is None:
+                state = self._table.get(pool, STATE_SK, consistent=True) or {}
+            plan = self._plan(pool, state, releasing)
+            if plan is None:
+                return _Pass()
+            try:
+                self._table.transact(plan.items)
+            except Cancelled as cancelled:
+                if cancelled.conflict:
+                    pause()
+                    state = None
+                    continue
+                if releasing is not None and cancelled.failed(1):
+                    return _Pass(lease_gone=True)
+                # The state changed (ALL_OLD says how), or an entry or lease changed: re-read.
+                state = cancelled.item(0) if cancelled.failed(0) else None
+                continue
+            self._mailbox.hand(
+                {
+                    ticket_id: {"exp": n(exp), "n": {"M": {k: n(v) for k, v in counts.items()}}}
+                    for ticket_id, (exp, counts) in plan.grants.items()
+                }
+            )
+            return _Pass(True, plan.grants, cleaned=plan.cleaned, more=plan.more)
+        return _Pass()
+
+    def _plan(self, pool: str, state: dict[str, Any], releasing: Lease | None) -> _Plan | None:
+        """Reads the queue's head (and expired leases) and composes the pass's transaction."""
+        now = self._now_ms()
+        entries, more = self._head(pool)
+        # A releaser's own capacity usually serves the head: it looks for expired leases only
+        # when somebody still does not fit. Passes that no release drives look first.
+        expired = [] if releasing is not None else self._expired(pool, now, REAP_BATCH)
+        plan, short = self._compose(pool, state, releasing, now, entries, more, expired)
+        if short and releasing is not None:
+            expired = self._expired(pool, now, REAP_BATCH)
+            if expired:
+                plan, _ = self._compose(pool, state, releasing, now, entries, more, expired)
+        return plan
+
+    def _compose(
+        self,
+        pool: str,
+        state: dict[str, Any],
+        releasing: Lease | None,
+        now: int,
+        entries: list[Entry],
+        more: bool,
+        expired: list[_Expired],
+    ) -> tuple[_Plan | None, bool]:
+        """The pass's transaction items (no I/O), and whether a live entry did not fit."""
+        table = self._table.name
+        values = counters_of(state)
+        items: list[dict[str, Any]] = []
+        delta: dict[str, int] = {}
+        if releasing is not None:
+            ticket_id = releasing.lease_id if releasing.granted else None
+            items += writes.delete_lease(table, pool, releasing.sk, ticket_id)
+            for c in releasing.counters:
+                delta[c.name] = delta.get(c.name, 0) - c.weight
+        cleaned = 0
+        for sk, weights, ticket_id in expired:
+            if releasing is not None and sk == releasing.sk:
+                continue
+            items += writes.delete_lease(table, pool, sk, ticket_id)
+            cleaned += 1
+            for name, weight in weights.items():
+                delta[name] = delta.get(name, 0) - weight
+        removed = 0
+        blocked: set[str] = set()
+        caps: dict[str, int] = {}
+        grants: dict[str, tuple[int, dict[str, int]]] = {}
+        for entry in entries:
+            if len(items) + 1 + 3 > MAX_TRANSACT_ITEMS:  # the state item and one more grant
+                more = True
+                break
+            expires = entry.expiry(now)
+            if entry.wait_until_ms <= now or expires <= now:
+                items.append(writes.drop_entry(table, pool, entry.sk, now))
+                removed += 1
+                cleaned += entry.wait_until_ms <= now
+                continue
+            if any(name in blocked for name, _, _ in entry.counters):
+                continue
+            short = [
+                name
+                for name, capacity, weight in entry.counters
+                if values.get(name, 0) + delta.get(name, 0) + weight > capacity
+            ]
+            if short:
+                blocked.update(short)
+                continue
+            for name, capacity, weight in entry.counters:
+                delta[name] = delta.get(name, 0) + weight
+                caps[name] = min(capacity, caps.get(name, capacity))
+            counts = {name: values.get(name, 0) + delta[name] for name, _, _ in entry.counters}
+            grants[entry.ticket_id] = (expires, counts)
+            items += writes.grant(table, pool, entry, expires, counts)
+            removed += 1
+        waits = bool(blocked)  # a live entry did not fit
+        if more:
+            blocked.add(ANY)
+        old_blocked = set(state.get(BLOCKED, {}).get("SS", []))
+        if not items and blocked == old_blocked:
+            return None, waits  # nothing to write
+        items.insert(0, writes.grant_pass_state(table, pool, state, delta, caps, removed, blocked))
+        return _Plan(items, grants, cleaned, more or len(expired) == REAP_BATCH), waits
+
+    def _head(self, pool: str) -> tuple[list[Entry], bool]:
+        answer = self._table.query(
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :w)",
+            ExpressionAttributeValues={":pk": s(f"{pool}#queue"), ":w": s("w#")},
+            ConsistentRead=True,
+            Limit=GRANT_WINDOW,
+        )
+        return [Entry.of(item) for item in answer.get("Items", [])], "LastEvaluatedKey" in answer
+
+    def _expired(self, pool: str, now: int, limit: int | None) -> list[_Expired]:
+        """Leases whose expiry (the first part of their key) has passed, oldest first."""
+        found: list[_Expired] = []
+        request: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND sk < :now",
+            "ExpressionAttributeValues": {":pk": s(f"{pool}#lease"), ":now": s(f"{now:013d}")},
+            "ConsistentRead": True,
+        }
+        if limit is not None:
+            request["Limit"] = limit
+        while True:
+            answer = self._table.query(**request)
+            for item in answer.get("Items", []):
+                weights = {k: int(v["N"]) for k, v in item["w"]["M"].items()}
+                found.append((item["sk"]["S"], weights, item.get("t", {}).get("S")))
+            if limit is not None or "LastEvaluatedKey" not in answer:
+                return found
+            request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+    def _has_expired(self, pool: str) -> bool:
+        return bool(self._expired(pool, self._now_ms(), 1))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per pool, the weight that unexpired leases hold on each counter: the state item's
+        counters (one BatchGetItem per 100 pools) less the expired leases not yet reaped
+        (one Query per pool, usually empty)."""
+        unique = list(dict.fromkeys(pools))
+        found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
+        for item in self._table.states(unique):
+            found[item["pk"]["S"]] = counters_of(item)
+        now = self._now_ms()
+        for pool in unique:
+            totals = found[pool]
+            for _, weights, _ in self._expired(pool, now, None):
+                for name, weight in weights.items():
+                    totals[name] = totals.get(name, 0) - weight
+            found[pool] = {name: count for name, count in totals.items() if count > 0}
+        return found
+
+    def waiting(self, pool: str) -> int:
+        """Requests waiting in the pool's queue (including lapsed entries not yet dropped)."""
+        return value(self._table.get(pool, STATE_SK, consistent=True) or {}, WAITING)
