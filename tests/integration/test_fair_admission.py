@@ -1,8 +1,7 @@
-"""FairLimiter against DynamoDB Local (real atomic transactions): limits, order, recovery, cost.
+"""Fair admission (hermes.limiter) against DynamoDB Local (real atomic transactions): limits,
+order, recovery, cost. Each test has a lease table of its own on the session's DynamoDB Local.
 
-Run from the repository root:
-  PYTHONPATH=.:layers/hermes:docs/design/fair-admission \
-      .venv/bin/python -m pytest -q -s docs/design/fair-admission/test_fair_limiter.py -p no:cacheprovider
+  .venv/bin/python -m pytest -q -s tests/integration/test_fair_admission.py -p no:cacheprovider
 (-s prints the measured figures.)
 """
 
@@ -22,16 +21,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from fair_limiter import (
-    MAX_TRANSACT_ITEMS,
-    WAITER_PASSES,
-    Counter,
-    FairLimiter,
-    Lease,
-    Ticket,
-    lease_table_definition,
-)
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy
+from hermes.limiter import Counter, Lease, Limiter, Ticket, lease_table_definition
+from hermes.limiter.limiter import MAX_TRANSACT_ITEMS, WAITER_PASSES
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.dynamodb_limits import ExpressionWatch, item_size
 
@@ -101,13 +93,10 @@ class Meter:
         return sum(u for op, _, u in self.calls if op in operations)
 
 
-@pytest.fixture(scope="module")
-def dynamodb() -> Iterator[DynamoDBLocal]:
-    db = DynamoDBLocal().start()
-    try:
-        yield db
-    finally:
-        db.stop()
+@pytest.fixture
+def dynamodb(dynamodb_local: DynamoDBLocal) -> DynamoDBLocal:
+    """The session's DynamoDB Local (tests/integration/conftest.py)."""
+    return dynamodb_local
 
 
 def client_of(db: DynamoDBLocal) -> Any:
@@ -153,7 +142,17 @@ def assert_clean(client: Any, table: str) -> None:
             assert set(numbers.values()) <= {0}, item
 
 
-def hold_and_release(limiter: FairLimiter, got: Lease | Ticket) -> Lease | None:
+def wait_by(limiter: Limiter, ticket: Ticket, clock: FakeClock) -> Lease | None:
+    """Limiter.wait on a fake clock: between polls the clock moves on instead of sleeping."""
+    while clock.now_ms() < ticket.wait_until_ms:
+        lease = limiter.poll(ticket)
+        if lease is not None:
+            return lease
+        clock.advance(ticket.poll_after_s)
+    return limiter.abandon(ticket)
+
+
+def hold_and_release(limiter: Limiter, got: Lease | Ticket) -> Lease | None:
     return got if isinstance(got, Lease) else limiter.wait(got)
 
 
@@ -168,7 +167,7 @@ def test_sixteen_waiting_threads_never_exceed_the_slot_and_the_budget_together(
     then never more than 2 hold at once, every request is served, and nothing is left."""
     client = client_of(dynamodb)
     watch = ExpressionWatch()
-    limiter = FairLimiter(watch.watch(client), table)
+    limiter = Limiter(watch.watch(client), table)
     counters = [slot("mistral", 3), budget(4, 2)]
     holders = peak = served = 0
     lock = threading.Lock()
@@ -204,7 +203,7 @@ def test_two_models_on_one_budget_hold_their_own_limits_under_the_race(
     """Given gemma (2 slots, weight 2) and llama3 (1 slot, weight 4) on a budget of 6,
     when 8 threads of each wait for and hold their model, then per model and per host the
     in-flight weight never passes its limit."""
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     models = {
         "gemma": [slot("gemma", 2), budget(6, 2)],
         "llama3": [slot("llama3", 1), budget(6, 4)],
@@ -247,7 +246,7 @@ def test_limits_hold_with_crashes_give_ups_priorities_and_three_models(
     live holders stay within every limit, and afterwards everything comes back."""
     import random
 
-    limiter = FairLimiter(client_of(dynamodb), table, aging_tickets=4)
+    limiter = Limiter(client_of(dynamodb), table, aging_tickets=4)
     models = {
         "gemma": [slot("gemma", 2), budget(6, 2)],
         "llama3": [slot("llama3", 1), budget(6, 4)],
@@ -308,7 +307,7 @@ def test_limits_hold_with_crashes_give_ups_priorities_and_three_models(
 def test_busy_answers_name_the_full_counter_and_waiting_requests_are_not_overtaken(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     held = limiter.acquire(POOL, [slot("gemma", 2), budget(3, 2)], 10_000)
     with pytest.raises(HostBusy) as host:
         limiter.acquire(POOL, [slot("gemma", 2), budget(3, 2)], 10_000, retry_after_s=2)
@@ -336,7 +335,7 @@ def test_busy_answers_name_the_full_counter_and_waiting_requests_are_not_overtak
 def test_changed_limits_apply_to_the_next_admission_and_handoff(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     first = limiter.acquire(POOL, [slot("gemma", 2)], 10_000)
     second = limiter.acquire(POOL, [slot("gemma", 2)], 10_000)
     # The limit goes down to 1 (a new models file): a waiter under the new limit is not handed
@@ -359,7 +358,7 @@ def test_changed_limits_apply_to_the_next_admission_and_handoff(
 # -- order ----------------------------------------------------------------------------------
 
 
-def serve_in_turn(limiter: FairLimiter, tickets: list[Ticket], held: Lease) -> list[str]:
+def serve_in_turn(limiter: Limiter, tickets: list[Ticket], held: Lease) -> list[str]:
     """Every ticket waits in its own thread; each holder releases 5 ms after it is admitted.
     Returns the ticket ids in the order they were admitted."""
     order: list[str] = []
@@ -386,7 +385,7 @@ def serve_in_turn(limiter: FairLimiter, tickets: list[Ticket], held: Lease) -> l
 def test_waiters_are_admitted_in_ticket_order(dynamodb: DynamoDBLocal, table: str) -> None:
     """Given a full model, when 12 requests from 12 threads enqueue at the same moment,
     then they are admitted exactly in the order of their tickets (DynamoDB's atomic counter)."""
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     held = limiter.acquire(POOL, [slot()], 10_000)
     start = threading.Barrier(12)
     wait_until = int(time.time() * 1000) + 30_000
@@ -410,7 +409,7 @@ def test_waiters_are_admitted_in_ticket_order(dynamodb: DynamoDBLocal, table: st
 def test_priority_goes_first_but_ages(dynamodb: DynamoDBLocal, table: str) -> None:
     """With aging of 2 tickets, a low request (rank 2) is ordered as if it came 4 tickets
     later: it is overtaken by the 3 requests that arrive within that, never by a later one."""
-    limiter = FairLimiter(client_of(dynamodb), table, aging_tickets=2)
+    limiter = Limiter(client_of(dynamodb), table, aging_tickets=2)
     held = limiter.acquire(POOL, [slot()], 10_000)
     wait_until = int(time.time() * 1000) + 30_000
     arrivals = ["low", "normal", "high", "high", "high", "high", "low"]
@@ -435,7 +434,7 @@ def test_a_crashed_holder_is_taken_over_at_expiry_and_never_before(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
     clock = FakeClock()
-    limiter = FairLimiter(client_of(dynamodb), table, clock=clock)
+    limiter = Limiter(client_of(dynamodb), table, clock=clock)
     limiter.acquire(POOL, [slot()], 1_000)  # its holder crashes: no release
     clock.advance(0.998)
     with pytest.raises(ModelBusy):
@@ -453,7 +452,7 @@ def test_a_waiter_behind_a_crashed_holder_takes_over_by_itself(
 ) -> None:
     """Nobody releases: the waiter's own check sees the expired lease and runs a grant pass."""
     clock = FakeClock()
-    limiter = FairLimiter(client_of(dynamodb), table, clock=clock)
+    limiter = Limiter(client_of(dynamodb), table, clock=clock)
     limiter.acquire(POOL, [slot()], 1_000)
     ticket = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=clock.now_ms() + 10_000)
     assert isinstance(ticket, Ticket) and limiter.poll(ticket) is None
@@ -468,7 +467,7 @@ def test_a_crashed_waiter_loses_its_place_at_its_deadline(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
     clock = FakeClock()
-    limiter = FairLimiter(client_of(dynamodb), table, clock=clock)
+    limiter = Limiter(client_of(dynamodb), table, clock=clock)
     held = limiter.acquire(POOL, [slot()], 60_000)
     crashed = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=clock.now_ms() + 500)
     alive = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=clock.now_ms() + 60_000)
@@ -485,7 +484,7 @@ def test_a_crashed_waiter_loses_its_place_at_its_deadline(
 def test_a_waiter_that_gives_up_leaves_at_once_and_a_late_grant_is_returned(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     held = limiter.acquire(POOL, [slot()], 60_000)
     now = int(time.time() * 1000)
     quitter = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=now + 60_000)
@@ -500,7 +499,7 @@ def test_a_waiter_that_gives_up_leaves_at_once_and_a_late_grant_is_returned(
 
 
 def test_a_waiter_times_out_when_its_deadline_passes(dynamodb: DynamoDBLocal, table: str) -> None:
-    limiter = FairLimiter(client_of(dynamodb), table)
+    limiter = Limiter(client_of(dynamodb), table)
     held = limiter.acquire(POOL, [slot()], 60_000)
     ticket = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=int(time.time() * 1000) + 200)
     assert isinstance(ticket, Ticket)
@@ -527,7 +526,7 @@ def test_a_mass_crash_is_recovered_within_dynamodb_request_limits(
         biggest = max(biggest, len(params["TransactItems"]))
 
     client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", count_items)
-    limiter = FairLimiter(client, table, clock=clock)
+    limiter = Limiter(client, table, clock=clock)
     counters = [slot("gemma", 300)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: limiter.acquire(POOL, counters, 2_000), range(300)))
@@ -543,7 +542,7 @@ def test_a_mass_crash_is_recovered_within_dynamodb_request_limits(
     assert limiter.usage([POOL]) == {POOL: {}}
     meter = Meter(client)
     lease = limiter.enqueue(POOL, counters, 2_000, wait_until_ms=clock.now_ms() + 5_000)
-    lease = lease if isinstance(lease, Lease) else limiter.wait(lease, sleep=clock.advance)
+    lease = lease if isinstance(lease, Lease) else wait_by(limiter, lease, clock)
     assert lease is not None
     print(f"\n  mass crash: one newcomer recovered the pool with {dict(meter.ops())}")
     assert limiter.waiting(POOL) == 0 and limiter.usage([POOL]) == {POOL: {"inflight_gemma": 1}}
@@ -564,7 +563,7 @@ def test_an_unreachable_table_fails_closed(table: str) -> None:
         aws_secret_access_key="x",
         config=Config(retries={"max_attempts": 1}, connect_timeout=0.2, read_timeout=0.2),
     )
-    limiter = FairLimiter(client, table)
+    limiter = Limiter(client, table)
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, [slot()], 1_000)
     with pytest.raises(LimiterUnavailable):
@@ -601,7 +600,7 @@ def test_transaction_conflicts_are_retried_not_reported(
     """Real DynamoDB cancels concurrent transactions on one item (TransactionConflict);
     DynamoDB Local serializes them, so the conflicts are injected."""
     faulty = Faulty(client_of(dynamodb))
-    limiter = FairLimiter(faulty, table)
+    limiter = Limiter(faulty, table)
     faulty.faults = ["conflict", "conflict"]
     lease = limiter.acquire(POOL, [slot()], 10_000)
     faulty.faults = ["conflict"]
@@ -611,7 +610,7 @@ def test_transaction_conflicts_are_retried_not_reported(
 
 def test_a_lost_admission_is_withdrawn(dynamodb: DynamoDBLocal, table: str) -> None:
     faulty = Faulty(client_of(dynamodb))
-    limiter = FairLimiter(faulty, table)
+    limiter = Limiter(faulty, table)
     faulty.faults = ["lost"]
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, [slot()], 10_000)
@@ -627,7 +626,7 @@ def test_an_uncontended_request_is_two_dynamodb_requests(
 ) -> None:
     client = client_of(dynamodb)
     meter = Meter(client)
-    limiter = FairLimiter(client, table)
+    limiter = Limiter(client, table)
     lease = limiter.acquire(POOL, [slot("gemma", 2), budget(8, 2)], 10_000)
     assert limiter.release(lease)
     print(f"\n  uncontended: {dict(meter.ops())}")
@@ -653,7 +652,7 @@ def test_the_cost_of_an_admission_does_not_grow_with_live_leases(
     """With `live` leases held on one host: a direct admission, a queued one (enqueue, handoff
     in the holder's release, poll) and their releases cost the same requests and WCU."""
     client = client_of(dynamodb)
-    limiter = FairLimiter(client, table)
+    limiter = Limiter(client, table)
     counters = [slot("gemma", live + 1), budget(10 * (live + 1), 2)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: limiter.acquire(POOL, counters, 600_000), range(live - 1)))
@@ -733,7 +732,7 @@ def test_a_waiter_writes_a_bounded_number_of_times_however_long_it_waits(
     and its queue entry; polling is reads. (Its release is one more, as for any request.)"""
     client = client_of(dynamodb)
     meter = Meter(client)
-    limiter = FairLimiter(client, table)
+    limiter = Limiter(client, table)
     held = limiter.acquire(POOL, [slot()], 60_000)
     result: dict[str, Any] = {}
 
