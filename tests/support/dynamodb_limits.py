@@ -12,6 +12,8 @@ API-specific limits:
   are at most 2 MB;
 - an UpdateExpression has at most 300 operators or functions;
 - a BatchGetItem reads at most 100 items;
+- a TransactWriteItems holds at most 100 actions, each of which has the same expression
+  limits as a request of its own (checked action by action);
 and, from "Item sizes and formats", an item is at most 400 KB (`item_size`).
 """
 
@@ -27,6 +29,7 @@ MAX_PLACEHOLDER_BYTES = 255
 MAX_SUBSTITUTION_BYTES = 2 * KB * KB
 MAX_UPDATE_OPERATORS = 300
 MAX_BATCH_GET_KEYS = 100
+MAX_TRANSACT_ITEMS = 100
 MAX_ITEM_BYTES = 400 * KB
 EXPRESSIONS = (
     "UpdateExpression",
@@ -58,6 +61,13 @@ def violations(operation: str, params: dict[str, Any]) -> list[str]:
     substitutions = len(json.dumps(names).encode()) + len(json.dumps(values).encode())
     if substitutions > MAX_SUBSTITUTION_BYTES:
         found.append(f"{operation} substitution variables are {substitutions} bytes (max 2 MB)")
+    if operation == "TransactWriteItems":
+        actions = params.get("TransactItems") or []
+        if len(actions) > MAX_TRANSACT_ITEMS:
+            found.append(f"TransactWriteItems has {len(actions)} actions (max 100)")
+        for action in actions:
+            for kind, request in action.items():
+                found += violations(f"TransactWriteItems {kind}", request)
     if operation == "BatchGetItem":
         keys = sum(len(t.get("Keys", [])) for t in (params.get("RequestItems") or {}).values())
         if keys > MAX_BATCH_GET_KEYS:

@@ -15,11 +15,17 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ReadTimeoutError
 
-from hermes.config import MAX_LEASES_PER_HOST, ConfigError, load_config
+from hermes.config import MAX_MODEL_NAME_CHARS, MAX_MODELS_PER_HOST, ConfigError, load_config
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy, UpstreamTimeout
-from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter
+from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
+from hermes.limiter.limiter import MAX_TRANSACT_ITEMS
 from hermes.service import get_service, host_pool
-from tests.support.dynamodb_limits import MAX_ITEM_BYTES, ExpressionWatch, item_size
+from tests.support.dynamodb_limits import (
+    EXPRESSIONS,
+    MAX_EXPRESSION_BYTES,
+    ExpressionWatch,
+    item_size,
+)
 from tests.support.ollama_emulator import OllamaEmulator
 
 
@@ -121,7 +127,8 @@ def test_uncontended_admission_costs_two_dynamodb_requests(limiter: Limiter) -> 
     )
     lease = limiter.acquire(POOL, gemma(), 10_000)
     limiter.release(lease)
-    assert calls == ["UpdateItem", "UpdateItem"]  # one write to admit, one to release
+    # One transaction to admit (state item + lease item), one to release.
+    assert calls == ["TransactWriteItems", "TransactWriteItems"]
 
 
 def test_model_slot_and_memory_budget_are_taken_together(limiter: Limiter) -> None:
@@ -167,15 +174,29 @@ def test_unreachable_dynamodb_fails_closed() -> None:
         Limiter(client, "LeaseTable").acquire(POOL, gemma(), 10_000)
 
 
-def raw_item(limiter: Limiter, pool: str = POOL) -> dict[str, Any]:
+def state_item(limiter: Limiter, pool: str = POOL) -> dict[str, Any]:
+    """The pool's state item: its counters (and queue bookkeeping)."""
     item: dict[str, Any] = limiter._ddb.get_item(
-        TableName="LeaseTable", Key={"pk": {"S": pool}}, ConsistentRead=True
+        TableName="LeaseTable", Key={"pk": {"S": pool}, "sk": {"S": "state"}}, ConsistentRead=True
     ).get("Item", {})
     return item
 
 
-def leases_in(item: dict[str, Any]) -> list[str]:
-    return [name for name in item if name.startswith("l_")]
+def lease_keys(limiter: Limiter, pool: str = POOL) -> list[str]:
+    """The sort keys (`<expiry ms:013d>#<lease id>`) of the pool's lease items, oldest first."""
+    keys: list[str] = []
+    request: dict[str, Any] = {
+        "TableName": "LeaseTable",
+        "KeyConditionExpression": "pk = :pk",
+        "ExpressionAttributeValues": {":pk": {"S": f"{pool}#lease"}},
+        "ConsistentRead": True,
+    }
+    while True:
+        page = limiter._ddb.query(**request)
+        keys += [item["sk"]["S"] for item in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            return keys
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 # -- A holder never runs past its lease (issue 10, item 2) ----------------------------------
@@ -183,8 +204,9 @@ def leases_in(item: dict[str, Any]) -> list[str]:
 
 def test_a_lease_carries_the_expiry_dynamodb_holds(limiter: Limiter, clock: Clock) -> None:
     lease = limiter.acquire(POOL, gemma(), 5_000)
-    stored = int(raw_item(limiter)[f"l_{lease.lease_id}"]["M"]["exp"]["N"])
-    assert lease.expires_at_ms == stored == int(clock.now * 1000) + 5_000
+    (stored,) = lease_keys(limiter)  # the expiry is the first part of the lease item's key
+    assert stored == lease.sk == f"{lease.expires_at_ms:013d}#{lease.lease_id}"
+    assert lease.expires_at_ms == int(stored.split("#")[0]) == int(clock.now * 1000) + 5_000
     clock.now += 1.5
     assert limiter.time_left(lease) == pytest.approx(3.5)
 
@@ -198,11 +220,11 @@ def test_a_slow_reaping_round_does_not_eat_into_the_new_lease(
     def slow_write(**_: Any) -> None:
         clock.now += 3  # each write takes 3 s
 
-    limiter._ddb.meta.events.register("before-call.dynamodb.UpdateItem", slow_write)
+    limiter._ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", slow_write)
     asked_at = clock.now
     lease = limiter.acquire(POOL, gemma(1), 5_000)
-    # Failed write (3 s), reap (3 s), then the admitting write, whose lease counts from
-    # when it was sent: 5 s from there, not from when admission began.
+    # Failed write (3 s), the grant pass that reaps (3 s), then the admitting write, whose
+    # lease counts from when it was sent: 5 s from there, not from when admission began.
     assert lease.expires_at_ms == int((asked_at + 6) * 1000) + 5_000
 
 
@@ -263,7 +285,7 @@ def answers_late(seconds: float, times: int = 1) -> None:
             left[0] -= 1
             time.sleep(seconds)
 
-    get_service().limiter._ddb.meta.events.register("after-call.dynamodb.UpdateItem", late)
+    get_service().limiter._ddb.meta.events.register("after-call.dynamodb.TransactWriteItems", late)
 
 
 def run_solo() -> Any:
@@ -311,9 +333,10 @@ def test_a_lease_granted_too_late_to_use_is_given_back_with_503(
     with pytest.raises(LimiterUnavailable, match="left no time to run it") as error:
         run_solo()
     assert error.value.retry_after == 1
-    # Given back, not left to expire: no lease in the item, the counters back to zero.
-    item = raw_item(get_service().limiter, host_pool("default"))
-    assert leases_in(item) == [] and item["inflight_solo"] == {"N": "0"}
+    # Given back, not left to expire: no lease item left, the counters back to zero.
+    limiter = get_service().limiter
+    assert lease_keys(limiter, host_pool("default")) == []
+    assert state_item(limiter, host_pool("default"))["inflight_solo"] == {"N": "0"}
     assert emulator.stats()["requests"].get("llama3:8b", 0) == 0  # and the model never called
 
 
@@ -330,7 +353,7 @@ def test_a_prompt_admission_keeps_the_models_whole_timeout(
 
 
 def lose_answers(limiter: Limiter, times: int) -> None:
-    """The next `times` UpdateItem calls are applied, then fail as if the answer never came
+    """The next `times` transactions are applied, then fail as if the answer never came
     (what botocore raises once its retries are spent)."""
     left = [times]
 
@@ -339,7 +362,7 @@ def lose_answers(limiter: Limiter, times: int) -> None:
             left[0] -= 1
             raise ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com/")
 
-    limiter._ddb.meta.events.register("after-call.dynamodb.UpdateItem", lost)
+    limiter._ddb.meta.events.register("after-call.dynamodb.TransactWriteItems", lost)
 
 
 def test_an_admission_whose_answer_was_lost_frees_its_slot_at_once(limiter: Limiter) -> None:
@@ -347,8 +370,8 @@ def test_an_admission_whose_answer_was_lost_frees_its_slot_at_once(limiter: Limi
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, gemma(1), 60_000)
     # The write had landed; the lease is gone again, counters and all, long before it expires.
-    assert leases_in(raw_item(limiter)) == []
-    assert raw_item(limiter)["inflight_gemma"] == {"N": "0"}
+    assert lease_keys(limiter) == []
+    assert state_item(limiter)["inflight_gemma"] == {"N": "0"}
     assert limiter.release(limiter.acquire(POOL, gemma(1), 60_000)) is True
 
 
@@ -358,15 +381,26 @@ def test_withdrawing_an_admission_that_never_landed_frees_nothing_else(limiter: 
     def refused(**_: Any) -> None:
         raise ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com/")
 
-    limiter._ddb.meta.events.register_first("before-call.dynamodb.UpdateItem", refused)
+    limiter._ddb.meta.events.register_first("before-call.dynamodb.TransactWriteItems", refused)
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, gemma(2), 60_000)
-    limiter._ddb.meta.events.unregister("before-call.dynamodb.UpdateItem", refused)
-    assert leases_in(raw_item(limiter)) == [f"l_{theirs.lease_id}"]
+    limiter._ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", refused)
+    assert lease_keys(limiter) == [theirs.sk]
     assert in_use(limiter) == 1
 
 
 # -- Reaping any number of expired leases (item 4) ------------------------------------------
+
+
+def transaction_sizes(limiter: Limiter) -> list[int]:
+    """The number of actions of every TransactWriteItems the limiter sends from now on."""
+    sizes: list[int] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sizes.append(len(params["TransactItems"]))
+
+    limiter._ddb.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", record)
+    return sizes
 
 
 def test_a_pool_full_of_300_expired_leases_admits_the_next_request(
@@ -375,28 +409,44 @@ def test_a_pool_full_of_300_expired_leases_admits_the_next_request(
     for _ in range(300):
         limiter.acquire(POOL, gemma(300), 1_000)  # 300 crashed holders
     clock.now += 2
-    calls: list[str] = []
-    limiter._ddb.meta.events.register(
-        "before-call.dynamodb.UpdateItem", lambda model, **_: calls.append(model.name)
-    )
+    sizes = transaction_sizes(limiter)
     lease = limiter.acquire(POOL, gemma(300), 1_000)
-    # One failed write, 300 / REAP_BATCH reaping writes (each checked under 4 KB by the
-    # dynamodb_limits hook), the admitting write.
-    assert len(calls) == 1 + 300 // REAP_BATCH + 1
-    assert leases_in(raw_item(limiter)) == [f"l_{lease.lease_id}"]
-    assert raw_item(limiter)["inflight_gemma"] == {"N": "1"}
+    # The refused admission, one grant pass that deletes the REAP_BATCH oldest expired lease
+    # items with the state update, then the admitting write: every request within DynamoDB's
+    # limits (dynamodb_limits checks each action of each transaction).
+    assert sizes == [2, REAP_BATCH + 1, 2]
+    assert in_use(limiter) == 1  # usage leaves out the expired leases not reaped yet
+    assert lease_keys(limiter)[-1] == lease.sk
+    # The rest go REAP_BATCH at a time, with whatever pass comes next; never all in one write.
+    passes = 0
+    while len(lease_keys(limiter)) > 1:
+        assert limiter._grant_pass(POOL).cleaned == REAP_BATCH
+        passes += 1
+    assert passes == (300 - REAP_BATCH) // REAP_BATCH
+    assert max(sizes) == REAP_BATCH + 1 <= MAX_TRANSACT_ITEMS
+    assert lease_keys(limiter) == [lease.sk]
+    assert state_item(limiter)["inflight_gemma"] == {"N": "1"}
 
 
-def test_reaping_stops_where_another_instance_reaped_first(limiter: Limiter, clock: Clock) -> None:
+def test_reaping_stops_where_another_instance_reaped_first(
+    limiter: Limiter, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for _ in range(120):
         limiter.acquire(POOL, gemma(120), 1_000)
     clock.now += 2
     other = Limiter(limiter._ddb, "LeaseTable", clock=clock)
-    item = raw_item(limiter)
-    assert other._reap_expired(POOL, item) is True  # the other instance reaps them all
-    assert limiter._reap_expired(POOL, item) is True  # stale view: its first batch fails
-    assert leases_in(raw_item(limiter)) == []
-    assert raw_item(limiter)["inflight_gemma"] == {"N": "0"}  # nothing subtracted twice
+    stale = limiter._expired(POOL, limiter._now_ms(), REAP_BATCH)  # read before the other reaps
+    assert other._grant_pass(POOL).cleaned == REAP_BATCH  # the other instance reaps them first
+    views, fresh = [stale], limiter._expired
+    monkeypatch.setattr(limiter, "_expired", lambda *args: views.pop() if views else fresh(*args))
+    sizes = transaction_sizes(limiter)
+    done = limiter._grant_pass(POOL)
+    # Its first transaction (deleting lease items that are gone) is cancelled as a whole; it
+    # reads again and reaps the next batch. Nothing is subtracted twice.
+    assert done.written and done.cleaned == REAP_BATCH and sizes == [REAP_BATCH + 1] * 2
+    assert len(lease_keys(limiter)) == 120 - 2 * REAP_BATCH
+    assert state_item(limiter)["inflight_gemma"] == {"N": str(120 - 2 * REAP_BATCH)}
+    assert in_use(limiter) == 0
 
 
 def test_usage_reads_any_number_of_pools_100_keys_at_a_time(limiter: Limiter) -> None:
@@ -422,19 +472,27 @@ def model(max_concurrency: int, cost: str = "low", host: str = "default") -> dic
     }
 
 
-def test_capacities_one_lease_item_cannot_hold_are_refused_at_load(tmp_path: Path) -> None:
-    big = {"hosts": {"default": {"memory_budget": 100_000}}}
-    path = write_models(tmp_path, {"a": model(600), "b": model(500)}, **big)
+def test_a_host_serves_at_most_MAX_MODELS_PER_HOST_models(tmp_path: Path) -> None:
+    models = {f"m{i:02d}": model(1) for i in range(MAX_MODELS_PER_HOST + 1)}
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        load_config(write_models(tmp_path, models))
     message = str(error.value)
-    assert "field 'models.a.max_concurrency'" in message
-    assert f"bound of {MAX_LEASES_PER_HOST} leases" in message and "1100 leases" in message
-    # The same models fit when the memory budget is what bounds the leases...
-    load_config(write_models(tmp_path, {"a": model(600), "b": model(500)}))
-    # ...or when they are split over two hosts.
-    two = {"hosts": {"default": {"memory_budget": 100_000}, "other": {"memory_budget": 100_000}}}
-    load_config(write_models(tmp_path, {"a": model(600), "b": model(500, host="other")}, **two))
+    assert f"field 'models.m{MAX_MODELS_PER_HOST:02d}.host'" in message
+    assert f"would serve {MAX_MODELS_PER_HOST + 1} models" in message
+    assert f"bound of {MAX_MODELS_PER_HOST} per host" in message
+    # At the bound it loads, and so do the same models split over two hosts.
+    load_config(write_models(tmp_path, dict(list(models.items())[:MAX_MODELS_PER_HOST])))
+    two = {"hosts": {"default": {"memory_budget": 100}, "other": {"memory_budget": 100}}}
+    split = {name: model(1, host="other" if i % 2 else "default") for i, name in enumerate(models)}
+    load_config(write_models(tmp_path, split, **two))
+
+
+def test_concurrency_is_no_longer_bounded_by_what_one_item_holds(tmp_path: Path) -> None:
+    """Leases are items of their own: 1,100 leases on one host load (they did not when every
+    lease lived in the host's item)."""
+    big = {"hosts": {"default": {"memory_budget": 100_000}}}
+    config = load_config(write_models(tmp_path, {"a": model(600), "b": model(500)}, **big))
+    assert config.models["a"].max_concurrency + config.models["b"].max_concurrency == 1100
 
 
 def test_a_model_name_longer_than_a_request_can_carry_is_refused(tmp_path: Path) -> None:
@@ -448,19 +506,78 @@ def test_a_negative_memory_weight_is_refused(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_a_lease_item_at_the_capacity_bound_fits_in_400_KB(limiter: Limiter) -> None:
-    """The bound's arithmetic, on the limiter's real item: the longest names and the largest
-    numbers, one lease per model (the most counters)."""
-    name = "x" * 100
-    counters = [
-        Counter(f"inflight_{name}", 1000, 1, ModelBusy, "model"),
-        Counter("memory", 100_000, 100_000, HostBusy, "budget"),
+def size_of(item: dict[str, Any]) -> int:
+    """item_size, plus string sets (the sum of their strings, one byte of overhead each)."""
+    sets = {k: v for k, v in item.items() if "SS" in v}
+    rest = {k: v for k, v in item.items() if k not in sets}
+    return item_size(rest) + sum(len(k) + sum(len(x) + 1 for x in v["SS"]) for k, v in sets.items())
+
+
+def largest_expressions(client: Any) -> dict[str, int]:
+    """The largest expression of each kind sent from now on, transaction actions included."""
+    biggest: dict[str, int] = {}
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        actions = [
+            request for action in params.get("TransactItems", []) for request in action.values()
+        ]
+        for request in [params, *actions]:
+            for kind in EXPRESSIONS:
+                if kind in request:
+                    size = len(request[kind].encode())
+                    biggest[kind] = max(biggest.get(kind, 0), size)
+
+    client.meta.events.register("provide-client-params.dynamodb.*", record)
+    return biggest
+
+
+def test_a_host_at_the_model_bound_keeps_a_grant_pass_under_4_KB_per_expression(
+    limiter: Limiter, clock: Clock, dynamodb_limits: ExpressionWatch
+) -> None:
+    """The bound's arithmetic, on the limiter's real writes: MAX_MODELS_PER_HOST models with
+    the longest names on one host whose key is the longest DynamoDB allows, and the largest
+    grant pass there is: it reaps 30 crashed leases (30 models), grants 20 waiters of the 20
+    other models and 3 more, so its state update names every counter of the host (51) in a
+    transaction of 100 actions. Every request is checked by dynamodb_limits."""
+    names = [f"{i:02d}" + "x" * (MAX_MODEL_NAME_CHARS - 2) for i in range(MAX_MODELS_PER_HOST)]
+    pool = "host#" + "h" * (2048 - len("host#") - len("#lease"))  # <pool>#lease: 2048 bytes
+    crashed, other = range(REAP_BATCH), range(REAP_BATCH, MAX_MODELS_PER_HOST)
+
+    def counters(i: int) -> list[Counter]:
+        return [
+            Counter(f"inflight_{names[i]}", 1, 1, ModelBusy, f"model {i}"),
+            Counter("memory", REAP_BATCH, 1, HostBusy, "memory budget"),
+        ]
+
+    for i in crashed:
+        limiter.acquire(pool, counters(i), 1_000)  # the memory budget is now full
+    wait_until = int(clock.now * 1000) + 60_000
+    tickets = [
+        limiter.enqueue(pool, counters(i), 60_000, wait_until_ms=wait_until)
+        for i in [*other, *crashed]  # the other models first: they only wait for memory
     ]
-    pool = "host#" + "h" * 2043  # DynamoDB's longest partition key, 2048 bytes
-    lease = limiter.acquire(pool, counters, 3_600_000)
-    item = raw_item(limiter, pool)
-    lease_bytes = item_size({f"l_{lease.lease_id}": item[f"l_{lease.lease_id}"]})
-    counter_bytes = item_size({f"inflight_{name}": {"N": "1000"}})
-    fixed = item_size({"pk": item["pk"], "memory": {"N": "100000"}})
-    assert lease_bytes <= 78 + len(name) and counter_bytes <= 12 + len(name)
-    assert MAX_LEASES_PER_HOST * (lease_bytes + counter_bytes) + fixed < MAX_ITEM_BYTES * 0.75
+    assert all(isinstance(ticket, Ticket) for ticket in tickets)
+    waiting = state_item(limiter, pool)
+    assert len(waiting["q_blocked"]["SS"]) == REAP_BATCH + 1  # memory and 30 models
+    clock.now += 2
+    biggest = largest_expressions(limiter._ddb)
+    sizes = transaction_sizes(limiter)
+    done = limiter._grant_pass(pool)
+    assert done.written and done.cleaned == REAP_BATCH and done.more
+    assert len(done.grants) == 23 and sizes == [MAX_TRANSACT_ITEMS]
+    granted = {tickets[i].ticket_id for i in range(23)}
+    assert set(done.grants) == granted  # the head of the queue, in order
+    state = state_item(limiter, pool)
+    assert state["memory"] == {"N": "23"} and state["q_blocked"] == {"SS": ["*"]}
+    assert len([name for name in state if name.startswith("inflight_")]) == MAX_MODELS_PER_HOST
+    # The largest state item: every counter, and every counter's name in q_blocked.
+    every_name = [name for name in state if name.startswith(("inflight_", "memory"))]
+    largest_state = size_of({**state, "q_blocked": {"SS": every_name}})
+    print(
+        f"\n  {MAX_MODELS_PER_HOST} models on one host: largest expressions {biggest}, "
+        f"state item {size_of(waiting)} B waiting, {size_of(state)} B after the pass, "
+        f"at most {largest_state} B; {dynamodb_limits.checked} requests checked"
+    )
+    assert max(biggest.values()) < MAX_EXPRESSION_BYTES * 0.75
+    assert largest_state < 16 * 1024  # 4% of 400 KB, whatever the number of leases
+    assert dynamodb_limits.found == []
