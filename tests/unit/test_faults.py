@@ -54,7 +54,10 @@ def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def inject(fault: Throttle) -> None:
-    get_service().limiter._ddb.meta.events.register_first("before-send.dynamodb.UpdateItem", fault)
+    # Admission and release are both one TransactWriteItems.
+    get_service().limiter._ddb.meta.events.register_first(
+        "before-send.dynamodb.TransactWriteItems", fault
+    )
 
 
 def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
@@ -66,9 +69,9 @@ def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
     # Whether a throttled attempt had been applied or not, nothing is counted twice: the
     # raw counters (not only the live leases) are back to zero.
     item = client("dynamodb").get_item(
-        TableName="LeaseTable", Key={"pk": {"S": host_pool("default")}}
+        TableName="LeaseTable", Key={"pk": {"S": host_pool("default")}, "sk": {"S": "state"}}
     )
-    assert {k: v for k, v in item["Item"].items() if k != "pk"} == {
+    assert {k: v for k, v in item["Item"].items() if k not in ("pk", "sk")} == {
         "inflight_gemma": {"N": "0"},
         "memory": {"N": "0"},
     }

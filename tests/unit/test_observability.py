@@ -72,7 +72,24 @@ def test_metrics_are_emitted_as_emf(
                 assert definition["Namespace"] == "Hermes"
                 for metric in definition["Metrics"]:
                     metrics[metric["Name"]] = blob
-    assert {"Requests", "Latency", "InFlight", "SlotUtilization", "WaitTime"} <= set(metrics)
+    assert {"Requests", "Latency", "SlotTime", "WaitTime"} <= set(metrics)
     assert metrics["Requests"]["outcome"] == "ok" and metrics["Requests"]["model"] == "gemma"
-    assert metrics["InFlight"]["InFlight"] == [1.0]
-    assert metrics["SlotUtilization"]["SlotUtilization"] == [50.0]  # 1 of gemma's 2 slots
+    # The slot was busy for the call: at least the emulator's answer, at most the request.
+    assert 0 < metrics["SlotTime"]["SlotTime"][0] <= metrics["Latency"]["Latency"][0]
+    assert metrics["SlotTime"]["model"] == "gemma"
+
+
+def test_a_grant_from_the_queue_reports_in_flight_and_utilization(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct admission is a transaction (no values returned); a grant knows the count."""
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    observability.admitted("gemma", None, 2, 3.0)
+    assert '"InFlight"' not in capsys.readouterr().out
+    observability.admitted("gemma", 1, 2, 3.0)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
+    by_name = {
+        m["Name"]: b for b in blobs for d in b["_aws"]["CloudWatchMetrics"] for m in d["Metrics"]
+    }
+    assert by_name["InFlight"]["InFlight"] == [1.0]
+    assert by_name["SlotUtilization"]["SlotUtilization"] == [50.0]  # 1 of gemma's 2 slots

@@ -4,7 +4,8 @@
   token counts, with the Lambda request id and correlation id that `instrument` binds.
   Prompt and completion text are never logged unless HERMES_LOG_PROMPTS=1.
 - CloudWatch metrics as EMF lines (namespace Hermes): Requests by model and outcome,
-  Latency, WaitTime, InFlight and SlotUtilization at admission, LimiterErrors.
+  Latency, WaitTime, SlotTime (busy slot time; its sum per period is the average in flight),
+  InFlight and SlotUtilization when a grant from the queue tells them, LimiterErrors.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def admitted(model: str, in_flight: int | None, capacity: int, wait_ms: float) -
         _metric("InFlight", MetricUnit.Count, in_flight, model=model)
         _metric("SlotUtilization", MetricUnit.Percent, 100 * in_flight / capacity, model=model)
     _metric("WaitTime", MetricUnit.Milliseconds, wait_ms, model=model)
+
+
+def held(model: str, seconds: float) -> None:
+    """A slot's busy time: Sum(SlotTime) / period = the model's average in flight, whichever
+    way it was admitted (utilization = that / max_concurrency)."""
+    _metric("SlotTime", MetricUnit.Milliseconds, seconds * 1000, model=model)
 
 
 def finished(

@@ -102,6 +102,12 @@ class HermesService:
         done = asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
         await asyncio.shield(done)
 
+    async def _finish(self, model: str, admission: Admission) -> None:
+        """The call is over: count the slot time it held (SlotTime, summed per period, is the
+        model's average in-flight) and free the slot."""
+        observability.held(model, time.monotonic() - admission.granted_at)
+        await self._release(admission.lease)
+
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
             raise InvalidRequest("model names are 1 to 100 letters, digits, '.', '_', ':' or '-'")
@@ -323,7 +329,7 @@ class HermesService:
             except TimeoutError:
                 raise self._timeout(model_name, config, admission.run_s, admission.cut_by) from None
             finally:
-                await self._release(admission.lease)
+                await self._finish(model_name, admission)
             outcome.update(
                 usage=_usage(answer),
                 prompt=body.get("prompt", body.get("messages")),
@@ -349,7 +355,7 @@ class HermesService:
         with observed(model_name, only_failures=True):
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
             admission = await self.admit(model_name, config, deadline, priority)
-        lease, timeout_s = admission.lease, admission.run_s
+        timeout_s = admission.run_s
         chunks = self.backends[config.host].stream(
             path, {**body, "model": config.backend_model}, timeout_s + 1
         )
@@ -363,7 +369,7 @@ class HermesService:
             try:
                 await _close_quietly(chunks)  # the backend sees the call end first
             finally:
-                await self._release(lease)
+                await self._finish(model_name, admission)
             raise
 
         async def rest() -> AsyncIterator[dict[str, Any]]:
@@ -401,7 +407,7 @@ class HermesService:
                     # sees the call end before the slot is freed.
                     await _close_quietly(chunks)
                 finally:
-                    await self._release(lease)
+                    await self._finish(model_name, admission)
 
         return rest()
 

@@ -151,6 +151,11 @@ class Limiter:
                 if cancelled.conflict:
                     pause()
                     continue
+                if cancelled.failed(1):
+                    # Our lease key (a fresh uuid) exists: an earlier attempt of this very
+                    # call landed and its answer was lost. Admitted, exactly once. (DynamoDB
+                    # itself answers such retries from the ClientRequestToken.)
+                    return lease
                 state = cancelled.item(0)
                 self._observe(pool, state)
                 refusal = Refusal.of(state, counters)
@@ -209,8 +214,8 @@ class Limiter:
                 self._table.transact(writes.enqueue(self._table.name, ticket, full))
                 break
             except Cancelled as cancelled:
-                if not cancelled.conflict:
-                    raise AssertionError("a new queue entry cannot exist already") from None
+                if cancelled.failed(1):
+                    break  # our entry exists: an earlier attempt landed, its answer was lost
                 pause()
             except LimiterUnavailable:
                 # The write may have landed: take the place back (and a lease, had it one).
