@@ -1,4 +1,5 @@
-"""Safety under a real race: many threads, one DynamoDB Local (atomic conditional writes)."""
+"""Safety under a real race: many threads, one DynamoDB Local (atomic conditional writes).
+Direct admissions only here; waiting requests race in test_fair_admission.py."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def race(
     return peak, admitted
 
 
+def assert_nothing_left(dynamodb_local: DynamoDBLocal) -> None:
+    """Every lease item was deleted with its release, and every counter is back to zero."""
+    client = dynamodb_local.client()
+    leases = client.query(
+        TableName="LeaseTable",
+        KeyConditionExpression="pk = :pk",
+        ExpressionAttributeValues={":pk": {"S": "host#gpu#lease"}},
+        ConsistentRead=True,
+    )["Items"]
+    assert leases == []
+    state = client.get_item(
+        TableName="LeaseTable",
+        Key={"pk": {"S": "host#gpu"}, "sk": {"S": "state"}},
+        ConsistentRead=True,
+    )["Item"]
+    assert {k: v for k, v in state.items() if "N" in v and v["N"] != "0"} == {}
+
+
 def test_sixteen_threads_never_exceed_two_slots(
     hermes_env: dict[str, str], dynamodb_local: DynamoDBLocal
 ) -> None:
@@ -47,6 +66,7 @@ def test_sixteen_threads_never_exceed_two_slots(
     peak, admitted = race(limiter, [Counter("inflight_gemma", 2, 1, ModelBusy, "gemma")])
     assert 0 < peak <= 2 and admitted > 0
     assert limiter.usage(["host#gpu"]) == {"host#gpu": {}}
+    assert_nothing_left(dynamodb_local)
 
 
 def test_slot_and_budget_together_hold_under_the_same_race(
@@ -60,3 +80,4 @@ def test_slot_and_budget_together_hold_under_the_same_race(
     peak, admitted = race(limiter, counters)
     assert 0 < peak <= 2 and admitted > 0
     assert limiter.usage(["host#gpu"]) == {"host#gpu": {}}
+    assert_nothing_left(dynamodb_local)
