@@ -10,12 +10,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bench import lease_cost
 from bench.memory import MemoryLog
 from bench.procs import Infra, build_service, dynamodb_client, muted_stdout, write_models_file
 from bench.report import Section
 from bench.scale import Scale
 
 TARGET_UNCONTENDED = 3.0
+TARGET_WAITING_WRITES = 7  # design: 3 while waiting, at most 3 + 3 own passes + 1 abandon
 CONTENDED_DELAY_MS = 20
 # llama3 as in models.json (one slot), plus the same model with bounded waiting.
 MODELS = {
@@ -26,6 +28,9 @@ MODELS = {
                    "backend_model": "llama3:8b"},
         "llama3_wait": {"max_concurrency": 1, "memory_cost": "high", "timeout": 45000,
                         "backend_model": "llama3:8b", "queue_timeout_ms": 5000},
+        # A model of its own (its own slot) for one request that waits WAIT_S.
+        "mistral_wait": {"max_concurrency": 1, "memory_cost": "low", "timeout": 30000,
+                         "backend_model": "mistral:7b", "queue_timeout_ms": 20000},
     },
     "hosts": {"default": {"memory_budget": 8}},
 }  # fmt: skip
@@ -131,6 +136,27 @@ def _contended_rows(section: Section, label: str, tally: Tally, counter: CallCou
     )
 
 
+def waiting_through_service(service: Any, counter: CallCounter, endpoint_url: str) -> float:
+    """One generate call on mistral_wait while its only slot is held through another client
+    (another instance) for lease_cost.WAIT_S; that holder's release hands the slot over.
+    Every call of the service's client is made for this one request. Returns its wait."""
+    from hermes.limiter import Limiter
+    from hermes.service import host_pool
+
+    config = service.model("mistral_wait")
+    holder = Limiter(dynamodb_client(endpoint_url), service.settings.lease_table)
+    held = holder.acquire(host_pool(config.host), service.counters("mistral_wait", config), 60_000)
+    releaser = threading.Timer(lease_cost.WAIT_S, holder.release, args=(held,))
+    counter.reset()
+    started = time.monotonic()
+    releaser.start()
+    try:
+        asyncio.run(service.generate("mistral_wait", BODY))
+    finally:
+        releaser.join()
+    return time.monotonic() - started
+
+
 def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     section = Section(3, "DynamoDB requests per admitted request")
     infra.dynamodb.reset_tables()
@@ -162,6 +188,23 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
         tally = contended(service, "llama3_wait", callers, scale.contended_s, 0)
     _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter)
 
+    with muted_stdout():
+        took = waiting_through_service(service, counter, infra.dynamodb.url)
+    writes = sum(n for op, n in counter.calls.items() if op in lease_cost.WRITES)
+    reads = sum(n for op, n in counter.calls.items() if op in lease_cost.READS)
+    section.add(
+        f"writes per waiting request through HermesService, {lease_cost.WAIT_S:g} s of waiting "
+        "(the whole request, its release included)",
+        f"{writes} ({counter.describe()}; answered after {took:.2f} s)",
+        f"≤ {TARGET_WAITING_WRITES} + 1 (bounded, independent of the wait)",
+        writes <= TARGET_WAITING_WRITES + 1,
+    )
+    section.add(
+        f"reads per waiting request through HermesService, {lease_cost.WAIT_S:g} s of waiting",
+        f"{reads} ({reads / took:.0f}/s)",
+    )
+    lease_cost.run(section, infra.dynamodb.url)
+
     section.note(
         "Every DynamoDB API call of the service's boto3 client is counted with a botocore "
         "`before-call.dynamodb.*` hook (Hermes' own retries, such as admission rounds, count "
@@ -173,7 +216,15 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
         f"{CONTENDED_DELAY_MS} ms per answer. With queue_timeout_ms 0 a rejected caller gets "
         "ModelBusy (HTTP 429 model_busy) at once and tries again after "
         f"{CONTENDED_DELAY_MS} ms; with queue_timeout_ms 5000 (same model, another name) "
-        "Hermes itself retries admission with jittered backoff, so each attempt is one "
-        "generate call however many writes it took."
+        "the request waits in the limiter's queue (a ticket and a queue entry, then reads "
+        "until a release hands it the slot), so each attempt is one generate call however "
+        "many requests it took."
+    )
+    section.note(
+        "Waiting request through HermesService: mistral_wait (max_concurrency 1, "
+        "queue_timeout_ms 20000); its only slot is taken through another client (another "
+        f"instance), which releases it after {lease_cost.WAIT_S:g} s and so hands it over. "
+        "Every call of the service's client during the generate call is counted: admission, "
+        "waiting, and the release after the (instant) answer."
     )
     return section

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -17,6 +18,8 @@ from typing import Any
 import httpx
 
 from local.dynamodb_local import DynamoDBLocal
+from local.process import ChildProcess
+from local.template import ROOT
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
 
@@ -66,8 +69,9 @@ def write_models_file(directory: Path, name: str, config: dict[str, Any]) -> Pat
 class Infra:
     """Shared services, started on first use and stopped when the run ends."""
 
-    def __init__(self, stack: ExitStack) -> None:
+    def __init__(self, stack: ExitStack, output_dir: Path) -> None:
         self._stack = stack
+        self.output_dir = output_dir  # where RESULTS.md and the plots go
 
     @cached_property
     def emulator(self) -> EmulatorProcess:
@@ -96,9 +100,23 @@ class Runner(HermesProcess):
         super().__init__(env)
         self.env = clean_env(HOST="127.0.0.1", PORT=str(self.port), HERMES_ACCESS_LOG="0", **env)
 
-    def start(self, timeout_s: float = 90) -> Runner:
-        super().start(timeout_s)
+    def launch(self) -> Runner:
+        """Start the process without waiting for it. Call this from the main thread: the
+        child dies with the thread that started it (PR_SET_PDEATHSIG, local/process.py)."""
+        self.child = ChildProcess(
+            "the Hermes runner", [sys.executable, "-m", "local.runner"], env=self.env, cwd=ROOT
+        ).start()
         return self
+
+    def ready(self, timeout_s: float = 90) -> Runner:
+        """Wait until the runner answers /v1/status."""
+        if self.child is None:
+            raise RuntimeError("the runner was never launched")
+        self.child.wait_until(self._answers, timeout_s)
+        return self
+
+    def start(self, timeout_s: float = 90) -> Runner:
+        return self.launch().ready(timeout_s)
 
     @property
     def store(self) -> str:

@@ -27,7 +27,7 @@ SectionRun = Callable[[Infra, Scale, memory.MemoryLog], Section]
 RUNS: dict[str, tuple[str, SectionRun]] = {
     "latency": ("1. Added latency", latency.run),
     "dynamodb": ("3. DynamoDB requests per admitted request", dynamodb.run),
-    "utilization": ("4. Slot utilization under saturation", utilization.run),
+    "utilization": ("4. Slot utilization and fairness under saturation", utilization.run),
     "coldstart": ("5. Cold start", coldstart.run),
     "real_model": ("6. Real model", real_model.run),
 }
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     sections: list[Section] = []
     log = memory.MemoryLog()
     with ExitStack() as stack:
-        infra = Infra(stack)
+        infra = Infra(stack, args.output.parent)
         for name, (title, run) in RUNS.items():
             if name in names:
                 banner(title)

@@ -1,0 +1,107 @@
+"""The picture of section 4: wait per request and requests in flight at the emulator over time.
+matplotlib with the Agg backend (files only, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+TARGET_WAIT_P99 = 1.5  # x the ideal FIFO wait, drawn as a line
+
+
+class Request(Protocol):
+    """One answered request, wall-clock seconds."""
+
+    client: int
+    sent: float
+    entered: float  # the emulator began its answer
+    left: float  # the emulator ended it
+
+    @property
+    def wait(self) -> float: ...
+
+
+def in_flight_steps(requests: Sequence[Request]) -> tuple[list[float], list[int]]:
+    """The step function of requests in flight at the emulator: (times, count from then on)."""
+    events = sorted(
+        [(r.entered, 1) for r in requests] + [(r.left, -1) for r in requests],
+        key=lambda e: (e[0], e[1]),  # at equal times a leave comes first
+    )
+    times, counts, current = [], [], 0
+    for at, delta in events:
+        current += delta
+        times.append(at)
+        counts.append(current)
+    return times, counts
+
+
+def plot_fairness(
+    path: Path,
+    requests: Sequence[Request],
+    started: float,
+    window_end: float,
+    slots: int,
+    ideal_wait_s: float,
+    title: str,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (above, below) = plt.subplots(
+        2, 1, figsize=(11, 7), sharex=True, height_ratios=[3, 1.4], constrained_layout=True
+    )
+    colours: Any = plt.get_cmap("tab20")
+    clients = sorted({r.client for r in requests})
+    for i, client in enumerate(clients):
+        mine = [r for r in requests if r.client == client]
+        above.scatter(
+            [r.sent - started for r in mine],
+            [r.wait * 1000 for r in mine],
+            s=14,
+            color=colours(i % 20),
+            label=f"client {client + 1}",
+            alpha=0.85,
+            linewidths=0,
+        )
+    above.axhline(ideal_wait_s * 1000, color="black", linestyle="--", linewidth=1)
+    above.axhline(TARGET_WAIT_P99 * ideal_wait_s * 1000, color="red", linestyle=":", linewidth=1)
+    above.annotate(
+        f"ideal FIFO wait {ideal_wait_s * 1000:.0f} ms",
+        (0, ideal_wait_s * 1000),
+        xytext=(4, 3),
+        textcoords="offset points",
+        fontsize=8,
+    )
+    above.annotate(
+        f"target for p99: {TARGET_WAIT_P99:g} x ideal",
+        (0, TARGET_WAIT_P99 * ideal_wait_s * 1000),
+        xytext=(4, 3),
+        textcoords="offset points",
+        fontsize=8,
+        color="red",
+    )
+    above.set_ylabel("wait (ms): sent → emulator starts")
+    above.set_ylim(bottom=0)
+    above.set_title(title, fontsize=10)
+    above.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    above.grid(alpha=0.3)
+
+    times, counts = in_flight_steps(requests)
+    below.step([t - started for t in times], counts, where="post", linewidth=0.8)
+    below.axhline(slots, color="red", linestyle=":", linewidth=1, label=f"limit ({slots})")
+    below.set_ylabel("in flight at\nthe emulator")
+    below.set_xlabel("seconds since the run started")
+    below.set_ylim(0, slots + 1)
+    below.set_yticks(range(slots + 2))
+    below.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    below.grid(alpha=0.3)
+    end = max([window_end, *(r.left for r in requests)]) - started
+    for axes in (above, below):
+        axes.axvspan(window_end - started, end, color="grey", alpha=0.15, linewidth=0)
+        axes.set_xlim(0, end)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
