@@ -658,7 +658,7 @@ class Limiter:
     def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
         """Per pool, the weight that unexpired leases hold on each counter: the state item's
         counters (one BatchGetItem per 100 pools) less the expired leases not yet reaped
-        (one Query per pool, usually empty)."""
+        (one Query per pool that holds anything, usually empty)."""
         unique = list(dict.fromkeys(pools))
         found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
         for item in self._table.states(unique):
@@ -666,6 +666,9 @@ class Limiter:
         now = self._now_ms()
         for pool in unique:
             totals = found[pool]
+            if not any(count > 0 for count in totals.values()):
+                found[pool] = {}  # counters = the weights of its lease items: it has none
+                continue
             for _, weights, _ in self._expired(pool, now, None):
                 for name, weight in weights.items():
                     totals[name] = totals.get(name, 0) - weight
