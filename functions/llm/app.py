@@ -7,6 +7,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from hermes.http import (
+    HeaderPriority,
     create_app,
     lambda_handler,
     openapi_body,
@@ -20,11 +21,13 @@ app = create_app("Hermes LLM")
 
 
 @app.post("/v1/llm/{model}", openapi_extra=openapi_body(GenerateRequest))
-async def generate(model: str, request: Request) -> JSONResponse:
+async def generate(model: str, request: Request, priority: HeaderPriority) -> JSONResponse:
     service = get_service()
     body = await read_json_body(request, service.settings.max_prompt_chars)
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
-    return JSONResponse(await service.generate(model, body, deadline_s=deadline))
+    # The body's `priority`, when given, wins over the header's (HermesService.generate).
+    answer = await service.generate(model, body, deadline_s=deadline, priority=priority or "normal")
+    return JSONResponse(answer)
 
 
 def direct_invoke(event: dict[str, Any], context: object) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hermes import ollama_api
 from hermes.http import (
+    HeaderPriority,
     StreamingBody,
     create_app,
     lambda_handler,
@@ -14,6 +15,7 @@ from hermes.http import (
     read_json_body,
     sync_deadline_s,
 )
+from hermes.schemas import Priority
 from hermes.service import get_service
 
 app = create_app("Hermes - Ollama API", render=ollama_api.render_error)
@@ -21,7 +23,7 @@ app = create_app("Hermes - Ollama API", render=ollama_api.render_error)
 STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-ndjson": {}}}}
 
 
-async def _run(request: Request, path: str, kind: type[Any]) -> Response:
+async def _run(request: Request, path: str, kind: type[Any], priority: Priority) -> Response:
     service = get_service()
     raw = await read_json_body(request, service.settings.max_prompt_chars)
     body = ollama_api.parse(raw, kind, service.settings.max_prompt_chars)
@@ -29,9 +31,9 @@ async def _run(request: Request, path: str, kind: type[Any]) -> Response:
     payload = body.to_backend(service.model(name))
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
     if not body.stream:
-        answer = await service.complete(name, path, payload, deadline_s=deadline)
+        answer = await service.complete(name, path, payload, deadline_s=deadline, priority=priority)
         return JSONResponse({**answer, "model": body.model})
-    chunks = await service.open_stream(name, path, payload, deadline_s=deadline)
+    chunks = await service.open_stream(name, path, payload, deadline_s=deadline, priority=priority)
     return StreamingBody(ollama_api.ndjson(chunks, body.model), media_type="application/x-ndjson")
 
 
@@ -40,8 +42,8 @@ async def _run(request: Request, path: str, kind: type[Any]) -> Response:
     openapi_extra=openapi_body(ollama_api.GenerateBody),
     responses=STREAMED,
 )
-async def generate(request: Request) -> Response:
-    return await _run(request, "/api/generate", ollama_api.GenerateBody)
+async def generate(request: Request, priority: HeaderPriority) -> Response:
+    return await _run(request, "/api/generate", ollama_api.GenerateBody, priority or "normal")
 
 
 @app.post(
@@ -49,8 +51,8 @@ async def generate(request: Request) -> Response:
     openapi_extra=openapi_body(ollama_api.ChatBody),
     responses=STREAMED,
 )
-async def chat(request: Request) -> Response:
-    return await _run(request, "/api/chat", ollama_api.ChatBody)
+async def chat(request: Request, priority: HeaderPriority) -> Response:
+    return await _run(request, "/api/chat", ollama_api.ChatBody, priority or "normal")
 
 
 @app.get("/api/tags")

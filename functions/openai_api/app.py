@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response
 
 from hermes import openai_api
 from hermes.http import (
+    HeaderPriority,
     StreamingBody,
     create_app,
     lambda_handler,
@@ -15,6 +16,7 @@ from hermes.http import (
     read_json_body,
     sync_deadline_s,
 )
+from hermes.schemas import Priority
 from hermes.service import get_service
 
 app = create_app(
@@ -26,7 +28,7 @@ app = create_app(
 STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
-async def _run(request: Request, chat: bool) -> Response:
+async def _run(request: Request, chat: bool, priority: Priority) -> Response:
     service = get_service()
     raw = await read_json_body(request, service.settings.max_prompt_chars)
     kind: Any = openai_api.ChatRequest if chat else openai_api.CompletionRequest
@@ -35,10 +37,14 @@ async def _run(request: Request, chat: bool) -> Response:
     path = "/api/chat" if chat else "/api/generate"
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
     if not body.stream:
-        answer = await service.complete(name, path, body.to_ollama(), deadline_s=deadline)
+        answer = await service.complete(
+            name, path, body.to_ollama(), deadline_s=deadline, priority=priority
+        )
         shape = openai_api.chat_completion if chat else openai_api.completion
         return JSONResponse(shape(answer, body.model))
-    chunks = await service.open_stream(name, path, body.to_ollama(), deadline_s=deadline)
+    chunks = await service.open_stream(
+        name, path, body.to_ollama(), deadline_s=deadline, priority=priority
+    )
     usage = bool((body.stream_options or {}).get("include_usage"))
     events = openai_api.sse(chunks, body.model, chat, usage)
     return StreamingBody(events, media_type="text/event-stream")
@@ -49,8 +55,8 @@ async def _run(request: Request, chat: bool) -> Response:
     openapi_extra=openapi_body(openai_api.ChatRequest),
     responses=STREAMED,
 )
-async def chat_completions(request: Request) -> Response:
-    return await _run(request, chat=True)
+async def chat_completions(request: Request, priority: HeaderPriority) -> Response:
+    return await _run(request, True, priority or "normal")
 
 
 @app.post(
@@ -58,8 +64,8 @@ async def chat_completions(request: Request) -> Response:
     openapi_extra=openapi_body(openai_api.CompletionRequest),
     responses=STREAMED,
 )
-async def completions(request: Request) -> Response:
-    return await _run(request, chat=False)
+async def completions(request: Request, priority: HeaderPriority) -> Response:
+    return await _run(request, False, priority or "normal")
 
 
 @app.get("/v1/models")

@@ -113,11 +113,12 @@ def test_an_unknown_event_shape_gets_a_clear_error_not_an_exception() -> None:
 
 
 def submit(
-    model: str = "gemma", body: dict[str, Any] | None = None
+    model: str = "gemma", body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     request = event(
         "jobs_submit.json", path=f"/v1/jobs/{model}", body=json.dumps(body or {"prompt": "hi"})
     )
+    request["headers"] = {**request["headers"], **(headers or {})}
     response = load_function("jobs").handler(request, LambdaContext())
     return response["statusCode"], json.loads(response["body"]), response["headers"]
 
@@ -167,6 +168,47 @@ def test_bad_job_submissions_are_refused_before_queueing() -> None:
     status, body, _ = submit(body={"prompt": ""})
     assert (status, body["code"]) == (400, "invalid_request")
     assert read("does-not-exist")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "expected"),
+    [
+        ("HIGH", {"prompt": "hi"}, "high"),  # the header, in any case
+        ("high", {"prompt": "hi", "priority": "low"}, "low"),  # the body wins
+        (None, {"prompt": "hi", "priority": "high"}, "high"),
+        (None, {"prompt": "hi"}, "normal"),
+    ],
+)
+def test_a_job_keeps_its_priority_until_the_worker_runs_it(
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    header: str | None,
+    body: dict[str, Any],
+    expected: str,
+) -> None:
+    from tests.unit.test_priority import spy_admissions
+
+    admitted = spy_admissions(monkeypatch)
+    # Given a job submitted with a priority in its header, its body, both or neither
+    status, job, _ = submit(body=body, headers={"x-hermes-priority": header} if header else {})
+    # Then the job shows the priority it will run with
+    assert (status, job["priority"]) == (202, expected)
+    assert read(job["job_id"])[1]["priority"] == expected
+    # And when the worker runs it (a later invocation, from the stored request alone)
+    assert admitted == []
+    assert deliver(env) == {"batchItemFailures": []}
+    # Then it was admitted with that priority
+    assert admitted == [("gemma", expected)]
+    assert read(job["job_id"])[1]["status"] == "succeeded"
+
+
+def test_a_job_with_a_bad_priority_is_refused_before_queueing(env: dict[str, str]) -> None:
+    status, body, _ = submit(body={"prompt": "hi", "priority": "urgent"})
+    assert (status, body["code"], body["field"]) == (400, "invalid_request", "priority")
+    status, body, _ = submit(headers={"x-hermes-priority": "urgent"})
+    assert (status, body["code"], body["field"]) == (400, "invalid_request", "X-Hermes-Priority")
+    queued = boto3.client("sqs").receive_message(QueueUrl=env["JobsQueue"]).get("Messages", [])
+    assert queued == []
 
 
 def test_a_redelivered_message_does_not_call_the_model_twice(

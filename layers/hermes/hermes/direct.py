@@ -1,7 +1,9 @@
 """Direct Lambda invocation of the LLM function by other functions, without HTTP:
-`{"model": "gemma", "prompt": "...", "request_id"?: "..."}` → `{"result": ...}` or
-`{"error": ..., "code": ..., "status": ...}`. Same rules and limits as HTTP, the model's
-full timeout (bounded only by the Lambda's own), and at-most-once per request_id."""
+`{"model": "gemma", "prompt": "...", "request_id"?: "...", "priority"?: "high"}` →
+`{"result": ...}` or `{"error": ..., "code": ..., "status": ...}`. Same rules and limits as
+HTTP, the model's full timeout (bounded only by the Lambda's own), and at-most-once per
+request_id. The priority orders the wait for a slot; it is not part of what request_id
+identifies, so a retry may raise it and still gets the stored answer."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from hermes.idempotency import once
 from hermes.schemas import parse_generate_request
 from hermes.service import get_service
 
-ENVELOPE = ("model", "request_id")
+ENVELOPE = ("model", "request_id", "priority")
 
 
 def handle_direct(event: Any, context: Any) -> dict[str, Any]:
@@ -28,18 +30,25 @@ def _generate(event: Any, context: Any) -> dict[str, Any]:
     if not isinstance(event, dict) or not isinstance(event.get("model"), str):
         raise InvalidRequest(
             "unknown event: invoke with an API Gateway HTTP API event, or directly with "
-            '{"model": "<name>", "prompt": "...", "request_id": "<optional id>"}'
+            '{"model": "<name>", "prompt": "...", "request_id": "<optional id>", '
+            '"priority": "<optional high|normal|low>"}'
         )
     service = get_service()
     model = event["model"]
     body = {k: v for k, v in event.items() if k not in ENVELOPE}
     config = service.model(model)  # reject bad input before anything is stored
-    parse_generate_request(body, service.settings.max_prompt_chars, config)
+    # Checked as the body field of /v1/llm: a bad value is a 400 naming `priority`.
+    checked = {**body, "priority": event["priority"]} if "priority" in event else body
+    request = parse_generate_request(checked, service.settings.max_prompt_chars, config)
+    priority = request.priority or "normal"
     request_id = event.get("request_id")
 
     def call(data: dict[str, Any]) -> dict[str, Any]:
         deadline = lambda_time_left_s(context)
-        return run_sync(service.generate(data["model"], data["body"], deadline_s=deadline))
+        generation = service.generate(
+            data["model"], data["body"], deadline_s=deadline, priority=priority
+        )
+        return run_sync(generation)
 
     if request_id is None:
         return call({"model": model, "body": body})

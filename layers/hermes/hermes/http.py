@@ -9,10 +9,10 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -30,6 +30,7 @@ from hermes.errors import (
     PromptTooLarge,
     RouteNotFound,
 )
+from hermes.schemas import Priority
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,45 @@ async def read_json_body(request: Request, max_prompt_chars: int) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
+
+
+PRIORITY_HEADER = "X-Hermes-Priority"
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
+
+
+def parse_priority(value: str | None, field: str = PRIORITY_HEADER) -> Priority | None:
+    """A priority given as text (the header; case and surrounding spaces do not matter),
+    None when not given; anything else is a 400 naming `field` and the allowed values."""
+    if value is None:
+        return None
+    for priority in PRIORITIES:
+        if value.strip().lower() == priority:
+            return priority
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    raise InvalidRequest(
+        f"{field} must be one of {', '.join(PRIORITIES)} (any case), not {shown!r}",
+        field=field,
+        allowed=list(PRIORITIES),
+    )
+
+
+def header_priority(
+    value: Annotated[
+        str | None,
+        Header(
+            alias=PRIORITY_HEADER,
+            description="The request's place among those waiting for a slot: high, normal "
+            "(the default) or low, in any case. On /v1/llm and jobs, the body's `priority` "
+            "wins over it.",
+            examples=["high"],
+        ),
+    ] = None,
+) -> Priority | None:
+    """FastAPI dependency: the X-Hermes-Priority header, parsed (documented in OpenAPI)."""
+    return parse_priority(value)
+
+
+HeaderPriority = Annotated[Priority | None, Depends(header_priority)]
 
 
 def lambda_time_left_s(context: Any) -> float | None:

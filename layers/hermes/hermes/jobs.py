@@ -49,7 +49,7 @@ from hermes.errors import (
 )
 from hermes.http import lambda_time_left_s
 from hermes.idempotency import once
-from hermes.schemas import parse_generate_request
+from hermes.schemas import Priority, parse_generate_request
 from hermes.service import HermesService, get_service
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,16 @@ class Jobs:
 
     # -- API side ---------------------------------------------------------------
 
-    def submit(self, model: str, body: Any) -> dict[str, Any]:
+    def submit(self, model: str, body: Any, *, priority: Priority | None = None) -> dict[str, Any]:
+        """Queue `body` for `model`. `priority` (the X-Hermes-Priority header) is kept in the
+        stored request unless the body has its own, so the worker's run is admitted with it."""
         config = self.service.model(model)
         # The prompt is counted in characters, as /v1/llm counts it; what is stored is the
         # compressed request, which only a pathological (random) request fails to fit.
-        parse_generate_request(body, self.settings.max_prompt_chars, config)
+        parsed = parse_generate_request(body, self.settings.max_prompt_chars, config)
+        if parsed.priority is None and priority is not None:
+            body = {**body, "priority": priority}
+        effective: Priority = parsed.priority or priority or "normal"
         request = _pack(body)
         if len(request) > MAX_REQUEST_BYTES:
             raise PromptTooLarge(
@@ -100,6 +105,7 @@ class Jobs:
                 "job_id": {"S": job_id},
                 "model": {"S": model},
                 "status": {"S": "queued"},
+                "priority": {"S": effective},
                 "request_z": {"B": request},
                 "attempts": {"N": "0"},
                 "created_at": {"N": f"{now:.3f}"},
@@ -123,6 +129,7 @@ class Jobs:
             "job_id": job_id,
             "status": "queued",
             "model": model,
+            "priority": effective,
             "status_url": f"/v1/jobs/{job_id}",
         }
 
@@ -136,6 +143,8 @@ class Jobs:
             "job_id": job_id,
             "model": item["model"]["S"],
             "status": item["status"]["S"],
+            # Its place among requests waiting for the model (records before it: normal).
+            "priority": item["priority"]["S"] if "priority" in item else "normal",
             # Deliveries of the current message, and how often the job waited for capacity.
             "attempts": int(item["attempts"]["N"]),
             "waits": int(item["waits"]["N"]) if "waits" in item else 0,
