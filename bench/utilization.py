@@ -1,12 +1,17 @@
-"""Section 4: how busy the model's slots stay when more callers want them than it has.
+"""Section 4: how busy the model's slots stay when more callers want them than it has, and
+how fairly the waiting callers are served.
 
-Several runner processes (stand-ins for Lambda instances) share one DynamoDB Local; client
-threads hammer one model whose answers take SERVICE_MS. Utilization is the emulator's
-busy time (the integral of requests in flight) over max_concurrency x the window."""
+Several runner processes (stand-ins for Lambda instances) share one DynamoDB Local; closed-loop
+client threads call one model whose answers take SERVICE_MS. Utilization is the emulator's
+busy time (the integral of requests in flight) over max_concurrency x the window. Fairness:
+completed requests per client, and each request's wait against the ideal FIFO wait of that
+closed loop. Each answer carries the emulator's own start and end (Hermes' Ollama-compatible
+route passes them through), which also draws fairness.png."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 import time
 from contextlib import ExitStack
@@ -17,7 +22,7 @@ from typing import Any
 from bench.memory import MemoryLog
 from bench.plot import plot_fairness
 from bench.procs import Infra, Runner, http_client, write_models_file
-from bench.report import Section
+from bench.report import Section, load_average
 from bench.scale import Scale
 from bench.stats import median, percentile
 
@@ -265,9 +270,15 @@ def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
         clients, seconds = scale.saturation_clients, scale.saturation_s
         no_wait = saturate(infra, runners, "gemma", clients, seconds, RETRY_PAUSE_S)
         _report(section, "without waiting", no_wait, targeted=False)
+        load_before = load_average()
         waiting = saturate(infra, runners, "gemma_wait", clients, seconds, 0)
+        load_after = load_average()
         _report(section, "with waiting", waiting, targeted=True)
         _fairness(section, waiting, clients)
+        section.add(
+            "with waiting: load average (1 min) of the machine before / after the run",
+            f"{load_before} / {load_after} on {len(os.sched_getaffinity(0))} CPUs",
+        )
 
         peaks = [runner.peak_rss_mb() for runner in runners]
         per_runner = ", ".join(f"{p:.1f}" for p in peaks)
