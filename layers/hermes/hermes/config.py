@@ -188,8 +188,10 @@ def load_config(path: Path) -> ModelsFile:
 # models' in-flight count) in one small state item; leases and waiters are items of their
 # own, so no number of leases approaches DynamoDB's 400 KB per item. What grows with the
 # models of a host is the grant pass, whose state update names every counter it changes
-# (about 90 bytes of expression per counter): 50 models keep it under 2.5 KB of DynamoDB's
-# 4 KB per expression, and the state item under 4 KB.
+# (about 45 bytes per counter in each expression): 50 models with 100-character names keep
+# it under 2.2 KB of DynamoDB's 4 KB per expression (tests/unit/test_limiter.py). The state
+# item then stays under 16 KB (under 2 KB for a few models with short names), which is what
+# a write of it costs in WCU: it depends on the models of a host, never on its leases.
 MAX_MODELS_PER_HOST = 50
 MAX_MODEL_NAME_CHARS = 100  # also the longest name a request can carry
 

@@ -18,6 +18,7 @@ from hermes.limiter.records import (
     ANY,
     BLOCKED,
     POLL_FAST_S,
+    POLL_NEAR_S,
     POLL_SLOW_S,
     PRIORITIES,
     STATE_SK,
@@ -56,6 +57,14 @@ HEAD_WINDOW = 8
 CHECK_S = 0.25
 CHECKS_PER_S_PER_POOL = 1000
 WAITER_PASSES = 3
+# A release that hands over tries its grant pass this often, then frees its capacity plainly:
+# the caller's answer waits for its release (a Lambda freezes once it has answered), and the
+# waiters' own checks pick the capacity up within CHECK_S.
+HANDOFF_ROUNDS = 2
+# A lookup that found no expired lease in a pool is trusted until the first lease it saw
+# expires, and at most this long: a lease admitted after it and crashed comes back at most
+# this late after its expiry.
+NO_EXPIRED_S = 0.25
 # After seeing waiters on a pool, a release goes straight to a handoff for this long.
 CONTENDED_S = 1.0
 
@@ -99,6 +108,7 @@ class Limiter:
         self._aging = aging_tickets
         self._mailbox = Mailbox()
         self._contended_until: dict[str, float] = {}
+        self._no_expired_until: dict[str, int] = {}  # pool -> epoch ms
 
     @property
     def _ddb(self) -> Any:  # the boto3 client, for tests that hook it
@@ -136,13 +146,20 @@ class Limiter:
         raise outcome.error(retry_after_s)
 
     def _admit_now(
-        self, pool: str, counters: tuple[Counter, ...], lease_ms: int, run_until_ms: int
+        self,
+        pool: str,
+        counters: tuple[Counter, ...],
+        lease_ms: int,
+        run_until_ms: int,
+        until_ms: int | None = None,
     ) -> Lease | Refusal:
         """One transaction; on a full pool with expired leases, a grant pass (which reaps
-        them) and another try. A refusal says why, with the state item."""
+        them) and another try, none started after `until_ms`. A refusal says why."""
         refusal = Refusal(counters[0], False, {})
         for _ in range(MAX_ROUNDS):
             now = self._now_ms()
+            if until_ms is not None and now >= until_ms and refusal.state:
+                return refusal
             expires = now + lease_ms if not run_until_ms else min(now + lease_ms, run_until_ms)
             lease = Lease(uuid.uuid4().hex, pool, counters, expires)
             try:
@@ -162,7 +179,7 @@ class Limiter:
                 if refusal.gated:
                     return refusal
                 if refusal.full and not (
-                    self._has_expired(pool) and self._grant_pass(pool).written
+                    self._has_expired(pool) and self._grant_pass(pool, until_ms=until_ms).written
                 ):
                     return refusal
                 continue  # capacity came back, or the state changed meanwhile: try again
@@ -191,7 +208,7 @@ class Limiter:
         `lease_ms` is the lease a grant gives (run time plus margins), never past
         `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses."""
         counters = tuple(counters)
-        outcome = self._admit_now(pool, counters, lease_ms, run_until_ms)
+        outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
         if isinstance(outcome, Lease):
             return outcome
         seq = self._next_seq(pool)
@@ -354,12 +371,19 @@ class Limiter:
         )
 
     def _check(self, ticket: Ticket, force: bool = False) -> Lease | None:
-        """Reads the state item and the queue ahead of `ticket`; runs a grant pass when the
+        """Reads the state item (and the queue ahead of `ticket`); runs a grant pass when the
         ticket is near the head and capacity is free or held by expired leases (a release
-        that did not hand over: its holder crashed, or its rounds ran out)."""
+        that did not hand over: its holder crashed, or its rounds ran out). `force`: right
+        after enqueueing, when only the state matters (a release that saw nobody waiting)."""
         now = self._now_ms()
         state = self._table.get(ticket.pool, STATE_SK, consistent=force) or {}
         self._observe(ticket.pool, state)
+        spread = max(1.0, value(state, WAITING) / (CHECK_S * CHECKS_PER_S_PER_POOL))
+        ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
+        short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
+        ticket.short = short[0] if short else ticket.short
+        if force and short and not self._has_expired(ticket.pool):
+            return None
         # Live entries among the first HEAD_WINDOW ahead: lapsed ones (crashed waiters) make
         # a ticket nearer, so that somebody's pass drops them.
         ahead = self._table.query(
@@ -375,16 +399,16 @@ class Limiter:
             Limit=HEAD_WINDOW,
         )["Count"]
         near = ahead < HEAD_WINDOW
-        ticket.poll_after_s = POLL_FAST_S if near else POLL_SLOW_S
-        spread = max(1.0, value(state, WAITING) / (CHECK_S * CHECKS_PER_S_PER_POOL))
-        ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
-        short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
-        ticket.short = short[0] if short else ticket.short
-        if not near or ticket.passes_left <= 0:
+        # Next in line (or nearly): every millisecond between a handoff and its pickup idles a
+        # slot. Further back, slower: polls are reads, but they load the table all the same.
+        ticket.poll_after_s = POLL_FAST_S if ahead < 2 else POLL_NEAR_S if near else POLL_SLOW_S
+        if not near or ticket.passes_left <= 0 or now >= ticket.wait_until_ms:
             return None
         if short and not self._has_expired(ticket.pool):
             return None
-        done = self._grant_pass(ticket.pool, state if force else None)
+        done = self._grant_pass(
+            ticket.pool, state if force else None, until_ms=ticket.wait_until_ms
+        )
         if done.cleaned:
             # Work for crashed requests (at most one pass each): not charged to this ticket,
             # and the next poll checks again if some is left.
@@ -433,7 +457,7 @@ class Limiter:
             passed_on = self._pass_on(lease)
             if passed_on is not None:
                 return passed_on
-            outcome = self._grant_pass(lease.pool, state, releasing=lease)
+            outcome = self._grant_pass(lease.pool, state, releasing=lease, rounds=HANDOFF_ROUNDS)
         except LimiterUnavailable as exc:
             log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
             return False
@@ -507,13 +531,22 @@ class Limiter:
     # -- the grant pass: hand capacity to waiters in order, reap, drop lapsed entries ------
 
     def _grant_pass(
-        self, pool: str, state: dict[str, Any] | None = None, releasing: Lease | None = None
+        self,
+        pool: str,
+        state: dict[str, Any] | None = None,
+        releasing: Lease | None = None,
+        *,
+        rounds: int = MAX_ROUNDS,
+        until_ms: int | None = None,
     ) -> _Pass:
         """One transaction that (1) releases `releasing`, (2) deletes expired leases, (3) drops
         queue entries past their wait deadline, (4) hands a lease to each waiter that fits, in
         queue order, never letting an entry overtake an earlier one on a counter that the
-        earlier one waits for, and (5) records those counters in q_blocked."""
-        for _ in range(MAX_ROUNDS):
+        earlier one waits for, and (5) records those counters in q_blocked. At most `rounds`
+        tries (a try fails when another writer changed what it read), none after `until_ms`."""
+        for attempt in range(rounds):
+            if attempt and until_ms is not None and self._now_ms() >= until_ms:
+                break
             if state is None:
                 state = self._table.get(pool, STATE_SK, consistent=True) or {}
             plan = self._plan(pool, state, releasing)
@@ -546,7 +579,11 @@ class Limiter:
         entries, more = self._head(pool)
         # A releaser's own capacity usually serves the head: it looks for expired leases only
         # when somebody still does not fit. Passes that no release drives look first.
-        expired = [] if releasing is not None else self._expired(pool, now, REAP_BATCH)
+        expired = (
+            self._expired(pool, now, REAP_BATCH)
+            if releasing is None and self._has_expired(pool)
+            else []
+        )
         plan, short = self._compose(pool, state, releasing, now, entries, more, expired)
         if short and releasing is not None:
             expired = self._expired(pool, now, REAP_BATCH)
@@ -651,7 +688,26 @@ class Limiter:
             request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
 
     def _has_expired(self, pool: str) -> bool:
-        return bool(self._expired(pool, self._now_ms(), 1))
+        """Whether some lease of `pool` has expired (a crashed holder's). A "no" is trusted
+        for NO_EXPIRED_S: full pools are refused often, and each look is a query."""
+        now_ms = self._now_ms()
+        if self._no_expired_until.get(pool, -1) > now_ms:
+            return False
+        # The lease that expires first (the partition sorts by expiry), expired or not: none
+        # can have expired before it does, except one admitted after this read.
+        first = self._table.query(
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": s(f"{pool}#lease")},
+            ProjectionExpression="sk",
+            ConsistentRead=True,
+            Limit=1,
+        ).get("Items", [])
+        expiry = int(first[0]["sk"]["S"].split("#", 1)[0]) if first else None
+        if expiry is not None and expiry < now_ms:
+            return True
+        trust_until = now_ms + int(NO_EXPIRED_S * 1000)
+        self._no_expired_until[pool] = trust_until if expiry is None else min(expiry, trust_until)
+        return False
 
     # -- reading -------------------------------------------------------------------------
 

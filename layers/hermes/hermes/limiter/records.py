@@ -1,7 +1,7 @@
 """The lease table's items, as the limiter reads and writes them (pk S + sk S).
 
   pk                 sk                          holds
-  <pool>             state                       counters, q_waiting, q_enq, q_blocked
+  <pool>             state                       counters, q_waiting, q_blocked
   <pool>#lease       <expiry ms:013d>#<id>       a live lease: its weights (+ ticket id)
   <pool>#queue       w#<order>#<seq>#<ticket>    a waiting request: counters, deadlines
   <pool>#seq         seq                         the ticket counter
@@ -20,9 +20,9 @@ from typing import Any
 from hermes.errors import HermesError
 
 STATE_SK = "state"
-WAITING, ENQUEUED, BLOCKED = "q_waiting", "q_enq", "q_blocked"  # state attributes, not counters
+WAITING, BLOCKED = "q_waiting", "q_blocked"  # state attributes, not counters
 ANY = "*"  # in q_blocked: the queue is longer than one grant pass reads; every counter waits
-NOT_COUNTERS = (WAITING, ENQUEUED)
+NOT_COUNTERS = (WAITING,)
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # Priority with aging, in tickets: a request of rank r (high 0, normal 1, low 2) is ordered as
 # if it had arrived r * AGING_TICKETS tickets later. So a normal request is passed by at most
@@ -31,6 +31,7 @@ AGING_TICKETS = 64
 # While waiting, a ticket polls its notice this often near the head of the queue (and behind
 # it). Reads only; a process polls all of its tickets in one BatchGetItem.
 POLL_FAST_S = 0.005
+POLL_NEAR_S = 0.025
 POLL_SLOW_S = 0.1
 
 

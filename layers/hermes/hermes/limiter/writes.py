@@ -17,7 +17,6 @@ from typing import Any
 from hermes.limiter.records import (
     ANY,
     BLOCKED,
-    ENQUEUED,
     STATE_SK,
     WAITING,
     Entry,
@@ -112,9 +111,9 @@ def release(table: str, lease: Lease, only_if_nobody_waits: bool) -> list[dict[s
 def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]:
     """Count the waiter and put its queue entry; `full`: the counters it cannot have now,
     which newcomers must not take (q_blocked)."""
-    update = "ADD #waiting :one, #enq :one"
+    update = "ADD #waiting :one"
     values: dict[str, Any] = {":one": n(1)}
-    names = {"#waiting": WAITING, "#enq": ENQUEUED}
+    names = {"#waiting": WAITING}
     if full:
         update += ", #blocked :full"
         names["#blocked"] = BLOCKED
@@ -254,11 +253,12 @@ def grant_pass_state(
 ) -> dict[str, Any]:
     """A grant pass's state update: apply `delta`, take `removed` entries off q_waiting and
     set q_blocked (the counters live entries are short of: newcomers must not take them).
-    Conditional on no enqueue since `state` was read (q_enq), so that q_blocked is never
-    written without a newcomer's counters, and on capacity for every counter a grant adds to."""
-    names = {"#enq": ENQUEUED, "#blocked": BLOCKED}
+    Conditional on capacity for every counter a grant adds to, and, when it changes q_blocked,
+    on q_blocked being what the pass read: a waiter that enqueued meanwhile with counters of
+    its own is never unblocked (enqueues that add nothing new do not fail the pass)."""
+    names: dict[str, str] = {}
     values: dict[str, Any] = {":zero": n(0)} if delta else {}
-    sets, conditions = [], []
+    sets, conditions, removes = [], [], []
     for i, (name, d) in enumerate(delta.items()):
         names[f"#c{i}"] = name
         values[f":d{i}"] = n(d)
@@ -270,25 +270,37 @@ def grant_pass_state(
         names["#waiting"] = WAITING
         values[":removed"] = n(removed)
         sets.append("#waiting = #waiting - :removed")
-    if ENQUEUED in state:
-        values[":enq"] = state[ENQUEUED]
-        conditions.insert(0, "#enq = :enq")
-    else:
-        conditions.insert(0, "attribute_not_exists(#enq)")
-    if blocked:
-        values[":blocked"] = {"SS": sorted(blocked)}
-        sets.append("#blocked = :blocked")
-    expression = ("SET " + ", ".join(sets)) if sets else ""
-    if not blocked:
-        expression += " REMOVE #blocked"
-    update = {
+    seen = set(state.get(BLOCKED, {}).get("SS", []))
+    if blocked != seen:
+        names["#blocked"] = BLOCKED
+        if seen:
+            values[":seen"] = {"SS": sorted(seen)}
+            conditions.append("#blocked = :seen")
+        else:
+            conditions.append("attribute_not_exists(#blocked)")
+        if blocked:
+            values[":blocked"] = {"SS": sorted(blocked)}
+            sets.append("#blocked = :blocked")
+        else:
+            removes.append("#blocked")
+    expression = " ".join(
+        part
+        for part in (
+            "SET " + ", ".join(sets) if sets else "",
+            "REMOVE " + ", ".join(removes) if removes else "",
+        )
+        if part
+    )
+    update: dict[str, Any] = {
         "TableName": table,
         "Key": key(pool, STATE_SK),
-        "UpdateExpression": expression.strip(),
-        "ConditionExpression": " AND ".join(conditions),
-        "ExpressionAttributeNames": names,
+        "UpdateExpression": expression,
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
     }
-    if values:  # DynamoDB refuses an empty map
+    if conditions:
+        update["ConditionExpression"] = " AND ".join(conditions)
+    if names:
+        update["ExpressionAttributeNames"] = names
+    if values:  # DynamoDB refuses empty maps
         update["ExpressionAttributeValues"] = values
     return {"Update": update}
