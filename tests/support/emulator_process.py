@@ -49,5 +49,9 @@ class EmulatorProcess:
     def set_weights(self, weights: dict[str, int]) -> None:
         self.control("POST", "/_emulator/weights", weights)
 
+    def release(self) -> int:
+        """Let every request held by mode "hold" go on; how many there were."""
+        return int(self.control("POST", "/_emulator/release")["released"])
+
     def reset(self) -> None:
         self.control("POST", "/_emulator/reset", {})

@@ -21,6 +21,9 @@ Control API (``OllamaEmulator`` has the same as methods, acting on the state dir
 - ``GET /_emulator/stats``: in_flight, peak_in_flight, requests, weight_in_use, peak_weight,
   busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights.
 - ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
+- ``POST /_emulator/release``: every request held by mode ``hold`` goes on as ``ok`` (with the
+  behaviour's delays and tokens); answers ``{"released": n}``. Later requests are held again
+  while the mode stays ``hold``.
 
 Choices worth knowing:
 
@@ -63,7 +66,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 DEFAULT_MODELS = ("gemma3:1b", "llama3:8b", "mistral:7b")
 OLLAMA_VERSION = "0.12.0"
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
-MODES = ("ok", "hang", "error", "busy", "cut_stream", "not_found")
+MODES = ("ok", "hang", "error", "busy", "cut_stream", "not_found", "hold")
 CUT_AFTER = 2  # chunks sent before cut_stream drops the connection
 _ids = itertools.count(1)
 
@@ -174,6 +177,7 @@ class EmulatorState:
         self.in_flight = dict.fromkeys(models, 0)
         self.weight_in_use = 0
         self.live: set[asyncio.Event] = set()  # one per running request; event-loop thread only
+        self.held: set[asyncio.Event] = set()  # one per request held by mode "hold"; same thread
         self._lock = threading.Lock()  # the test thread reads/mutates while the loop serves
         self._clear()
 
@@ -401,6 +405,8 @@ class _Completion(Response):
         if b.mode == "hang":
             await gone.wait()
             return await self._abandon()
+        if b.mode == "hold" and await self._hold(gone):
+            return await self._abandon()
         if await _pause(gone, b.delay_ms):
             return await self._abandon()
         faults = {
@@ -437,6 +443,19 @@ class _Completion(Response):
         for obj in self._final(reason, self._timings(t0, t1, n)):
             await self._line(obj)
         await self._body(b"data: [DONE]\n\n" if job.openai else b"", more=False)
+
+    async def _hold(self, gone: asyncio.Event) -> bool:
+        """Wait for /_emulator/release; True if the client went away first."""
+        released = asyncio.Event()
+        self.state.held.add(released)
+        try:
+            waits = [asyncio.create_task(e.wait()) for e in (released, gone)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+            return not released.is_set()
+        finally:
+            self.state.held.discard(released)
 
     async def _start(self, media_type: str, length: int | None = None, status: int = 200) -> None:
         headers = [(b"content-type", media_type.encode())]
@@ -609,6 +628,12 @@ def create_app(state: EmulatorState) -> Starlette:
         openai = request.url.path.startswith("/v1/")
         return JSONResponse(_error_body(openai, 400, str(exc)), 400)
 
+    async def release(request: Request) -> Response:
+        held = list(state.held)
+        for released in held:
+            released.set()
+        return JSONResponse({"released": len(held)})
+
     async def version(request: Request) -> Response:
         return JSONResponse({"version": OLLAMA_VERSION})
 
@@ -633,6 +658,7 @@ def create_app(state: EmulatorState) -> Starlette:
         Route("/_emulator/behaviour", behaviour, methods=post),
         Route("/_emulator/weights", weights, methods=post),
         Route("/_emulator/reset", reset, methods=post),
+        Route("/_emulator/release", release, methods=post),
         Route("/_emulator/stats", stats),
     ]
     return Starlette(routes=routes, exception_handlers={BadRequest: bad_request})

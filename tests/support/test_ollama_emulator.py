@@ -134,6 +134,21 @@ def test_hang_until_client_gives_up(emu: OllamaEmulator) -> None:
     assert 0.25 < stats["busy_time_s"]["gemma3:1b"] < 1
 
 
+def test_hold_until_released(emu: OllamaEmulator) -> None:
+    emu.set_behaviour("gemma3:1b", "hold")
+    client = ollama.Client(host=emu.url, timeout=10)
+    with ThreadPoolExecutor(3) as pool:
+        replies = [pool.submit(client.generate, model="gemma3:1b", prompt="hi") for _ in range(3)]
+        while emu.stats()["in_flight"]["gemma3:1b"] < 3:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert not any(r.done() for r in replies)
+        released = httpx.post(f"{emu.url}/_emulator/release", timeout=5).json()
+        assert released == {"released": 3}
+        assert all(r.result().done for r in replies)
+    assert settle(emu)["in_flight"]["gemma3:1b"] == 0
+
+
 def test_peak_in_flight_weight_and_busy_time(emu: OllamaEmulator) -> None:
     emu.set_behaviour("*", delay_ms=300)
     emu.set_weights({"gemma3:1b": 2, "llama3:8b": 4})
