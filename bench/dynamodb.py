@@ -28,11 +28,13 @@ MODELS = {
                    "backend_model": "llama3:8b"},
         "llama3_wait": {"max_concurrency": 1, "memory_cost": "high", "timeout": 45000,
                         "backend_model": "llama3:8b", "queue_timeout_ms": 5000},
-        # A model of its own (its own slot) for one request that waits WAIT_S.
+        # One request that waits WAIT_S, on a host (a pool) of its own: the other runs have
+        # not taught this limiter that the pool is busy, so its first admission is tried.
         "mistral_wait": {"max_concurrency": 1, "memory_cost": "low", "timeout": 30000,
-                         "backend_model": "mistral:7b", "queue_timeout_ms": 20000},
+                         "backend_model": "mistral:7b", "queue_timeout_ms": 20000,
+                         "host": "waiting"},
     },
-    "hosts": {"default": {"memory_budget": 8}},
+    "hosts": {"default": {"memory_budget": 8}, "waiting": {"memory_budget": 8}},
 }  # fmt: skip
 BODY = {"prompt": "hi"}
 
