@@ -652,7 +652,7 @@ def test_the_cost_of_an_admission_does_not_grow_with_live_leases(
     """With `live` leases held on one host: a direct admission, a queued one (enqueue, handoff
     in the holder's release, poll) and their releases cost the same requests and WCU."""
     client = client_of(dynamodb)
-    limiter = Limiter(client, table)
+    limiter = Limiter(client, table, notice_poller=False)  # every read counted here
     counters = [slot("gemma", live + 1), budget(10 * (live + 1), 2)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: limiter.acquire(POOL, counters, 600_000), range(live - 1)))
@@ -751,10 +751,13 @@ def test_a_waiter_writes_a_bounded_number_of_times_however_long_it_waits(
     limiter.release(held)
     thread.join(10)
     writes, reads = meter.writes("waiter"), meter.reads("waiter")
+    polls = meter.reads("hermes-notices")  # the process's notice poller, for every waiter
     print(
         f"\n  waiter: waited {result['waited_s']:.2f} s, writes {writes} "
-        f"{dict(meter.ops('waiter'))}, reads {reads} ({reads / result['waited_s']:.0f}/s)"
+        f"{dict(meter.ops('waiter'))}, reads {reads} ({reads / result['waited_s']:.0f}/s), "
+        f"notice polls {polls} ({polls / result['waited_s']:.0f}/s)"
     )
+    assert meter.writes("hermes-notices") == 0
     assert result["lease"] is not None
     assert writes <= 3 + WAITER_PASSES  # refused admission, ticket, entry (+ stall passes)
     assert writes == 3  # here the release handed the slot over: no pass of its own

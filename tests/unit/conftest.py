@@ -24,3 +24,12 @@ def dynamodb_limits() -> Iterator[ExpressionWatch]:
     watch = ExpressionWatch()
     yield watch
     assert watch.found == [], watch.found
+
+
+@pytest.fixture(autouse=True)
+def _notices_polled_by_the_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto (in this process) is not thread-safe: the limiter's background notice poller
+    would read it while a test writes. Waiters read their own notices here instead."""
+    from hermes.limiter import Limiter
+
+    monkeypatch.setattr(Limiter, "NOTICE_POLLER", False)

@@ -50,7 +50,7 @@ _RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hermes-release
 # Admissions and polls: a waiting request holds no thread between polls, so a few threads
 # serve many waiters; more than asyncio's default (cores + 4) so that a burst of admissions
 # on a small instance does not queue behind a slow DynamoDB answer.
-_LIMITER = ThreadPoolExecutor(max_workers=32, thread_name_prefix="hermes-limiter")
+_LIMITER = ThreadPoolExecutor(max_workers=6, thread_name_prefix="hermes-limiter")
 T = TypeVar("T")
 
 MEMORY_COUNTER = "memory"
@@ -225,15 +225,16 @@ class HermesService:
                     lease = await self._blocking(functools.partial(self.limiter.poll, ticket))
                     if lease is not None:
                         return lease
-                if time.monotonic() + ticket.poll_after_s >= wait_until:
+                if time.monotonic() >= wait_until:
                     lease = await self._blocking(functools.partial(self.limiter.abandon, ticket))
                     if lease is not None:
                         return lease  # granted at the last moment: the run-time check decides
                     raise self.limiter.busy(ticket, self.settings.retry_after_s)
                 handed.clear()
-                # A handoff by this process wakes us at once; others are seen by the next poll.
+                # A handoff, by this process or seen by its notice poller, wakes us at once.
+                pause = min(self.limiter.next_poll_s(ticket), wait_until - time.monotonic())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(handed.wait(), ticket.poll_after_s)
+                    await asyncio.wait_for(handed.wait(), max(pause, 0.001))
         except asyncio.CancelledError:
             _RELEASES.submit(self._give_up, ticket)
             raise

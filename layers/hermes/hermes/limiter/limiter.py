@@ -65,6 +65,8 @@ HANDOFF_ROUNDS = 2
 # expires, and at most this long: a lease admitted after it and crashed comes back at most
 # this late after its expiry.
 NO_EXPIRED_S = 0.25
+# After a refusal in a pool, admissions there read the state item first for this long.
+REFUSED_S = 0.5
 # After seeing waiters on a pool, a release goes straight to a handoff for this long.
 CONTENDED_S = 1.0
 
@@ -96,19 +98,29 @@ _Expired = tuple[str, dict[str, int], str | None]
 
 
 class Limiter:
+    NOTICE_POLLER = True
+
     def __init__(
         self,
         client: Any,
         table: str,
         clock: Callable[[], float] = time.time,
         aging_tickets: int = AGING_TICKETS,
+        notice_poller: bool | None = None,
     ) -> None:
+        """`notice_poller=False`: waiters read their notices in `poll` instead of one poller
+        thread per process (for a store that is not thread-safe, such as moto in the unit
+        tests, which turn NOTICE_POLLER off)."""
+        if notice_poller is None:
+            notice_poller = self.NOTICE_POLLER
         self._table = Table(client, table)
         self._clock = clock
         self._aging = aging_tickets
-        self._mailbox = Mailbox()
+        self._mailbox = Mailbox(self._notices, background=notice_poller)
         self._contended_until: dict[str, float] = {}
         self._no_expired_until: dict[str, int] = {}  # pool -> epoch ms
+        self._refused_until: dict[str, float] = {}  # pool -> monotonic s
+        self._last_state: dict[str, dict[str, Any]] = {}
 
     @property
     def _ddb(self) -> Any:  # the boto3 client, for tests that hook it
@@ -118,7 +130,9 @@ class Limiter:
         return int(self._clock() * 1000)
 
     def _observe(self, pool: str, state: dict[str, Any]) -> None:
-        """Remember that `pool` has waiters: this process's releases there hand over at once."""
+        """Remember `pool`'s state, and that it has waiters: this process's releases there
+        hand over at once."""
+        self._last_state[pool] = state
         if value(state, WAITING) > 0:
             self._contended_until[pool] = time.monotonic() + CONTENDED_S
 
@@ -154,8 +168,19 @@ class Limiter:
         until_ms: int | None = None,
     ) -> Lease | Refusal:
         """One transaction; on a full pool with expired leases, a grant pass (which reaps
-        them) and another try, none started after `until_ms`. A refusal says why."""
+        them) and another try, none started after `until_ms`. A refusal says why.
+
+        Right after a refusal in this pool, a read comes first: while a pool stays full, the
+        refusals are reads, not cancelled transactions that contend for the state item with
+        the writes that admit and hand over."""
         refusal = Refusal(counters[0], False, {})
+        if self._refused_until.get(pool, 0.0) > time.monotonic():
+            state = self._table.get(pool, STATE_SK, consistent=True) or {}
+            self._observe(pool, state)
+            seen = Refusal.of(state, counters)
+            if seen.gated or (seen.full and not self._has_expired(pool)):
+                self._refused_until[pool] = time.monotonic() + REFUSED_S
+                return seen
         for _ in range(MAX_ROUNDS):
             now = self._now_ms()
             if until_ms is not None and now >= until_ms and refusal.state:
@@ -176,6 +201,8 @@ class Limiter:
                 state = cancelled.item(0)
                 self._observe(pool, state)
                 refusal = Refusal.of(state, counters)
+                if refusal.gated or refusal.full:
+                    self._refused_until[pool] = time.monotonic() + REFUSED_S
                 if refusal.gated:
                     return refusal
                 if refusal.full and not (
@@ -208,9 +235,12 @@ class Limiter:
         `lease_ms` is the lease a grant gives (run time plus margins), never past
         `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses."""
         counters = tuple(counters)
-        outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
-        if isinstance(outcome, Lease):
-            return outcome
+        refusal = self._known_refusal(pool, counters)
+        if refusal is None:  # not known to be busy: try to get in at once
+            outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
+            if isinstance(outcome, Lease):
+                return outcome
+            refusal = outcome
         seq = self._next_seq(pool)
         ticket = Ticket(
             ticket_id=uuid.uuid4().hex,
@@ -224,34 +254,45 @@ class Limiter:
             priority=priority,
             passes_left=WAITER_PASSES,
         )
-        full = [c.name for c in counters if value(outcome.state, c.name) + c.weight > c.capacity]
-        self._mailbox.register(ticket.ticket_id)
+        # Polled until a little after its wait ends (a grant then is read by `abandon`).
+        waits_s = (wait_until_ms - self._now_ms()) / 1000
+        self._mailbox.register(ticket.ticket_id, ticket.poll_after_s, max(waits_s, 0.0) + 5)
+        state = refusal.state
         for _ in range(MAX_ROUNDS):
+            full = [c.name for c in counters if value(state, c.name) + c.weight > c.capacity]
             try:
+                # Conditional on this request still not being admissible: a release that
+                # committed since the refusal saw nobody waiting and handed nothing over.
                 self._table.transact(writes.enqueue(self._table.name, ticket, full))
-                break
+                return ticket
             except Cancelled as cancelled:
                 if cancelled.failed(1):
-                    break  # our entry exists: an earlier attempt landed, its answer was lost
-                pause()
+                    return ticket  # our entry exists: an earlier attempt landed, answer lost
+                if cancelled.conflict:
+                    pause()
+                    continue
+                # Admissible after all (capacity came back): in directly, or queue again.
+                outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
+                if isinstance(outcome, Lease):
+                    self._mailbox.forget(ticket.ticket_id)
+                    return outcome
+                state = outcome.state
             except LimiterUnavailable:
                 # The write may have landed: take the place back (and a lease, had it one).
                 granted = self.abandon(ticket)
                 if granted is not None:
                     self.release(granted)
                 raise
-        else:
-            self._mailbox.forget(ticket.ticket_id)
-            raise LimiterUnavailable("the lease table stayed contended; retry later", retry_after=1)
-        # A release between our refusal and our enqueue saw nobody waiting: look once now.
-        try:
-            lease = self._check(ticket, force=True)
-        except LimiterUnavailable:
-            return ticket  # the caller holds a place: its polls (or abandon) carry on
-        if lease is not None:
-            self._mailbox.forget(ticket.ticket_id)
-            return lease
-        return ticket
+        self._mailbox.forget(ticket.ticket_id)
+        raise LimiterUnavailable("the lease table stayed contended; retry later", retry_after=1)
+
+    def _known_refusal(self, pool: str, counters: tuple[Counter, ...]) -> Refusal | None:
+        """No I/O: right after a refusal in `pool`, the refusal its last seen state gives (so
+        a waiter goes straight to its ticket; the enqueue's condition catches a stale view)."""
+        if self._refused_until.get(pool, 0.0) <= time.monotonic():
+            return None
+        refusal = Refusal.of(self._last_state.get(pool, {}), counters)
+        return refusal if refusal.gated or refusal.full else None
 
     def _next_seq(self, pool: str) -> int:
         """A ticket: the pool's atomic counter, so arrival order is DynamoDB's own order."""
@@ -266,19 +307,15 @@ class Limiter:
         return int(answer["Attributes"]["n"]["N"])
 
     def poll(self, ticket: Ticket) -> Lease | None:
-        """The lease handed to `ticket`, if any yet: reads only (the notices of all of this
-        process's tickets in one BatchGetItem, at most every POLL_FAST_S); now and then a
-        check of the queue's head, which may run a grant pass (bounded per ticket). Wait
-        `ticket.poll_after_s` between polls (or until `notify`'s callback)."""
+        """The lease handed to `ticket`, if any yet. This process's notice poller reads the
+        notices (and this process's own handoffs arrive in memory); now and then, a check of
+        the queue's head, which may run a grant pass (bounded per ticket). Between polls,
+        wait on `notify`'s callback, at most `next_poll_s(ticket)`."""
+        if not self._mailbox.background:
+            self._mailbox.poll_once()
         lease = self._handed(ticket)
         if lease is not None:
             return lease
-        due = self._mailbox.due(min(POLL_FAST_S, ticket.poll_after_s))
-        if due:
-            self._mailbox.hand(self._notices(due))
-            lease = self._handed(ticket)
-            if lease is not None:
-                return lease
         if self._now_ms() >= ticket.next_check_ms:
             lease = self._check(ticket)
             if lease is not None:
@@ -287,14 +324,20 @@ class Limiter:
         return None
 
     def poll_needed(self, ticket: Ticket) -> bool:
-        """Whether `poll` has anything to do now (no I/O here): a lease handed over in memory,
-        this process's poll interval gone by, or the ticket's check due. Lets an event loop
-        skip a thread hop per waiter per interval."""
+        """Whether `poll` has anything to do now (no I/O here): a lease handed over, or the
+        ticket's check due. Lets an event loop skip a thread hop while nothing happened."""
         return (
-            self._mailbox.take(ticket.ticket_id) is not None
-            or self._mailbox.poll_due(min(POLL_FAST_S, ticket.poll_after_s))
+            not self._mailbox.background
+            or self._mailbox.take(ticket.ticket_id) is not None
             or self._now_ms() >= ticket.next_check_ms
         )
+
+    def next_poll_s(self, ticket: Ticket) -> float:
+        """Seconds until `poll` has something to do unless a notice wakes the waiter first."""
+        until = min(ticket.next_check_ms, ticket.wait_until_ms) - self._now_ms()
+        if not self._mailbox.background:
+            until = min(until, int(ticket.poll_after_s * 1000))
+        return max(0.0, until / 1000)
 
     def notify(self, ticket: Ticket, callback: Callable[[], object]) -> None:
         """Call `callback` (from whichever thread) when this process hands `ticket` a lease or
@@ -317,12 +360,13 @@ class Limiter:
             lease = self.poll(ticket)
             if lease is not None:
                 return lease
-            if self._now_ms() + ticket.poll_after_s * 1000 >= ticket.wait_until_ms:
+            if self._now_ms() >= ticket.wait_until_ms:
                 return self.abandon(ticket)
+            pause = self.next_poll_s(ticket)
             if event is not None:
-                event.wait(ticket.poll_after_s)
+                event.wait(pause)
             else:
-                time.sleep(ticket.poll_after_s)
+                time.sleep(pause)
 
     def _handed(self, ticket: Ticket) -> Lease | None:
         notice = self._mailbox.take(ticket.ticket_id)
@@ -370,20 +414,17 @@ class Limiter:
             counts={k: int(v["N"]) for k, v in notice.get("n", {}).get("M", {}).items()},
         )
 
-    def _check(self, ticket: Ticket, force: bool = False) -> Lease | None:
+    def _check(self, ticket: Ticket) -> Lease | None:
         """Reads the state item (and the queue ahead of `ticket`); runs a grant pass when the
         ticket is near the head and capacity is free or held by expired leases (a release
-        that did not hand over: its holder crashed, or its rounds ran out). `force`: right
-        after enqueueing, when only the state matters (a release that saw nobody waiting)."""
+        that did not hand over: its holder crashed, or its rounds ran out)."""
         now = self._now_ms()
-        state = self._table.get(ticket.pool, STATE_SK, consistent=force) or {}
+        state = self._table.get(ticket.pool, STATE_SK, consistent=False) or {}
         self._observe(ticket.pool, state)
         spread = max(1.0, value(state, WAITING) / (CHECK_S * CHECKS_PER_S_PER_POOL))
         ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
         short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
         ticket.short = short[0] if short else ticket.short
-        if force and short and not self._has_expired(ticket.pool):
-            return None
         # Live entries among the first HEAD_WINDOW ahead: lapsed ones (crashed waiters) make
         # a ticket nearer, so that somebody's pass drops them.
         ahead = self._table.query(
@@ -402,13 +443,12 @@ class Limiter:
         # Next in line (or nearly): every millisecond between a handoff and its pickup idles a
         # slot. Further back, slower: polls are reads, but they load the table all the same.
         ticket.poll_after_s = POLL_FAST_S if ahead < 2 else POLL_NEAR_S if near else POLL_SLOW_S
+        self._mailbox.pace(ticket.ticket_id, ticket.poll_after_s)
         if not near or ticket.passes_left <= 0 or now >= ticket.wait_until_ms:
             return None
         if short and not self._has_expired(ticket.pool):
             return None
-        done = self._grant_pass(
-            ticket.pool, state if force else None, until_ms=ticket.wait_until_ms
-        )
+        done = self._grant_pass(ticket.pool, until_ms=ticket.wait_until_ms)
         if done.cleaned:
             # Work for crashed requests (at most one pass each): not charged to this ticket,
             # and the next poll checks again if some is left.
@@ -454,10 +494,12 @@ class Limiter:
 
     def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool:
         try:
-            passed_on = self._pass_on(lease)
+            passed_on, seen = self._pass_on(lease)
             if passed_on is not None:
                 return passed_on
-            outcome = self._grant_pass(lease.pool, state, releasing=lease, rounds=HANDOFF_ROUNDS)
+            outcome = self._grant_pass(
+                lease.pool, seen or state, releasing=lease, rounds=HANDOFF_ROUNDS
+            )
         except LimiterUnavailable as exc:
             log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
             return False
@@ -468,40 +510,44 @@ class Limiter:
             return self._release_plainly(lease)
         return True
 
-    def _pass_on(self, lease: Lease) -> bool | None:
-        """The common handoff, in two requests: when the first live entry of the queue wants no
-        more than `lease` frees (same counters, weights no larger), the release and its grant
-        are one transaction. None when that does not apply (then a full grant pass runs)."""
+    def _pass_on(self, lease: Lease) -> tuple[bool | None, dict[str, Any] | None]:
+        """The common handoff, in two requests (the head of the queue, one transaction): the
+        release and the grant to the first live entry, whatever its model, conditional on the
+        head's counters fitting once the lease is gone. No read of the state item: the
+        condition checks it. (None, state as DynamoDB had it) when the head does not fit or
+        left meanwhile: then a full grant pass decides."""
         now = self._now_ms()
         entries, _ = self._head(lease.pool)
         ticket_id = lease.lease_id if lease.granted else None
         items = writes.delete_lease(self._table.name, lease.pool, lease.sk, ticket_id)
         dropped, head = 0, None
         for entry in entries:
-            if entry.wait_until_ms > now:
+            if entry.wait_until_ms > now and entry.expiry(now) > now:
                 head = entry
                 break
             items.append(writes.drop_entry(self._table.name, lease.pool, entry.sk, now))
             dropped += 1
         if head is None:
-            return None  # nobody lives in the head window: the full pass tidies up
+            return None, None  # nobody lives in the head window: the full pass tidies up
         freed = {c.name: c.weight for c in lease.counters}
         wanted = {name: weight for name, _, weight in head.counters}
-        if not wanted.keys() <= freed.keys() or any(w > freed[k] for k, w in wanted.items()):
-            return None
+        if any(weight > wanted[name] for name, weight in freed.items() if name in wanted):
+            # The lease frees more than the head takes (a heavy model's memory): the full
+            # pass, which reads the state, hands the rest to the entries after it.
+            return None, None
         expires = head.expiry(now)
-        if expires <= now:
-            return None
+        state_at = len(items)
         items.append(writes.pass_on_state(self._table.name, lease.pool, head, freed, dropped))
         items += writes.grant(self._table.name, lease.pool, head, expires, {})
         try:
             self._table.transact(items)
         except Cancelled as cancelled:
             if not cancelled.conflict and cancelled.failed(0):
-                return False  # our lease had expired and was reaped
-            return None  # the head left, a limit was lowered, or a conflict: full pass
+                return False, None  # our lease had expired and was reaped
+            # The head does not fit (ALL_OLD tells the state), left, or a conflict.
+            return None, cancelled.item(state_at) if cancelled.failed(state_at) else None
         self._mailbox.hand({head.ticket_id: {"exp": n(expires)}})
-        return True
+        return True, None
 
     def _release_plainly(self, lease: Lease) -> bool:
         try:

@@ -109,15 +109,23 @@ def release(table: str, lease: Lease, only_if_nobody_waits: bool) -> list[dict[s
 
 
 def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]:
-    """Count the waiter and put its queue entry; `full`: the counters it cannot have now,
-    which newcomers must not take (q_blocked)."""
+    """Count the waiter and put its queue entry, only if it is still not admissible (waiters
+    hold one of its counters, or one is full: else ALL_OLD says so); `full`: the counters it
+    cannot have now, which newcomers must not take (q_blocked)."""
     update = "ADD #waiting :one"
-    values: dict[str, Any] = {":one": n(1)}
-    names = {"#waiting": WAITING}
+    values: dict[str, Any] = {":one": n(1), ":zero": n(0), ":any": s(ANY)}
+    names = {"#waiting": WAITING, "#blocked": BLOCKED}
+    held, busy = ["contains(#blocked, :any)"], []
+    for i, counter in enumerate(ticket.counters):
+        names[f"#c{i}"] = counter.name
+        values[f":name{i}"] = s(counter.name)
+        values[f":room{i}"] = n(counter.capacity - counter.weight)
+        held.append(f"contains(#blocked, :name{i})")
+        busy.append(f"#c{i} > :room{i}")
     if full:
         update += ", #blocked :full"
-        names["#blocked"] = BLOCKED
         values[":full"] = {"SS": full}
+    condition = " OR ".join([f"(#waiting > :zero AND ({' OR '.join(held)}))", *busy])
     entry = {
         **key(f"{ticket.pool}#queue", ticket.sk),
         "t": s(ticket.ticket_id),
@@ -132,8 +140,10 @@ def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]
                 "TableName": table,
                 "Key": key(ticket.pool, STATE_SK),
                 "UpdateExpression": update,
+                "ConditionExpression": condition,
                 "ExpressionAttributeNames": names,
                 "ExpressionAttributeValues": values,
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
         },
         {
@@ -213,19 +223,20 @@ def drop_entry(table: str, pool: str, sk: str, now: int) -> dict[str, Any]:
 def pass_on_state(
     table: str, pool: str, head: Entry, freed: dict[str, int], dropped: int
 ) -> dict[str, Any]:
-    """The state update of a pass-on handoff: the head takes what the releaser frees. The
-    counters never grow beyond the releaser's, so no read of the state is needed; a lowered
-    limit still stops the handoff (the condition)."""
+    """The state update of a pass-on handoff: the releaser's weights go, the head's come,
+    conditional on each of the head's counters staying within its capacity (a lowered limit
+    or a full budget stops the handoff; ALL_OLD then tells the full pass the state)."""
     names = {"#waiting": WAITING}
     values: dict[str, Any] = {":removed": n(-(dropped + 1))}
     adds, conditions = ["#waiting :removed"], []
     wanted = {name for name, _, _ in head.counters}
     for i, (name, capacity, weight) in enumerate(head.counters):
+        delta = weight - freed.get(name, 0)
         names[f"#c{i}"] = name
-        values[f":d{i}"] = n(weight - freed[name])
-        values[f":r{i}"] = n(capacity - (weight - freed[name]))
+        values[f":d{i}"] = n(delta)
+        values[f":r{i}"] = n(capacity - delta)
         adds.append(f"#c{i} :d{i}")
-        conditions.append(f"#c{i} <= :r{i}")
+        conditions.append(f"(attribute_not_exists(#c{i}) OR #c{i} <= :r{i})")
     for i, name in enumerate(name for name in freed if name not in wanted):
         names[f"#x{i}"] = name
         values[f":x{i}"] = n(-freed[name])
@@ -238,6 +249,7 @@ def pass_on_state(
             "ConditionExpression": " AND ".join(conditions),
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
     }
 
