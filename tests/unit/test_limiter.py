@@ -581,3 +581,45 @@ def test_a_host_at_the_model_bound_keeps_a_grant_pass_under_4_KB_per_expression(
     assert max(biggest.values()) < MAX_EXPRESSION_BYTES * 0.75
     assert largest_state < 16 * 1024  # 4% of 400 KB, whatever the number of leases
     assert dynamodb_limits.found == []
+
+
+class _AppliedButInProgress:
+    """The first TransactWriteItems is applied (moto's stubber runs) but answered with
+    TransactionInProgressException, as DynamoDB answers a retry that overtook its original;
+    records every ClientRequestToken sent."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def __call__(self, request: Any, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        self.tokens.append(json.loads(request.body)["ClientRequestToken"])
+        if len(self.tokens) > 1:
+            return None
+        body = json.dumps(
+            {
+                "__type": "com.amazonaws.dynamodb.v20120810#TransactionInProgressException",
+                "message": "in progress",
+            }
+        ).encode()
+
+        class Raw:
+            def stream(self, **_: Any) -> Any:
+                yield body
+
+        headers = {"Content-Type": "application/x-amz-json-1.0"}
+        return AWSResponse(request.url, 400, headers, Raw())
+
+
+def test_an_admission_still_in_progress_is_asked_again_with_its_token_and_counted_once(
+    limiter: Limiter,
+) -> None:
+    """A retry with a new token (a new lease) would admit twice: the landed lease holding a
+    slot nobody uses until it expires. The 1,000-lease scale test lost 29 slots that way."""
+    fault = _AppliedButInProgress()
+    limiter._ddb.meta.events.register_first("before-send.dynamodb.TransactWriteItems", fault)
+    lease = limiter.acquire(POOL, gemma(2), 10_000)
+    assert len(fault.tokens) == 2 and fault.tokens[0] == fault.tokens[1]
+    assert in_use(limiter) == 1 and len(lease_keys(limiter)) == 1
+    assert limiter.release(lease) and in_use(limiter) == 0

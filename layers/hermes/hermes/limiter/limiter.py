@@ -47,6 +47,7 @@ RELEASE_ROUNDS = 6
 # item and the releaser's 1-2: a pass stops adding before TransactWriteItems' 100 items.
 GRANT_WINDOW = 32
 REAP_BATCH = 30
+REAP_SPREAD = 4  # a reaping pass picks its REAP_BATCH among this many batches of the oldest
 MAX_TRANSACT_ITEMS = 100
 # A waiter is "near the head" with fewer than HEAD_WINDOW live entries ahead: it polls fast and
 # may run a grant pass itself when its check finds capacity free or held by expired leases (a
@@ -91,6 +92,7 @@ class _Plan:
     grants: dict[str, tuple[int, dict[str, int]]]
     cleaned: int
     more: bool
+    reaped: int = 0
 
 
 # (sort key, weights, ticket id if it came from the queue)
@@ -205,10 +207,12 @@ class Limiter:
                     self._refused_until[pool] = time.monotonic() + REFUSED_S
                 if refusal.gated:
                     return refusal
-                if refusal.full and not (
-                    self._has_expired(pool) and self._grant_pass(pool, until_ms=until_ms).written
-                ):
-                    return refusal
+                if refusal.full:
+                    if not self._has_expired(pool):
+                        return refusal
+                    # Reap them. A pass that collided with another instance's reap is no
+                    # loss: capacity came back either way, so the next round may fit.
+                    self._grant_pass(pool, until_ms=until_ms)
                 continue  # capacity came back, or the state changed meanwhile: try again
             except LimiterUnavailable:
                 self._withdraw(lease)
@@ -481,7 +485,9 @@ class Limiter:
                     continue
                 if cancelled.failed(0):
                     log.warning(
-                        "lease %s in %s had expired and was reaped", lease.lease_id, lease.pool
+                        "lease %s in %s was already gone (expired and reaped)",
+                        lease.lease_id,
+                        lease.pool,
                     )
                     return False
                 state = cancelled.item(len(cancelled.reasons) - 1)
@@ -616,6 +622,8 @@ class Limiter:
                     for ticket_id, (exp, counts) in plan.grants.items()
                 }
             )
+            if plan.reaped:
+                log.warning("took over %d expired lease(s) in %s", plan.reaped, pool)
             return _Pass(True, plan.grants, cleaned=plan.cleaned, more=plan.more)
         return _Pass()
 
@@ -625,14 +633,10 @@ class Limiter:
         entries, more = self._head(pool)
         # A releaser's own capacity usually serves the head: it looks for expired leases only
         # when somebody still does not fit. Passes that no release drives look first.
-        expired = (
-            self._expired(pool, now, REAP_BATCH)
-            if releasing is None and self._has_expired(pool)
-            else []
-        )
+        expired = self._reapable(pool, now) if releasing is None and self._has_expired(pool) else []
         plan, short = self._compose(pool, state, releasing, now, entries, more, expired)
         if short and releasing is not None:
-            expired = self._expired(pool, now, REAP_BATCH)
+            expired = self._reapable(pool, now)
             if expired:
                 plan, _ = self._compose(pool, state, releasing, now, entries, more, expired)
         return plan
@@ -657,12 +661,13 @@ class Limiter:
             items += writes.delete_lease(table, pool, releasing.sk, ticket_id)
             for c in releasing.counters:
                 delta[c.name] = delta.get(c.name, 0) - c.weight
-        cleaned = 0
+        cleaned = reaped = 0
         for sk, weights, ticket_id in expired:
             if releasing is not None and sk == releasing.sk:
                 continue
             items += writes.delete_lease(table, pool, sk, ticket_id)
             cleaned += 1
+            reaped += 1
             for name, weight in weights.items():
                 delta[name] = delta.get(name, 0) - weight
         removed = 0
@@ -703,7 +708,7 @@ class Limiter:
         if not items and blocked == old_blocked:
             return None, waits  # nothing to write
         items.insert(0, writes.grant_pass_state(table, pool, state, delta, caps, removed, blocked))
-        return _Plan(items, grants, cleaned, more or len(expired) == REAP_BATCH), waits
+        return _Plan(items, grants, cleaned, more or len(expired) == REAP_BATCH, reaped), waits
 
     def _head(self, pool: str) -> tuple[list[Entry], bool]:
         answer = self._table.query(
@@ -732,6 +737,15 @@ class Limiter:
             if limit is not None or "LastEvaluatedKey" not in answer:
                 return found
             request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+    def _reapable(self, pool: str, now: int) -> list[_Expired]:
+        """Up to REAP_BATCH expired leases, picked at random among the oldest few batches:
+        after a mass crash, instances reaping at once mostly pick different leases, rather
+        than all but one having their pass cancelled over the same oldest ones."""
+        found = self._expired(pool, now, REAP_BATCH * REAP_SPREAD)
+        if len(found) <= REAP_BATCH:
+            return found
+        return sorted(random.sample(found, REAP_BATCH))
 
     def _has_expired(self, pool: str) -> bool:
         """Whether some lease of `pool` has expired (a crashed holder's). A "no" is trusted

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,9 @@ log = logging.getLogger("hermes.limiter")
 
 # BatchGetItem takes at most 100 keys per call.
 BATCH_GET_MAX_KEYS = 100
+# Answers "still in progress" to a retried transaction before giving up (LimiterUnavailable:
+# an admission is then withdrawn by its exact key).
+IN_PROGRESS_TRIES = 6
 _CANCEL_CODES = {"None", "ConditionalCheckFailed", "TransactionConflict", None}
 
 
@@ -49,23 +53,35 @@ class Table:
         self.name = name
 
     def transact(self, items: list[dict[str, Any]]) -> None:
-        # botocore's own retries of one call reuse its ClientRequestToken: idempotent.
-        try:
-            self.client.transact_write_items(TransactItems=items)
-        except ClientError as exc:
-            response: dict[str, Any] = dict(exc.response)
-            code = response.get("Error", {}).get("Code", "")
-            if code == "TransactionCanceledException":
-                reasons = response.get("CancellationReasons") or []
-                if {r.get("Code") for r in reasons} <= _CANCEL_CODES:
-                    raise Cancelled(reasons) from None
-            if code in ("TransactionConflictException", "TransactionInProgressException"):
-                raise Cancelled([{"Code": "TransactionConflict"}]) from None
-            log.error("DynamoDB TransactWriteItems failed: %s", code)
-            raise unavailable(code) from None
-        except BotoCoreError as exc:
-            log.error("DynamoDB TransactWriteItems failed: %s", exc)
-            raise unavailable("") from None
+        """One transaction, exactly once. Every attempt carries the same ClientRequestToken
+        (botocore's retries after a timeout, and ours after TransactionInProgress), so an
+        attempt that landed but whose answer was lost is answered, not applied again. A new
+        token here could admit twice: the landed lease would hold its slot until expiry."""
+        token = uuid.uuid4().hex
+        for attempt in range(IN_PROGRESS_TRIES):
+            try:
+                self.client.transact_write_items(TransactItems=items, ClientRequestToken=token)
+                return
+            except ClientError as exc:
+                response: dict[str, Any] = dict(exc.response)
+                code = response.get("Error", {}).get("Code", "")
+                if code == "TransactionInProgressException":
+                    # Our own earlier attempt is still being applied: ask again, same token.
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                if code == "TransactionCanceledException":
+                    reasons = response.get("CancellationReasons") or []
+                    if {r.get("Code") for r in reasons} <= _CANCEL_CODES:
+                        raise Cancelled(reasons) from None
+                if code == "TransactionConflictException":
+                    raise Cancelled([{"Code": "TransactionConflict"}]) from None
+                log.error("DynamoDB TransactWriteItems failed: %s", code)
+                raise unavailable(code) from None
+            except BotoCoreError as exc:
+                log.error("DynamoDB TransactWriteItems failed: %s", exc)
+                raise unavailable("") from None
+        log.error("DynamoDB TransactWriteItems stayed in progress")
+        raise unavailable("TransactionInProgressException")
 
     def call(self, operation: str, **kwargs: Any) -> Any:
         try:
