@@ -221,6 +221,9 @@ class HermesService:
         self.limiter.notify(ticket, lambda: loop.call_soon_threadsafe(handed.set))
         try:
             while True:
+                lease = self.limiter.take(ticket)  # handed over: no thread hop
+                if lease is not None:
+                    return lease
                 if self.limiter.poll_needed(ticket):
                     lease = await self._blocking(functools.partial(self.limiter.poll, ticket))
                     if lease is not None:

@@ -327,6 +327,11 @@ class Limiter:
             return lease
         return None
 
+    def take(self, ticket: Ticket) -> Lease | None:
+        """The lease handed to `ticket`, if one has arrived: memory only, no I/O (so a waiter
+        woken by its notice gets going without a thread hop)."""
+        return self._handed(ticket)
+
     def poll_needed(self, ticket: Ticket) -> bool:
         """Whether `poll` has anything to do now (no I/O here): a lease handed over, or the
         ticket's check due. Lets an event loop skip a thread hop while nothing happened."""
