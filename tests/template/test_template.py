@@ -137,9 +137,37 @@ def test_functions_get_only_the_actions_they_use() -> None:
     assert "CrudPolicy" not in text and "PollerPolicy" not in text
     status = functions()["StatusFunction"].properties["Policies"]
     assert status == [
-        {"Statement": [{"Effect": "Allow", "Action": "dynamodb:BatchGetItem",
+        {"Statement": [{"Effect": "Allow", "Action": ["dynamodb:BatchGetItem", "dynamodb:Query"],
                         "Resource": {"Fn::GetAtt": ["LeaseTable", "Arn"]}}]}
     ]  # fmt: skip
+
+
+# What hermes.limiter sends: TransactWriteItems is authorized per item (Put, Update, Delete).
+LIMITER_ACTIONS = {
+    "dynamodb:UpdateItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:GetItem",
+    "dynamodb:BatchGetItem", "dynamodb:Query",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["LlmFunction", "OllamaApiFunction", "OpenAiApiFunction", "WorkerFunction"]
+)
+def test_every_admitting_function_may_do_what_the_limiter_does_on_the_lease_table(
+    name: str,
+) -> None:
+    """Admission, queueing, handoff, reaping and polling: a missing action would be an
+    AccessDenied in AWS, i.e. 503 limiter_unavailable on every request."""
+    lease = {"Fn::GetAtt": ["LeaseTable", "Arn"]}
+    actions = {
+        action
+        for policy in functions()[name].properties["Policies"]
+        for statement in policy["Statement"]
+        if statement["Resource"] == lease
+        for action in (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+    }
+    assert actions == LIMITER_ACTIONS
 
 
 LOCAL_ENDPOINTS = {
