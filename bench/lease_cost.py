@@ -2,9 +2,9 @@
 1,000 live leases on one host, and what one request writes and reads while it waits 5 s.
 
 Both drive `hermes.limiter.Limiter` directly on a table of their own, made from the limiter's
-own `lease_table_definition`, in DynamoDB Local. A botocore hook adds
-`ReturnConsumedCapacity=TOTAL` to every request (`before-parameter-build`) and records each
-call with its consumed capacity (`after-call`, which also fires for a cancelled transaction)."""
+own `lease_table_definition`, in DynamoDB Local. Requests and the capacity
+they consumed are counted by tests/support/dynamodb_meter.Meter; item sizes follow
+DynamoDB's rules (tests/support/dynamodb_limits.item_size)."""
 
 from __future__ import annotations
 
@@ -18,73 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.report import Section
+from tests.support.dynamodb_limits import item_size
+from tests.support.dynamodb_meter import READS, WRITES, Meter
 
-WRITES = {"TransactWriteItems", "UpdateItem", "PutItem", "DeleteItem", "BatchWriteItem"}
-READS = {"GetItem", "BatchGetItem", "Query", "Scan", "TransactGetItems"}
 LIVE = (1, 100, 1000)
 PAIRS = 10  # measured acquire + release pairs per scale (the figure is their mean)
 LEASE_MS = 600_000  # held leases must outlive the whole measurement
 WAIT_S = 5.0
 KB = 1024
-
-
-class Meter:
-    """Every DynamoDB call of one client: (operation, thread, consumed capacity units)."""
-
-    def __init__(self, client: Any) -> None:
-        self.calls: list[tuple[str, str, float]] = []
-        self._lock = threading.Lock()
-        client.meta.events.register("before-parameter-build.dynamodb.*", self._ask)
-        client.meta.events.register("after-call.dynamodb.*", self._record)
-
-    def _ask(self, params: dict[str, Any], model: Any, **_: Any) -> None:
-        if model.name in WRITES | READS:
-            params.setdefault("ReturnConsumedCapacity", "TOTAL")
-
-    def _record(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
-        consumed = parsed.get("ConsumedCapacity") or []
-        if isinstance(consumed, dict):
-            consumed = [consumed]
-        units = sum(c.get("CapacityUnits", 0.0) for c in consumed)
-        with self._lock:
-            self.calls.append((model.name, threading.current_thread().name, units))
-
-    def reset(self) -> None:
-        with self._lock:
-            self.calls.clear()
-
-    def ops(self, thread: str | None = None) -> Tally[str]:
-        with self._lock:
-            return Tally(op for op, t, _ in self.calls if thread in (None, t))
-
-    def units(self, operations: set[str]) -> float:
-        with self._lock:
-            return sum(u for op, _, u in self.calls if op in operations)
-
-
-def item_size(item: dict[str, Any]) -> int:
-    """An item's size by DynamoDB's documented rules: attribute names plus values (strings
-    their UTF-8 bytes, numbers 1 byte per two significant digits plus 1, lists and maps 3 bytes
-    plus 1 per element, string sets the sum of their strings)."""
-    return sum(len(name.encode()) + _value_size(value) for name, value in item.items())
-
-
-def _value_size(value: dict[str, Any]) -> int:
-    ((kind, data),) = value.items()
-    if kind == "S":
-        return len(data.encode())
-    if kind == "N":
-        digits = data.lstrip("-").replace(".", "").strip("0") or "0"
-        return (len(digits) + 1) // 2 + 1
-    if kind == "M":
-        return 3 + sum(len(k.encode()) + _value_size(v) + 1 for k, v in data.items())
-    if kind == "L":
-        return 3 + sum(_value_size(v) + 1 for v in data)
-    if kind == "SS":
-        return sum(len(s.encode()) for s in data)
-    if kind in ("BOOL", "NULL"):
-        return 1
-    raise ValueError(f"no size rule for {kind}")
 
 
 def transact_wcu(sizes: list[int]) -> int:

@@ -26,10 +26,9 @@ from hermes.limiter import Counter, Lease, Limiter, Ticket, lease_table_definiti
 from hermes.limiter.limiter import MAX_TRANSACT_ITEMS, WAITER_PASSES
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.dynamodb_limits import ExpressionWatch, item_size
+from tests.support.dynamodb_meter import WRITES, Meter
 
 POOL = "host#gpu"
-WRITES = {"TransactWriteItems", "UpdateItem", "PutItem", "DeleteItem", "BatchWriteItem"}
-READS = {"GetItem", "Query", "BatchGetItem", "Scan"}
 
 
 def slot(model: str = "gemma", capacity: int = 1, weight: int = 1) -> Counter:
@@ -52,45 +51,6 @@ class FakeClock:
 
     def now_ms(self) -> int:
         return int(self.now * 1000)
-
-
-class Meter:
-    """botocore hooks on one client: every DynamoDB request by operation and by thread, with
-    ReturnConsumedCapacity=TOTAL added so that DynamoDB Local reports capacity."""
-
-    def __init__(self, client: Any) -> None:
-        self.calls: list[tuple[str, str, float]] = []  # (operation, thread, capacity units)
-        self._lock = threading.Lock()
-        client.meta.events.register("provide-client-params.dynamodb.*", self._ask)
-        client.meta.events.register("after-call.dynamodb.*", self._record)
-
-    def _ask(self, params: dict[str, Any], model: Any, **_: Any) -> None:
-        if model.name in WRITES | READS:
-            params.setdefault("ReturnConsumedCapacity", "TOTAL")
-
-    def _record(self, parsed: dict[str, Any], model: Any, **_: Any) -> None:
-        consumed = parsed.get("ConsumedCapacity") or []
-        if isinstance(consumed, dict):
-            consumed = [consumed]
-        units = sum(c.get("CapacityUnits", 0.0) for c in consumed)
-        with self._lock:
-            self.calls.append((model.name, threading.current_thread().name, units))
-
-    def reset(self) -> None:
-        with self._lock:
-            self.calls.clear()
-
-    def ops(self, thread: str | None = None) -> Tally[str]:
-        return Tally(op for op, t, _ in self.calls if thread is None or t == thread)
-
-    def writes(self, thread: str | None = None) -> int:
-        return sum(n for op, n in self.ops(thread).items() if op in WRITES)
-
-    def reads(self, thread: str | None = None) -> int:
-        return sum(n for op, n in self.ops(thread).items() if op in READS)
-
-    def units(self, operations: set[str]) -> float:
-        return sum(u for op, _, u in self.calls if op in operations)
 
 
 @pytest.fixture

@@ -100,7 +100,8 @@ class ExpressionWatch:
 
 def item_size(item: dict[str, Any]) -> int:
     """An item's size by DynamoDB's documented rules (attribute names + values; maps 3 bytes
-    plus 1 per element; numbers 1 byte per two significant digits plus 1)."""
+    plus 1 per element; numbers 1 byte per two significant digits plus 1; string sets the
+    sum of their strings)."""
     return sum(len(name.encode()) + _value_size(value) for name, value in item.items())
 
 
@@ -115,6 +116,8 @@ def _value_size(value: dict[str, Any]) -> int:
         return 3 + sum(len(k.encode()) + _value_size(v) + 1 for k, v in data.items())
     if kind == "L":
         return 3 + sum(_value_size(v) + 1 for v in data)
+    if kind == "SS":
+        return sum(len(text.encode()) for text in data)
     if kind in ("BOOL", "NULL"):
         return 1
     raise ValueError(f"no size rule for {kind}")

@@ -47,9 +47,9 @@ LEASE_SHORTFALL_S = 0.5
 # Releases get threads of their own: queued behind admissions (the default executor), a
 # release would keep its slot busy for nothing.
 _RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hermes-release")
-# Admissions and polls: a waiting request holds no thread between polls, so a few threads
-# serve many waiters; more than asyncio's default (cores + 4) so that a burst of admissions
-# on a small instance does not queue behind a slow DynamoDB answer.
+# Admissions and checks (a waiting request holds no thread: its notice is read by the
+# limiter's poller). Few threads on purpose: 32 per runner overloaded DynamoDB Local with
+# concurrent transactions on one state item (1,000-request scale test: timeouts, 503s).
 _LIMITER = ThreadPoolExecutor(max_workers=6, thread_name_prefix="hermes-limiter")
 T = TypeVar("T")
 
