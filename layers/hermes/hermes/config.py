@@ -9,9 +9,9 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.json")
 
@@ -30,11 +30,17 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Per host: Ollama's parallelism (OLLAMA_NUM_PARALLEL) is a server's, not a model's.
     max_concurrency: int = Field(ge=1, le=1000)
     memory_cost: MemoryCost
     timeout: int = Field(ge=1, le=15 * 60 * 1000, description="milliseconds")
     backend_model: str = Field(min_length=1, max_length=200)
     host: str = DEFAULT_HOST
+    # A pool: the model is served by each of these hosts (placement picks one per request).
+    # `host` alone is a pool of one, exactly as before.
+    hosts: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=50)
+    # Optional cap on the model's requests in flight over all of its hosts together.
+    max_concurrency_total: int | None = Field(default=None, ge=1, le=50_000)
     # 0 = answer 429 at once (the seed's behaviour); >0 = retry admission up to this long.
     queue_timeout_ms: int = Field(default=0, ge=0, le=15 * 60 * 1000)
     # memory_cost is only true for a bounded context: a request asking for a larger
@@ -43,6 +49,21 @@ class ModelConfig(BaseModel):
     # Callers' keep_alive (how long Ollama keeps the model loaded) is dropped unless allowed:
     # a caller could otherwise pin a model in GPU memory forever, or unload it for everyone.
     allow_keep_alive: bool = False
+
+    @model_validator(mode="after")
+    def _one_way_to_name_hosts(self) -> ModelConfig:
+        if self.hosts is not None:
+            if "host" in self.model_fields_set:
+                raise ValueError("give either 'host' or 'hosts', not both")
+            if len(set(self.hosts)) != len(self.hosts):
+                raise ValueError("'hosts' lists a host twice")
+            object.__setattr__(self, "host", self.hosts[0])  # frozen; `host` = the first
+        return self
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """The hosts that serve this model, in the order the models file lists them."""
+        return self.hosts if self.hosts is not None else (self.host,)
 
 
 class HostConfig(BaseModel):
@@ -54,6 +75,9 @@ class HostConfig(BaseModel):
     url: str | None = Field(default=None, pattern=r"^https?://", description="default OLLAMA_URL")
     # What the server at `url` speaks: Ollama's API, or OpenAI's (llama.cpp server, vLLM...).
     kind: Literal["ollama", "openai"] = "ollama"
+    # How many models the server keeps loaded at once (Ollama's OLLAMA_MAX_LOADED_MODELS);
+    # None = as many as its memory allows. Placement avoids making it evict a busy model.
+    max_loaded_models: int | None = Field(default=None, ge=1, le=100)
 
 
 class ModelsFile(BaseModel):
@@ -101,6 +125,11 @@ class Settings(BaseModel):
     worker_timeout_s: int = 0
     # Where the worker parks a job it gives up on itself (it waited too long for capacity).
     jobs_dlq_url: str = ""
+    # Model pools (several hosts per model): how long a failing host's circuit stays open
+    # before one probe decides, and how placement ranks hosts ("residency"; "random" and
+    # "round_robin" are the benchmark's baselines).
+    circuit_cooldown_s: int = 10
+    placement: Literal["residency", "random", "round_robin"] = "residency"
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
@@ -168,18 +197,20 @@ def load_config(path: Path) -> ModelsFile:
                 f"models file {path}: field 'models.{name}': model names may use only "
                 "letters, digits, '-', '_' and '.'"
             )
-        host = parsed.hosts.get(model.host)
-        if host is None:
-            raise ConfigError(
-                f"models file {path}: field 'models.{name}.host': no host '{model.host}' "
-                f"in 'hosts' ({', '.join(sorted(parsed.hosts))})"
-            )
-        if parsed.weight(model) > host.memory_budget:
-            raise ConfigError(
-                f"models file {path}: field 'models.{name}.memory_cost': weight "
-                f"{parsed.weight(model)} exceeds host '{model.host}' memory_budget "
-                f"{host.memory_budget}, so it could never run"
-            )
+        field = "hosts" if model.hosts is not None else "host"
+        for host_name in model.pool:
+            host = parsed.hosts.get(host_name)
+            if host is None:
+                raise ConfigError(
+                    f"models file {path}: field 'models.{name}.{field}': no host '{host_name}' "
+                    f"in 'hosts' ({', '.join(sorted(parsed.hosts))})"
+                )
+            if parsed.weight(model) > host.memory_budget:
+                raise ConfigError(
+                    f"models file {path}: field 'models.{name}.memory_cost': weight "
+                    f"{parsed.weight(model)} exceeds host '{host_name}' memory_budget "
+                    f"{host.memory_budget}, so it could never run"
+                )
     _check_capacities(path, parsed)
     return parsed
 
@@ -210,10 +241,12 @@ def _check_capacities(path: Path, parsed: ModelsFile) -> None:
                 f"{MAX_MODEL_NAME_CHARS} characters, got {len(name)}"
             )
     for host_name in parsed.hosts:
-        served = sorted(n for n, m in parsed.models.items() if m.host == host_name)
+        served = sorted(n for n, m in parsed.models.items() if host_name in m.pool)
         if len(served) > MAX_MODELS_PER_HOST:
+            over = served[MAX_MODELS_PER_HOST]
+            field = "hosts" if parsed.models[over].hosts is not None else "host"
             raise ConfigError(
-                f"models file {path}: field 'models.{served[MAX_MODELS_PER_HOST]}.host': host "
+                f"models file {path}: field 'models.{over}.{field}': host "
                 f"'{host_name}' would serve {len(served)} models, over the bound of "
                 f"{MAX_MODELS_PER_HOST} per host (the limiter's writes name every counter of "
                 "a host, and DynamoDB allows 4 KB per expression): add a host entry"
@@ -275,4 +308,15 @@ def get_settings() -> Settings:
         job_max_wait_s=_env_int("HERMES_JOB_MAX_WAIT_S", 3600, 1),
         worker_timeout_s=_env_int("HERMES_WORKER_TIMEOUT_S", 0, 0),
         jobs_dlq_url=os.environ.get("HERMES_JOBS_DLQ_URL") or "",
+        circuit_cooldown_s=_env_int("HERMES_CIRCUIT_COOLDOWN_S", 10, 1),
+        placement=_env_choice("HERMES_PLACEMENT", ("residency", "random", "round_robin")),
     )
+
+
+def _env_choice(name: str, choices: tuple[str, ...]) -> Any:
+    raw = os.environ.get(name) or choices[0]
+    if raw not in choices:
+        raise ConfigError(
+            f"environment variable {name} must be one of {', '.join(choices)}, got {raw!r}"
+        )
+    return raw

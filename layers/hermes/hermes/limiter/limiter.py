@@ -12,6 +12,7 @@ from typing import Any
 
 from hermes.errors import HermesError, LimiterUnavailable
 from hermes.limiter import writes
+from hermes.limiter.hosts import HostBook
 from hermes.limiter.mailbox import Mailbox
 from hermes.limiter.records import (
     AGING_TICKETS,
@@ -117,6 +118,7 @@ class Limiter:
         if notice_poller is None:
             notice_poller = self.NOTICE_POLLER
         self._table = Table(client, table)
+        self.hosts = HostBook(self._table)  # what placement shares about each host
         self._clock = clock
         self._aging = aging_tickets
         self._mailbox = Mailbox(self._notices, background=notice_poller)

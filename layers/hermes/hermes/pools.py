@@ -1,0 +1,227 @@
+"""Model pools across hosts: shared views, circuits, and what answers teach about residency.
+
+The service asks `candidates` where a request may go (hermes.placement ranks), and tells
+`answered` / `failed` what happened. Everything here is shared through the lease table
+(hermes.limiter.hosts), so every instance places with the same knowledge:
+
+- Residency: learned from each answer (and its `load_duration`), and re-read from the
+  server's own `/api/ps` (`/v1/models` for OpenAI-compatible servers) by one instance once a
+  host's record is RESIDENCY_STALE_S old.
+- Circuits: a connection failure or a 5xx opens a host's circuit for the cooldown (every
+  instance stops placing there); after it, one instance claims the probe (`/api/ps`), which
+  closes the circuit or opens it for another cooldown.
+Those reads and writes of the server run beside requests, never in front of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from hermes import observability
+from hermes.backends import OllamaClient
+from hermes.config import ModelConfig, Settings
+from hermes.errors import HermesError, UpstreamError, UpstreamUnavailable
+from hermes.limiter.hosts import HostBook, HostView
+from hermes.placement import (
+    Candidate,
+    Demand,
+    HostLimits,
+    Strategy,
+    host_pool,
+    model_counter,
+    rank,
+    resident_models,
+)
+
+T = TypeVar("T")
+Blocking = Callable[[Callable[[], T]], Awaitable[T]]
+
+RESIDENCY_STALE_S = 30
+PROBE_CLAIM_S = 10  # a probe that never reports (its instance froze) is retried after this
+# A cold load is claimed for the model's whole timeout at most: a call that never reports
+# (its instance died) frees the host for another load after that.
+CALL_S_SMOOTHING = 0.2  # weight of the newest call in a model's moving average call time
+# An answer whose load_duration is at least this long was a cold load (a resident model
+# reports a few milliseconds).
+COLD_LOAD_MS = 100
+
+
+def host_failed(error: HermesError) -> bool:
+    """A failure of the host rather than of the request: unreachable, 5xx, or the connection
+    broke off. These open the circuit and may be retried on another host."""
+    if isinstance(error, UpstreamUnavailable):
+        return True
+    if isinstance(error, UpstreamError):
+        status = error.extra.get("upstream_status")
+        return status is None or int(status) >= 500
+    return False
+
+
+class HostPools:
+    def __init__(
+        self,
+        settings: Settings,
+        book: HostBook,
+        backends: dict[str, OllamaClient],
+        blocking: Blocking[Any],
+        strategy: Strategy = "residency",
+    ) -> None:
+        self.settings = settings
+        self.book = book
+        self.backends = backends
+        self.blocking = blocking
+        self.strategy = strategy
+        self._call_s: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    async def views(self, hosts: tuple[str, ...]) -> dict[str, HostView]:
+        pools = {h: host_pool(h) for h in hosts}
+        views: dict[str, HostView] = await self.blocking(lambda: self.book.views(pools))
+        return views
+
+    async def candidates(
+        self, name: str, config: ModelConfig, wait_s: float, exclude: frozenset[str]
+    ) -> tuple[list[Candidate], dict[str, HostView]]:
+        """The hosts that may serve this request, best first (none when every circuit of the
+        pool is open), and the views they were ranked on."""
+        views = await self.views(config.pool)
+        now = self._now_ms()
+        usable = []
+        for host in config.pool:
+            view = views[host]
+            if host in exclude:
+                continue
+            if view.open_until:
+                if view.open_until <= now and view.probe_until <= now:
+                    self._beside(self._probe(host))
+                continue
+            if now - view.ps_at > RESIDENCY_STALE_S * 1000:
+                self._beside(self._refresh(host))
+            usable.append(view)
+        demand = Demand(
+            model=name,
+            counter=model_counter(name),
+            capacity=config.max_concurrency,
+            weight=self.settings.weight(config),
+            wait_s=wait_s,
+            call_s=self._call_s.get(name),
+        )
+        limits = {
+            h: HostLimits(c.memory_budget, c.max_loaded_models)
+            for h, c in self.settings.hosts.items()
+        }
+        return rank(demand, usable, limits, now, self.strategy), views
+
+    def reopens_at(self, views: dict[str, HostView]) -> float:
+        """Seconds until the first open circuit among `views` may be probed."""
+        now = self._now_ms()
+        soonest = min((v.open_until for v in views.values() if v.open_until), default=now)
+        return max(soonest - now, 0) / 1000
+
+    async def claim_load(self, host: str, name: str, config: ModelConfig) -> bool:
+        now = self._now_ms()
+        return bool(
+            await self.blocking(
+                lambda: self.book.claim_load(host_pool(host), name, now, now + config.timeout)
+            )
+        )
+
+    async def answered(
+        self,
+        host: str,
+        name: str,
+        candidate: Candidate,
+        view: HostView,
+        answer: dict[str, Any] | None,
+        call_s: float,
+        claimed: bool,
+    ) -> None:
+        """The call on `host` ended well: remember its time, and the model as loaded there
+        (and what its load evicted) when the shared view did not know it yet or saw it long
+        ago. `answer` is the backend's last object (with load_duration, in ns), if any."""
+        previous = self._call_s.get(name)
+        self._call_s[name] = (
+            call_s if previous is None else previous + CALL_S_SMOOTHING * (call_s - previous)
+        )
+        load_ns = (answer or {}).get("load_duration")
+        load_ms = round(load_ns / 1e6) if isinstance(load_ns, int | float) else None
+        cold = load_ms is not None and load_ms >= COLD_LOAD_MS
+        now = self._now_ms()
+        seen = resident_models(view, now).get(name)
+        if cold:
+            observability.model_loaded(name, host, float(load_ms or 0))
+        if not (cold or claimed or seen is None or now - seen > RESIDENCY_STALE_S * 1000):
+            return  # the shared view is fresh: no write for this answer
+        evicted = candidate.evicts if (cold or candidate.cold) else ()
+        pool = host_pool(host)
+        await self.blocking(
+            lambda: self.book.resident(
+                pool, name, now, load_ms if cold else None, evicted, loaded=claimed
+            )
+        )
+
+    async def release_claim(self, host: str, name: str) -> None:
+        await self.blocking(lambda: self.book.end_load(host_pool(host), name))
+
+    async def failed(self, host: str, error: HermesError) -> None:
+        """The host failed a call: open its circuit for every instance."""
+        now = self._now_ms()
+        until = now + self.settings.circuit_cooldown_s * 1000
+        opened = await self.blocking(lambda: self.book.open_circuit(host_pool(host), now, until))
+        if opened:
+            observability.circuit_opened(host, error.message)
+
+    def _beside(self, work: Awaitable[None]) -> None:
+        """Run `work` next to the request (kept referenced until it ends)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, host: str) -> None:
+        pool, now = host_pool(host), self._now_ms()
+        claimed = await self.blocking(
+            lambda: self.book.claim_probe(pool, now, now + PROBE_CLAIM_S * 1000)
+        )
+        if not claimed:
+            return  # another instance probes
+        try:
+            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+        except HermesError as error:
+            await self.failed(host, error)
+            return
+        except Exception as error:  # anything failing in the probe is its answer
+            await self.failed(host, UpstreamUnavailable(f"probe failed: {error!r}"))
+            return
+        await self.blocking(lambda: self.book.close_circuit(pool))
+        observability.circuit_closed(host)
+        await self._record(host, loaded)
+
+    async def _refresh(self, host: str) -> None:
+        pool, now = host_pool(host), self._now_ms()
+        stale_ms = RESIDENCY_STALE_S * 1000
+        if not await self.blocking(lambda: self.book.claim_refresh(pool, now, stale_ms)):
+            return
+        try:
+            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+        except HermesError as error:
+            if host_failed(error):
+                await self.failed(host, error)
+            return
+        await self._record(host, loaded)
+
+    async def _record(self, host: str, loaded: list[dict[str, Any]]) -> None:
+        tags = {_bare(str(m.get("model") or m.get("name") or "")) for m in loaded}
+        known = [n for n, c in self.settings.models.items() if host in c.pool]
+        resident = [n for n in known if _bare(self.settings.models[n].backend_model) in tags]
+        now = self._now_ms()
+        await self.blocking(lambda: self.book.refreshed(host_pool(host), resident, known, now))
+
+
+def _bare(tag: str) -> str:
+    return tag.removesuffix(":latest")

@@ -1,0 +1,79 @@
+"""The shared host records placement reads and writes (hermes.limiter.hosts), on moto."""
+
+from __future__ import annotations
+
+import boto3
+
+from hermes.limiter import Limiter
+from hermes.limiter.hosts import HostBook
+from tests.support.dynamodb_limits import ExpressionWatch
+
+POOL = "host#gpu1"
+T = 1_800_000_000_000  # an epoch ms
+
+
+def book(watch: ExpressionWatch) -> HostBook:
+    return Limiter(watch.watch(boto3.client("dynamodb")), "LeaseTable").hosts
+
+
+def test_one_cold_load_per_host_at_a_time_and_a_lapsed_claim_frees_it(
+    aws: None, dynamodb_limits: ExpressionWatch
+) -> None:
+    hosts = book(dynamodb_limits)
+    assert hosts.claim_load(POOL, "gemma", T, T + 5_000)
+    assert hosts.claim_load(POOL, "gemma", T + 1, T + 5_000)  # the same model joins its load
+    assert not hosts.claim_load(POOL, "mistral", T + 10, T + 5_010)  # a second load: no
+    assert hosts.views({"gpu1": POOL})["gpu1"].loading_now(T + 10) == "gemma"
+    assert hosts.claim_load(POOL, "mistral", T + 5_000, T + 9_000)  # gemma's claim lapsed
+    hosts.end_load(POOL, "gemma")  # not gemma's any more: leaves mistral's claim alone
+    assert hosts.views({"gpu1": POOL})["gpu1"].loading == ("mistral", T + 9_000)
+    hosts.resident(POOL, "mistral", T + 6_000, load_ms=900, evicted=["gemma"], loaded=True)
+    view = hosts.views({"gpu1": POOL})["gpu1"]
+    assert view.loading is None and view.resident == {"mistral": T + 6_000}
+    assert view.load_ms == {"mistral": 900}
+
+
+def test_a_refresh_replaces_what_the_records_say_is_loaded(
+    aws: None, dynamodb_limits: ExpressionWatch
+) -> None:
+    hosts = book(dynamodb_limits)
+    hosts.resident(POOL, "gemma", T)
+    hosts.resident(POOL, "llama3", T)
+    assert hosts.claim_refresh(POOL, T + 40_000, stale_ms=30_000)
+    assert not hosts.claim_refresh(POOL, T + 41_000, stale_ms=30_000)  # one instance refreshes
+    hosts.refreshed(POOL, ["mistral"], ["gemma", "llama3", "mistral"], T + 40_000)
+    view = hosts.views({"gpu1": POOL})["gpu1"]
+    assert view.resident == {"mistral": T + 40_000} and view.ps_at == T + 40_000
+
+
+def test_a_circuit_opens_once_then_one_probe_decides(
+    aws: None, dynamodb_limits: ExpressionWatch
+) -> None:
+    hosts = book(dynamodb_limits)
+    assert hosts.open_circuit(POOL, T, T + 10_000)
+    assert not hosts.open_circuit(POOL, T + 1, T + 10_001)  # already open: counted once
+    assert not hosts.claim_probe(POOL, T + 5_000, T + 15_000)  # still cooling down
+    assert hosts.claim_probe(POOL, T + 10_000, T + 20_000)
+    assert not hosts.claim_probe(POOL, T + 10_001, T + 20_001)  # one probe at a time
+    assert hosts.open_circuit(POOL, T + 10_500, T + 20_500)  # the probe failed: open again
+    assert hosts.views({"gpu1": POOL})["gpu1"].probe_until == 0
+    assert hosts.claim_probe(POOL, T + 20_500, T + 30_500)
+    hosts.close_circuit(POOL)
+    view = hosts.views({"gpu1": POOL})["gpu1"]
+    assert view.open_until == 0 and view.probe_until == 0
+
+
+def test_views_read_counters_and_records_of_every_host_in_one_request(
+    aws: None, dynamodb_limits: ExpressionWatch
+) -> None:
+    client = boto3.client("dynamodb")
+    calls: list[str] = []
+    client.meta.events.register(
+        "before-call.dynamodb.*", lambda model, **_: calls.append(model.name)
+    )
+    hosts = Limiter(dynamodb_limits.watch(client), "LeaseTable").hosts
+    hosts.resident("host#gpu2", "gemma", T)
+    calls.clear()
+    views = hosts.views({f"gpu{i}": f"host#gpu{i}" for i in (1, 2, 3)})
+    assert calls == ["BatchGetItem"]
+    assert views["gpu2"].resident == {"gemma": T} and views["gpu1"].resident == {}
