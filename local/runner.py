@@ -325,8 +325,9 @@ def describe(port: int, host: str) -> str:
         )
     for name, model in sorted(settings.models.items()):
         lines.append(
-            f"  model {name}: {model.backend_model} on host {model.host}, "
-            f"max_concurrency={model.max_concurrency}, memory_cost={model.memory_cost}, "
+            f"  model {name}: {model.backend_model} on host{'s' if model.hosts else ''} "
+            f"{', '.join(model.pool)}, max_concurrency={model.max_concurrency}"
+            f"{' per host' if model.hosts else ''}, memory_cost={model.memory_cost}, "
             f"queue_timeout={model.queue_timeout_ms} ms, "
             f"timeout={model.timeout} ms"
         )

@@ -10,17 +10,22 @@ Answers keep the name the client used.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hermes.backends import OllamaClient
 from hermes.config import ModelConfig
 from hermes.errors import HermesError, InvalidRequest
+from hermes.pools import host_failed
 from hermes.schemas import bound_options, validate_body
 from hermes.service import HermesService
+
+T = TypeVar("T")
 
 # Non-limited calls (tags, ps, show, version) answer fast or not at all.
 META_TIMEOUT_S = 5.0
@@ -115,20 +120,47 @@ async def ndjson(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIter
 
 
 async def tags(service: HermesService) -> dict[str, Any]:
-    """The configured models that their Ollama host has, under Hermes' names."""
-    models = []
-    for host in sorted(service.settings.hosts):
-        have = (await service.backends[host].get("/api/tags", META_TIMEOUT_S)).get("models", [])
-        models += _rename(service, host, have)
-    return {"models": models}
+    """The configured models that one of their hosts has, under Hermes' names (once each)."""
+    answers = await _from_every_host(
+        service, lambda backend: backend.get("/api/tags", META_TIMEOUT_S)
+    )
+    models: dict[str, dict[str, Any]] = {}
+    for host, answer in answers:
+        for entry in _rename(service, host, answer.get("models", [])):
+            models.setdefault(entry["name"], entry)
+    return {"models": list(models.values())}
 
 
 async def ps(service: HermesService) -> dict[str, Any]:
-    models = []
-    for host in sorted(service.settings.hosts):
-        loaded = await service.backends[host].loaded_models(META_TIMEOUT_S)
-        models += _rename(service, host, loaded)
-    return {"models": models}
+    """What is loaded where: each host's /api/ps under Hermes' names, with its `host`. A host
+    that does not answer is left out (its circuit tells /v1/status why)."""
+    answers = await _from_every_host(service, lambda b: b.loaded_models(META_TIMEOUT_S))
+    return {
+        "models": [
+            {**entry, "host": host}
+            for host, loaded in answers
+            for entry in _rename(service, host, loaded)
+        ]
+    }
+
+
+async def _from_every_host(
+    service: HermesService, ask: Callable[[OllamaClient], Awaitable[T]]
+) -> list[tuple[str, T]]:
+    """`ask` every host at once; the hosts that answered, in name order. Fails only when no
+    host answers (with the first host's error)."""
+    hosts = sorted(service.settings.hosts)
+    results = await asyncio.gather(
+        *(ask(service.backends[h]) for h in hosts), return_exceptions=True
+    )
+    answered = [
+        (h, r) for h, r in zip(hosts, results, strict=True) if not isinstance(r, BaseException)
+    ]
+    if not answered:
+        failure = results[0]
+        assert isinstance(failure, BaseException)
+        raise failure
+    return answered
 
 
 async def show(service: HermesService, body: Any) -> dict[str, Any]:
@@ -138,7 +170,13 @@ async def show(service: HermesService, body: Any) -> dict[str, Any]:
     config = service.model(name)
     payload = {**body, "model": config.backend_model}
     payload.pop("name", None)
-    return await service.backends[config.host].post("/api/show", payload, META_TIMEOUT_S)
+    for host in config.pool[:-1]:  # the first host of its pool that answers
+        try:
+            return await service.backends[host].post("/api/show", payload, META_TIMEOUT_S)
+        except HermesError as error:
+            if not host_failed(error):
+                raise
+    return await service.backends[config.pool[-1]].post("/api/show", payload, META_TIMEOUT_S)
 
 
 async def version(service: HermesService) -> dict[str, Any]:
@@ -153,7 +191,7 @@ def _rename(
     by_tag = {
         _bare(config.backend_model): name
         for name, config in service.settings.models.items()
-        if config.host == host
+        if host in config.pool
     }
     renamed = []
     for entry in entries:

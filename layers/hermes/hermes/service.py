@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,8 +31,12 @@ from hermes.errors import (
     ModelBusy,
     ModelNotConfigured,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from hermes.limiter import Counter, Lease, Limiter, Ticket
+from hermes.limiter.hosts import HostView
+from hermes.placement import MEMORY_COUNTER, Candidate, host_pool, model_counter
+from hermes.pools import HostPools, host_failed
 from hermes.schemas import Priority, parse_generate_request
 
 # A holder stops its backend call this long before its lease expires, on top of
@@ -52,19 +57,25 @@ _RELEASES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hermes-release
 # concurrent transactions on one state item (1,000-request scale test: timeouts, 503s).
 _LIMITER = ThreadPoolExecutor(max_workers=6, thread_name_prefix="hermes-limiter")
 T = TypeVar("T")
+log = logging.getLogger("hermes.service")
 
-MEMORY_COUNTER = "memory"
 # Hermes names and backend tags (gemma, gemma3:1b); anything else is refused before lookup.
 MODEL_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 
-def host_pool(host: str) -> str:
-    """The lease item of an Ollama host: its memory in use and its models' in-flight counts."""
-    return f"host#{host}"
+def model_pool(model: str) -> str:
+    """The limiter pool of a model's cap over all of its hosts (max_concurrency_total)."""
+    return f"model#{model}"
 
 
-def model_counter(model: str) -> str:
-    return f"inflight_{model}"
+@dataclass(frozen=True)
+class Placed:
+    """Where placement put a request of a pool, on which view, and whether this request
+    holds the host's cold-load claim."""
+
+    candidate: Candidate
+    view: HostView
+    claimed: bool
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,9 @@ class Admission:
     run_s: float
     granted_at: float
     cut_by: Literal["model", "deadline", "lease"]
+    host: str
+    cap: Lease | None = None  # the lease of the model-wide cap, when it has one
+    placed: Placed | None = None  # how a pool of several hosts was placed
 
     @property
     def ends_at(self) -> float:
@@ -93,6 +107,9 @@ class HermesService:
         self.settings = settings
         self.limiter = limiter
         self.backends = backends  # one client per Ollama host
+        self.pools = HostPools(
+            settings, limiter.hosts, backends, self._blocking, strategy=settings.placement
+        )
 
     async def _release(self, lease: Lease) -> None:
         """Free `lease` from a worker thread and wait for it. A slow DynamoDB must not stall
@@ -102,11 +119,47 @@ class HermesService:
         done = asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
         await asyncio.shield(done)
 
-    async def _finish(self, model: str, admission: Admission) -> None:
+    async def _finish(
+        self,
+        model: str,
+        admission: Admission,
+        *,
+        counted: bool = True,
+        answer: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
         """The call is over: count the slot time it held (SlotTime, summed per period, is the
-        model's average in-flight) and free the slot."""
-        observability.held(model, time.monotonic() - admission.granted_at)
-        await self._release(admission.lease)
+        model's average in-flight), free the slot, and tell the pool what the call showed
+        about its host (`answer`: the backend's last object when it succeeded; `error`: why
+        it failed), all at once."""
+        held_s = time.monotonic() - admission.granted_at
+        if counted:
+            observability.held(model, held_s, host=admission.host)
+        work = [self._release(admission.lease)]
+        if admission.cap is not None:
+            work.append(self._release(admission.cap))
+        placed = admission.placed
+        if placed is not None:
+            host = admission.host
+            if isinstance(error, HermesError) and host_failed(error):
+                work.append(self.pools.failed(host, error))
+            if error is not None or not counted:
+                if placed.claimed:
+                    work.append(self.pools.release_claim(host, model))
+            else:
+                work.append(
+                    self.pools.answered(
+                        host, model, placed.candidate, placed.view, answer, held_s, placed.claimed
+                    )
+                )
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for result in results[1:]:  # the pool's bookkeeping is a hint: never fail the call
+            if isinstance(result, Exception):
+                log.warning(
+                    "pool bookkeeping for %s on %s failed: %r", model, admission.host, result
+                )
+        if isinstance(results[0], BaseException):
+            raise results[0]
 
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
@@ -121,9 +174,10 @@ class HermesService:
             )
         return config
 
-    def counters(self, name: str, config: ModelConfig) -> list[Counter]:
-        """A slot of the model and its weight on its host's memory budget, taken together."""
-        budget = self.settings.hosts[config.host].memory_budget
+    def counters(self, name: str, config: ModelConfig, host: str | None = None) -> list[Counter]:
+        """A slot of the model and its weight on the host's memory budget, taken together."""
+        host = host or config.host
+        budget = self.settings.hosts[host].memory_budget
         return [
             Counter(model_counter(name), config.max_concurrency, 1, ModelBusy, f"model '{name}'"),
             Counter(
@@ -131,7 +185,7 @@ class HermesService:
                 budget,
                 self.settings.weight(config),
                 HostBusy,
-                f"the memory budget of host '{config.host}'",
+                f"the memory budget of host '{host}'",
             ),
         ]
 
@@ -141,50 +195,52 @@ class HermesService:
         config: ModelConfig,
         deadline: float | None,
         priority: Priority = "normal",
+        exclude: frozenset[str] = frozenset(),
     ) -> Admission:
         """Take a lease at once, or a place in the host's queue (first come, first served by
         ticket, `priority` with aging) and wait there up to the model's queue_timeout_ms, never
-        past `deadline` (a time.monotonic() value). The run time is derived from the lease as
-        granted: however long DynamoDB took, the call ends before the lease can look expired
-        to another instance."""
-        pool, counters = host_pool(config.host), self.counters(name, config)
+        past `deadline` (a time.monotonic() value). A model with several hosts is placed first
+        (hermes.placement), never on a host of `exclude`; a model-wide cap is one more lease.
+        The run time is derived from the lease as granted: however long DynamoDB took, the
+        call ends before the lease can look expired to another instance."""
         asked_at = time.monotonic()
-        reserve_ms = self.settings.lease_margin_ms + LEASE_SAFETY_MS
         wanted_s = config.timeout / 1000
         wait_s = config.queue_timeout_ms / 1000
         if deadline is not None:
             wanted_s = max(0.001, min(wanted_s, deadline - asked_at))
             wait_s = min(wait_s, deadline - asked_at)
-        retry_after = self.settings.retry_after_s
-        if wait_s <= 0:
-            # No waiting: admitted now, or 429 model_busy/host_busy at once (also when others
-            # wait for that capacity: nobody jumps the queue).
-            call = functools.partial(
-                self.limiter.acquire, pool, counters, math.ceil(wanted_s * 1000) + reserve_ms
+        take = functools.partial(
+            self._take,
+            config=config,
+            wanted_s=wanted_s,
+            wait_until=asked_at + wait_s,
+            deadline=deadline,
+            priority=priority,
+        )
+        cap = None
+        if config.max_concurrency_total is not None:
+            total = Counter(
+                model_counter(name),
+                config.max_concurrency_total,
+                1,
+                ModelBusy,
+                f"model '{name}' over all of its hosts",
             )
-            lease = await self._blocking(functools.partial(call, retry_after))
-        else:
-            now_ms = int(time.time() * 1000)
-            got = await self._blocking(
-                functools.partial(
-                    self.limiter.enqueue,
-                    pool,
-                    counters,
-                    # A grant may come late: it gives the model's whole timeout, capped by the
-                    # caller's deadline (run_until_ms), both plus the reserve.
-                    config.timeout + reserve_ms,
-                    wait_until_ms=now_ms + int(wait_s * 1000),
-                    run_until_ms=(
-                        now_ms + int((deadline - asked_at) * 1000) + reserve_ms
-                        if deadline is not None
-                        else 0
-                    ),
-                    priority=priority,
-                )
-            )
-            lease = got if isinstance(got, Lease) else await self._wait(got, asked_at + wait_s)
+            cap = await take(model_pool(name), (total,))
+        try:
+            if len(config.pool) == 1:
+                host, placed = config.host, None
+                lease = await take(host_pool(host), self.counters(name, config, host))
+            else:
+                lease, placed = await self._place(name, config, wait_s, exclude, take)
+                host = placed.candidate.host
+        except BaseException:
+            if cap is not None:
+                await self._release(cap)
+            raise
         granted_at = time.monotonic()
-        lease_s = self.limiter.time_left(lease) - reserve_ms / 1000
+        reserve_s = (self.settings.lease_margin_ms + LEASE_SAFETY_MS) / 1000
+        lease_s = min(self.limiter.time_left(x) for x in (lease, cap) if x) - reserve_s
         limits = {"model": config.timeout / 1000, "lease": lease_s}
         if deadline is not None:
             limits["deadline"] = deadline - granted_at
@@ -194,23 +250,103 @@ class HermesService:
         )
         if lease_s < limits[cut_by] - LEASE_SHORTFALL_S:
             cut_by = "lease"
+        admission = Admission(lease, run_s, granted_at, cut_by, host, cap, placed)
         if run_s <= 0 or (cut_by == "lease" and run_s < MIN_RUN_S):
-            await self._release(lease)
+            await self._finish(name, admission, counted=False)
             if cut_by == "deadline":
                 raise self._timeout(name, config, 0.0, "deadline")
             raise LimiterUnavailable(
                 f"the lease table took {time.monotonic() - asked_at:.1f} s to grant a slot of "
                 f"model '{name}', which left no time to run it; the slot was given back, "
                 "retry later",
-                retry_after=retry_after,
+                retry_after=self.settings.retry_after_s,
             )
         observability.admitted(
             name,
             lease.counts.get(model_counter(name)),  # None for a direct admission
             config.max_concurrency,
             (granted_at - asked_at) * 1000,
+            host=host,
         )
-        return Admission(lease, run_s, granted_at, cut_by)
+        return admission
+
+    async def _place(
+        self,
+        name: str,
+        config: ModelConfig,
+        wait_s: float,
+        exclude: frozenset[str],
+        take: Callable[..., Awaitable[Lease]],
+    ) -> tuple[Lease, Placed]:
+        """A lease on the best host of the model's pool: the first ranked host whose slot is
+        free takes it at once (a host that must cold-load the model only with its one load
+        claim); when none is, the request waits where the model is loaded, if anywhere."""
+        candidates, views = await self.pools.candidates(name, config, wait_s, exclude)
+        if not candidates:
+            failing = ", ".join(h for h in config.pool)
+            raise UpstreamUnavailable(
+                f"every host of model '{name}' is failing ({failing}): their circuits are "
+                "open until a probe succeeds; retry later",
+                retry_after=max(1, math.ceil(self.pools.reopens_at(views))),
+            )
+        for candidate in (c for c in candidates if c.free):
+            claimed = candidate.cold and await self.pools.claim_load(candidate.host, name, config)
+            if candidate.cold and not claimed:
+                continue  # the host is loading another model: not a second load at once
+            counters = self.counters(name, config, candidate.host)
+            try:
+                lease = await take(host_pool(candidate.host), counters, wait_until=0.0)
+            except (ModelBusy, HostBusy):
+                if claimed:
+                    await self.pools.release_claim(candidate.host, name)
+                continue  # the view was stale: the next host
+            return lease, Placed(candidate, views[candidate.host], claimed)
+        # No slot free now: wait (or answer 429) where the model is loaded, if it is anywhere.
+        target = min(candidates, key=lambda c: (c.cold, c.tier))
+        lease = await take(host_pool(target.host), self.counters(name, config, target.host))
+        return lease, Placed(target, views[target.host], False)
+
+    async def _take(
+        self,
+        pool: str,
+        counters: Sequence[Counter],
+        *,
+        config: ModelConfig,
+        wanted_s: float,
+        wait_until: float,
+        deadline: float | None,
+        priority: Priority,
+    ) -> Lease:
+        """One lease of `pool`: at once, or by waiting in its queue until `wait_until`."""
+        reserve_ms = self.settings.lease_margin_ms + LEASE_SAFETY_MS
+        retry_after = self.settings.retry_after_s
+        asked_at = time.monotonic()
+        if wait_until <= asked_at:
+            # No waiting: admitted now, or 429 model_busy/host_busy at once (also when others
+            # wait for that capacity: nobody jumps the queue).
+            call = functools.partial(
+                self.limiter.acquire, pool, counters, math.ceil(wanted_s * 1000) + reserve_ms
+            )
+            return await self._blocking(functools.partial(call, retry_after))
+        now_ms = int(time.time() * 1000)
+        got = await self._blocking(
+            functools.partial(
+                self.limiter.enqueue,
+                pool,
+                counters,
+                # A grant may come late: it gives the model's whole timeout, capped by the
+                # caller's deadline (run_until_ms), both plus the reserve.
+                config.timeout + reserve_ms,
+                wait_until_ms=now_ms + int((wait_until - asked_at) * 1000),
+                run_until_ms=(
+                    now_ms + int((deadline - asked_at) * 1000) + reserve_ms
+                    if deadline is not None
+                    else 0
+                ),
+                priority=priority,
+            )
+        )
+        return got if isinstance(got, Lease) else await self._wait(got, wait_until)
 
     async def _wait(self, ticket: Ticket, wait_until: float) -> Lease:
         """Poll the ticket (reads only) until a lease is handed over, or give the place up at
@@ -324,22 +460,57 @@ class HermesService:
         config = self.model(model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            admission = await self.admit(model_name, config, deadline, priority)
-            try:
-                async with asyncio.timeout_at(_loop_time(admission.ends_at)):
-                    answer = await self.backends[config.host].complete(
-                        path, {**body, "model": config.backend_model}, admission.run_s + 1
-                    )
-            except TimeoutError:
-                raise self._timeout(model_name, config, admission.run_s, admission.cut_by) from None
-            finally:
-                await self._finish(model_name, admission)
+            tried: frozenset[str] = frozenset()
+            while True:
+                admission = await self.admit(model_name, config, deadline, priority, tried)
+                answer: dict[str, Any] | None = None
+                failure: BaseException | None = None
+                try:
+                    async with asyncio.timeout_at(_loop_time(admission.ends_at)):
+                        answer = await self.backends[admission.host].complete(
+                            path, {**body, "model": config.backend_model}, admission.run_s + 1
+                        )
+                except TimeoutError as error:
+                    failure = error
+                    raise self._timeout(
+                        model_name, config, admission.run_s, admission.cut_by
+                    ) from None
+                except BaseException as error:
+                    failure = error
+                    if self._retry_elsewhere(model_name, config, admission, error, tried, deadline):
+                        tried |= {admission.host}
+                        continue
+                    raise
+                finally:
+                    await self._finish(model_name, admission, answer=answer, error=failure)
+                break
             outcome.update(
                 usage=_usage(answer),
                 prompt=body.get("prompt", body.get("messages")),
                 completion=answer.get("response", answer.get("message", {}).get("content")),
             )
             return answer
+
+    def _retry_elsewhere(
+        self,
+        name: str,
+        config: ModelConfig,
+        admission: Admission,
+        error: BaseException,
+        tried: frozenset[str],
+        deadline: float | None,
+    ) -> bool:
+        """Whether a call that failed before any byte reached the caller goes once more, to
+        another host of its pool: only for a failure of the host itself, only once, and only
+        with time left before the caller's deadline."""
+        if not (isinstance(error, HermesError) and host_failed(error)):
+            return False
+        if tried or len(config.pool) < 2:
+            return False
+        if deadline is not None and deadline - time.monotonic() < MIN_RUN_S:
+            return False
+        observability.retried(name, admission.host, error.message)
+        return True
 
     async def open_stream(
         self,
@@ -356,29 +527,37 @@ class HermesService:
         fails, times out or is closed (a client that disconnects closes it)."""
         config = self.model(model_name)
         started = time.perf_counter()
-        with observed(model_name, only_failures=True):
-            deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            admission = await self.admit(model_name, config, deadline, priority)
-        timeout_s = admission.run_s
-        chunks = self.backends[config.host].stream(
-            path, {**body, "model": config.backend_model}, timeout_s + 1
-        )
-        try:
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        tried: frozenset[str] = frozenset()
+        while True:
             with observed(model_name, only_failures=True, started=started):
+                admission = await self.admit(model_name, config, deadline, priority, tried)
+            timeout_s = admission.run_s
+            chunks = self.backends[admission.host].stream(
+                path, {**body, "model": config.backend_model}, timeout_s + 1
+            )
+            try:
                 try:
                     first = await asyncio.wait_for(anext(chunks), max(admission.left_s(), 0.001))
                 except TimeoutError:
                     raise self._timeout(model_name, config, timeout_s, admission.cut_by) from None
-        except BaseException:
-            try:
-                await _close_quietly(chunks)  # the backend sees the call end first
-            finally:
-                await self._finish(model_name, admission)
-            raise
+            except BaseException as error:
+                try:
+                    await _close_quietly(chunks)  # the backend sees the call end first
+                finally:
+                    await self._finish(model_name, admission, error=error)
+                # Nothing reached the caller yet: a failing host's request goes elsewhere once.
+                if self._retry_elsewhere(model_name, config, admission, error, tried, deadline):
+                    tried |= {admission.host}
+                    continue
+                with observed(model_name, only_failures=True, started=started):
+                    raise
+            break
 
         async def rest() -> AsyncIterator[dict[str, Any]]:
             outcome: dict[str, Any] = {"code": "client_disconnected", "status": 499}
             last = first
+            failure: BaseException | None = None
             try:
                 yield first
                 while True:
@@ -397,6 +576,7 @@ class HermesService:
                     yield chunk
             except HermesError as error:
                 outcome = {"code": error.code, "status": error.status}
+                failure = error
                 raise
             finally:
                 observability.finished(
@@ -411,7 +591,13 @@ class HermesService:
                     # sees the call end before the slot is freed.
                     await _close_quietly(chunks)
                 finally:
-                    await self._finish(model_name, admission)
+                    ended = outcome["code"] == "ok"
+                    await self._finish(
+                        model_name,
+                        admission,
+                        answer=last if ended else None,
+                        error=failure or (None if ended else asyncio.CancelledError()),
+                    )
 
         return rest()
 

@@ -13,7 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hermes import __version__
 from hermes.errors import HermesError
-from hermes.service import MEMORY_COUNTER, HermesService, host_pool, model_counter
+from hermes.limiter.hosts import HostView
+from hermes.placement import MEMORY_COUNTER, host_pool, model_counter, resident_models
+from hermes.service import HermesService
 
 STARTED_AT = time.monotonic()
 
@@ -26,11 +28,17 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
     pools = [host_pool(h) for h in hosts]
     probes = [_timed(service.backends[h].loaded_models(timeout), timeout) for h in hosts]
     probes.append(_timed(asyncio.to_thread(service.limiter.usage, pools), timeout))
-    *host_results, (usage, dynamodb_check) = await asyncio.gather(*probes)
+    book = service.limiter.hosts
+    pooled = dict(zip(hosts, pools, strict=True))
+    probes.append(_timed(asyncio.to_thread(book.views, pooled), timeout))
+    *host_results, (usage, dynamodb_check), (views, _) = await asyncio.gather(*probes)
+    now_ms = int(time.time() * 1000)
     ollama_check = _combine([check for _, check in host_results])
     if dynamodb_check["status"] != "ok":
         state = "unhealthy"
-    elif ollama_check["status"] != "ok":
+    elif ollama_check["status"] != "ok" or any(
+        _circuit(v, now_ms) != "closed" for v in (views or {}).values()
+    ):
         state = "degraded"
     else:
         state = "healthy"
@@ -45,10 +53,15 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
                 "backend_model": service.settings.models[name].backend_model,
                 "max_concurrency": service.settings.models[name].max_concurrency,
                 "in_flight": (
-                    usage[host_pool(service.settings.models[name].host)].get(model_counter(name), 0)
+                    sum(
+                        usage[host_pool(h)].get(model_counter(name), 0)
+                        for h in service.settings.models[name].pool
+                    )
                     if usage is not None
                     else None
                 ),
+                "max_concurrency_total": service.settings.models[name].max_concurrency_total,
+                "hosts": list(service.settings.models[name].pool),
                 "memory_cost": service.settings.models[name].memory_cost,
                 "host": service.settings.models[name].host,
                 "queue_timeout_ms": service.settings.models[name].queue_timeout_ms,
@@ -66,6 +79,17 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
                 "memory_in_use": (
                     usage[host_pool(host)].get(MEMORY_COUNTER, 0) if usage is not None else None
                 ),
+                "in_flight": (
+                    {
+                        name: usage[host_pool(host)].get(model_counter(name), 0)
+                        for name in names
+                        if host in service.settings.models[name].pool
+                    }
+                    if usage is not None
+                    else None
+                ),
+                "max_loaded_models": service.settings.hosts[host].max_loaded_models,
+                **_placement(views.get(host) if views else None, now_ms),
             }
             for host, (_, check) in zip(hosts, host_results, strict=True)
         ],
@@ -80,6 +104,27 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
         "process": _process_memory(),
     }
     return (200 if state == "healthy" else 503), body
+
+
+def _circuit(view: HostView, now_ms: int) -> str:
+    """closed; open (no request goes there until the cooldown ends); half_open (cooldown
+    over: the next request's instance probes it)."""
+    if not view.open_until:
+        return "closed"
+    return "open" if view.open_until > now_ms else "half_open"
+
+
+def _placement(view: HostView | None, now_ms: int) -> dict[str, Any]:
+    """What placement shares about a host: its circuit and what is loaded there."""
+    if view is None:
+        return {"circuit": None, "resident_models": None, "loading": None}
+    resident = resident_models(view, now_ms)
+    return {
+        "circuit": _circuit(view, now_ms),
+        "circuit_open_until_ms": view.open_until or None,
+        "resident_models": sorted(resident, key=lambda m: -resident[m]),
+        "loading": view.loading_now(now_ms),
+    }
 
 
 def public_url(url: str) -> str:
