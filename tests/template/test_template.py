@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,132 @@ def test_sam_local_passes_the_local_endpoints_to_every_function() -> None:
     overrides = {name: f"http://172.17.0.1:{port}" for port, name in enumerate(LOCAL_ENDPOINTS)}
     for env in sam_environments(overrides).values():
         assert {env[variable] for variable in LOCAL_ENDPOINTS.values()} == set(overrides.values())
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+# A SEARCH's schema {Namespace,dim,...} matches only metrics with exactly those dimensions.
+SEARCH = re.compile(r"SEARCH\('\{(?P<schema>[^}]*)\}(?P<term>[^']*)', '(?P<stat>[^']+)', 60\)")
+
+
+def dashboard_body() -> dict[str, Any]:
+    """The DashboardBody as CloudFormation renders it: ${AWS::Region} substituted and each
+    ${!...} (a CloudWatch dynamic label) left as ${...}."""
+    resource = load_template()["Resources"]["HermesDashboard"]
+    assert resource["Type"] == "AWS::CloudWatch::Dashboard"
+    body = resource["Properties"]["DashboardBody"]["Fn::Sub"]
+    assert isinstance(body, str)
+    # Any other ${...} would be a CloudFormation variable, and a typo in a dynamic label.
+    assert set(re.findall(r"\$\{(?!!)[^}]*\}", body)) == {"${AWS::Region}"}
+    rendered = body.replace("${AWS::Region}", "eu-west-1").replace("${AWS::StackName}", "hermes")
+    parsed: dict[str, Any] = json.loads(rendered.replace("${!", "${"))
+    return parsed
+
+
+def dashboard_searches() -> list[tuple[str, frozenset[str], str, str]]:
+    """Each SEARCH in the dashboard as (metric name, dimension names, search term, stat)."""
+    found = []
+    for widget in dashboard_body()["widgets"]:
+        for row in widget["properties"]["metrics"]:
+            for item in row:
+                if not isinstance(item, dict) or "expression" not in item:
+                    raise AssertionError(f"not a SEARCH expression: {item}")
+                matches = list(SEARCH.finditer(item["expression"]))
+                assert matches, item["expression"]
+                for match in matches:
+                    namespace, *dimensions = [p.strip() for p in match["schema"].split(",")]
+                    assert namespace == "Hermes"
+                    [name] = re.findall(r'MetricName="(\w+)"', match["term"])
+                    found.append((name, frozenset(dimensions), match["term"], match["stat"]))
+    return found
+
+
+def emitted_metrics(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> set[tuple[str, frozenset[str]]]:
+    """Every (metric, dimension set) hermes.observability emits, as it emits them on Lambda
+    (POWERTOOLS_SERVICE_NAME from the template's Globals)."""
+    from hermes import observability
+
+    service = load_template()["Globals"]["Function"]["Environment"]["Variables"]
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", service["POWERTOOLS_SERVICE_NAME"])
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    capsys.readouterr()
+    observability.admitted("m", 1, 2, 3.0, host="h")
+    observability.held("m", 1.0, host="h")
+    observability.finished("m", "limiter_unavailable", 503, 1.0)
+    observability.model_loaded("m", "h", 1.0)
+    observability.circuit_opened("h", "down")
+    observability.circuit_closed("h")
+    observability.retried("m", "h", "down")
+    found = set()
+    for line in capsys.readouterr().out.splitlines():
+        if '"_aws"' in line:
+            for definition in json.loads(line)["_aws"]["CloudWatchMetrics"]:
+                assert definition["Namespace"] == "Hermes"
+                for metric in definition["Metrics"]:
+                    found |= {(metric["Name"], frozenset(d)) for d in definition["Dimensions"]}
+    # The calls above reach every metric the module names.
+    source = (ROOT / "layers/hermes/hermes/observability.py").read_text()
+    assert {name for name, _ in found} == set(re.findall(r'_metric\(\s*"(\w+)"', source))
+    return found
+
+
+def test_the_dashboard_graphs_only_metrics_hermes_emits_with_their_dimensions(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renamed metric or dimension, or a lost `service`, leaves a graph empty: fail here."""
+    emitted = emitted_metrics(capsys, monkeypatch)
+    for name, dimensions, _, _ in dashboard_searches():
+        assert (name, dimensions) in emitted, (name, sorted(dimensions))
+
+
+def test_the_dashboard_covers_requests_errors_429s_hosts_loads_and_circuits() -> None:
+    graphed = {(name, dimensions - {"service"}) for name, dimensions, _, _ in dashboard_searches()}
+    by_model, by_host = frozenset({"model"}), frozenset({"model", "host"})
+    assert {
+        ("Requests", frozenset({"model", "outcome"})), ("Latency", by_model),
+        ("InFlight", by_model), ("InFlight", by_host),
+        ("SlotUtilization", by_model), ("SlotUtilization", by_host),
+        ("SlotTime", by_model), ("SlotTime", by_host),
+        ("ModelLoads", by_host), ("LoadTime", by_host),
+        ("CircuitOpened", frozenset({"host"})), ("HostRetries", by_host),
+        ("LimiterErrors", frozenset()),
+    } <= graphed  # fmt: skip
+    assert {"p50", "p95"} <= {
+        stat for name, _, _, stat in dashboard_searches() if name == "Latency"
+    }
+
+
+def test_the_dashboard_s_error_and_429_graphs_name_every_such_code() -> None:
+    """From hermes.errors, so a new 5xx or 429 code cannot be missing from its graph."""
+    from hermes import errors
+
+    kinds, todo = set(), [errors.HermesError]
+    while todo:
+        kind = todo.pop()
+        kinds.add(kind)
+        todo += kind.__subclasses__()
+    filters = [
+        set(re.findall(r'outcome="(\w+)"', term))
+        for name, _, term, _ in dashboard_searches()
+        if name == "Requests"
+    ]
+    assert {k.code for k in kinds if k.status >= 500} in filters
+    assert {k.code for k in kinds if k.status == 429} == {"model_busy", "host_busy"}
+    assert {"model_busy", "host_busy"} in filters
+
+
+def test_the_dashboard_is_named_per_stack_and_region_and_linked_from_the_outputs() -> None:
+    template = load_template()
+    properties = template["Resources"]["HermesDashboard"]["Properties"]
+    assert properties["DashboardName"] == {"Fn::Sub": "${AWS::StackName}-${AWS::Region}"}
+    assert "${HermesDashboard}" in template["Outputs"]["DashboardUrl"]["Value"]["Fn::Sub"]
+    widgets = dashboard_body()["widgets"]
+    assert all(w["properties"]["region"] == "eu-west-1" for w in widgets)
+    cells = [
+        (x, y)
+        for w in widgets
+        for x in range(w["x"], w["x"] + w["width"])
+        for y in range(w["y"], w["y"] + w["height"])
+    ]
+    assert len(cells) == len(set(cells)) and max(x for x, _ in cells) < 24  # no overlap

@@ -93,3 +93,122 @@ def test_a_grant_from_the_queue_reports_in_flight_and_utilization(
     }
     assert by_name["InFlight"]["InFlight"] == [1.0]
     assert by_name["SlotUtilization"]["SlotUtilization"] == [50.0]  # 1 of gemma's 2 slots
+
+
+def emitted(out: str) -> list[tuple[str, dict[str, str], list[float]]]:
+    """Each EMF line as (metric name, its dimensions and their values, its values)."""
+    found = []
+    for line in out.splitlines():
+        if '"_aws"' not in line:
+            continue
+        blob = json.loads(line)
+        [definition] = blob["_aws"]["CloudWatchMetrics"]
+        assert definition["Namespace"] == "Hermes"
+        [dimensions] = definition["Dimensions"]
+        for metric in definition["Metrics"]:
+            name = metric["Name"]
+            found.append((name, {d: blob[d] for d in dimensions}, blob[name]))
+    return found
+
+
+@pytest.fixture
+def metrics_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    monkeypatch.delenv("POWERTOOLS_SERVICE_NAME", raising=False)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    old = observability.logger.registered_handler.setStream(stream)  # type: ignore[attr-defined]
+    yield stream
+    observability.logger.registered_handler.setStream(old)  # type: ignore[attr-defined]
+
+
+def logged(stream: io.StringIO, message: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("message") == message]
+
+
+def test_a_grant_on_a_host_reports_in_flight_and_utilization_per_model_and_host(
+    metrics_on: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    observability.admitted("gemma", 1, 4, 3.0, host="gpu-a")
+    found = emitted(capsys.readouterr().out)
+    assert ("InFlight", {"model": "gemma"}, [1.0]) in found
+    assert ("InFlight", {"model": "gemma", "host": "gpu-a"}, [1.0]) in found
+    assert ("SlotUtilization", {"model": "gemma"}, [25.0]) in found
+    assert ("SlotUtilization", {"model": "gemma", "host": "gpu-a"}, [25.0]) in found
+    assert ("WaitTime", {"model": "gemma"}, [3.0]) in found
+    # A direct admission (no count) on a host: only the wait.
+    observability.admitted("gemma", None, 4, 2.0, host="gpu-a")
+    assert emitted(capsys.readouterr().out) == [("WaitTime", {"model": "gemma"}, [2.0])]
+
+
+def test_slot_time_is_counted_per_model_and_per_model_and_host(
+    metrics_on: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    observability.held("gemma", 1.5, host="gpu-a")
+    assert emitted(capsys.readouterr().out) == [
+        ("SlotTime", {"model": "gemma"}, [1500.0]),
+        ("SlotTime", {"model": "gemma", "host": "gpu-a"}, [1500.0]),
+    ]
+    observability.held("gemma", 0.5)
+    assert emitted(capsys.readouterr().out) == [("SlotTime", {"model": "gemma"}, [500.0])]
+
+
+def test_a_model_load_is_counted_timed_and_logged(
+    metrics_on: None, capsys: pytest.CaptureFixture[str], log_lines: io.StringIO
+) -> None:
+    observability.model_loaded("gemma", "gpu-a", 2345.67)
+    assert emitted(capsys.readouterr().out) == [
+        ("ModelLoads", {"model": "gemma", "host": "gpu-a"}, [1.0]),
+        ("LoadTime", {"model": "gemma", "host": "gpu-a"}, [2345.67]),
+    ]
+    [line] = logged(log_lines, "model loaded")
+    assert (line["level"], line["model"], line["host"], line["load_ms"]) == (
+        "INFO", "gemma", "gpu-a", 2345.7
+    )  # fmt: skip
+
+
+def test_circuit_openings_and_closings_are_counted_per_host_and_logged(
+    metrics_on: None, capsys: pytest.CaptureFixture[str], log_lines: io.StringIO
+) -> None:
+    observability.circuit_opened("gpu-a", "connection refused")
+    observability.circuit_closed("gpu-a")
+    assert emitted(capsys.readouterr().out) == [
+        ("CircuitOpened", {"host": "gpu-a"}, [1.0]),
+        ("CircuitClosed", {"host": "gpu-a"}, [1.0]),
+    ]
+    [opened] = logged(log_lines, "circuit opened")
+    assert (opened["level"], opened["host"], opened["reason"]) == (
+        "WARNING", "gpu-a", "connection refused"
+    )  # fmt: skip
+    [closed] = logged(log_lines, "circuit closed")
+    assert (closed["level"], closed["host"]) == ("INFO", "gpu-a")
+
+
+def test_a_retry_is_counted_against_the_host_that_failed(
+    metrics_on: None, capsys: pytest.CaptureFixture[str], log_lines: io.StringIO
+) -> None:
+    observability.retried("gemma", "gpu-a", "read timed out")
+    assert emitted(capsys.readouterr().out) == [
+        ("HostRetries", {"model": "gemma", "host": "gpu-a"}, [1.0])
+    ]
+    [line] = logged(log_lines, "retrying on another host")
+    assert (line["level"], line["model"], line["host"], line["reason"]) == (
+        "WARNING", "gemma", "gpu-a", "read timed out"
+    )  # fmt: skip
+
+
+def test_disabled_metrics_emit_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
+    observability.admitted("gemma", 1, 2, 3.0, host="gpu-a")
+    observability.held("gemma", 1.0, host="gpu-a")
+    observability.model_loaded("gemma", "gpu-a", 10.0)
+    observability.circuit_opened("gpu-a", "down")
+    observability.circuit_closed("gpu-a")
+    observability.retried("gemma", "gpu-a", "down")
+    assert '"_aws"' not in capsys.readouterr().out

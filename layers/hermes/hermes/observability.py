@@ -3,9 +3,17 @@
 - One structured JSON log line per finished request: model, outcome, status, latency, wait,
   token counts, with the Lambda request id and correlation id that `instrument` binds.
   Prompt and completion text are never logged unless HERMES_LOG_PROMPTS=1.
-- CloudWatch metrics as EMF lines (namespace Hermes): Requests by model and outcome,
-  Latency, WaitTime, SlotTime (busy slot time; its sum per period is the average in flight),
-  InFlight and SlotUtilization when a grant from the queue tells them, LimiterErrors.
+- CloudWatch metrics as EMF lines (namespace Hermes; on Lambda powertools adds the
+  `service` dimension to every one, which the dashboard's SEARCH schemas name):
+  - Requests (model, outcome), Latency (model), WaitTime (model), LimiterErrors (none);
+  - SlotTime, busy slot time: its sum per period is the average in flight (model; and
+    model, host);
+  - InFlight and SlotUtilization when a grant from the queue tells them (model; and model,
+    host);
+  - ModelLoads and LoadTime (model, host): a host loaded a model into memory;
+  - CircuitOpened and CircuitClosed (host): a host's shared circuit breaker;
+  - HostRetries (model, host): a request moved off a failed host to another.
+  template.yaml's HermesDashboard graphs them (tests/template checks it names only these).
 """
 
 from __future__ import annotations
@@ -36,19 +44,58 @@ def _metric(name: str, unit: MetricUnit, value: float, **dimensions: str) -> Non
             metric.add_dimension(name=key, value=dimension)
 
 
-def admitted(model: str, in_flight: int | None, capacity: int, wait_ms: float) -> None:
+def admitted(
+    model: str, in_flight: int | None, capacity: int, wait_ms: float, host: str | None = None
+) -> None:
     """`in_flight`: the model's count right after this admission, when the limiter knows it
-    (a grant from the queue); a direct admission is a transaction, which returns no values."""
+    (a grant from the queue); a direct admission is a transaction, which returns no values.
+    With `host` (the host placement chose), the same two by model and host as well."""
     if in_flight is not None:
+        utilization = 100 * in_flight / capacity
         _metric("InFlight", MetricUnit.Count, in_flight, model=model)
-        _metric("SlotUtilization", MetricUnit.Percent, 100 * in_flight / capacity, model=model)
+        _metric("SlotUtilization", MetricUnit.Percent, utilization, model=model)
+        if host is not None:
+            _metric("InFlight", MetricUnit.Count, in_flight, model=model, host=host)
+            _metric("SlotUtilization", MetricUnit.Percent, utilization, model=model, host=host)
     _metric("WaitTime", MetricUnit.Milliseconds, wait_ms, model=model)
 
 
-def held(model: str, seconds: float) -> None:
+def held(model: str, seconds: float, host: str | None = None) -> None:
     """A slot's busy time: Sum(SlotTime) / period = the model's average in flight, whichever
-    way it was admitted (utilization = that / max_concurrency)."""
+    way it was admitted (utilization = that / max_concurrency); with `host`, by model and
+    host as well."""
     _metric("SlotTime", MetricUnit.Milliseconds, seconds * 1000, model=model)
+    if host is not None:
+        _metric("SlotTime", MetricUnit.Milliseconds, seconds * 1000, model=model, host=host)
+
+
+def model_loaded(model: str, host: str, load_ms: float) -> None:
+    """A host loaded the model into memory (a cold model, or one evicted): how often, how
+    long."""
+    _metric("ModelLoads", MetricUnit.Count, 1, model=model, host=host)
+    _metric("LoadTime", MetricUnit.Milliseconds, load_ms, model=model, host=host)
+    logger.info("model loaded", extra={"model": model, "host": host, "load_ms": round(load_ms, 1)})
+
+
+def circuit_opened(host: str, reason: str) -> None:
+    """The host's circuit breaker opened: placement avoids the host until a probe succeeds."""
+    _metric("CircuitOpened", MetricUnit.Count, 1, host=host)
+    logger.warning("circuit opened", extra={"host": host, "reason": reason})
+
+
+def circuit_closed(host: str) -> None:
+    """A probe succeeded: the host takes requests again."""
+    _metric("CircuitClosed", MetricUnit.Count, 1, host=host)
+    logger.info("circuit closed", extra={"host": host})
+
+
+def retried(model: str, failed_host: str, reason: str) -> None:
+    """A request failed on `failed_host` before any answer went out and is tried on another
+    host; counted against the host that failed."""
+    _metric("HostRetries", MetricUnit.Count, 1, model=model, host=failed_host)
+    logger.warning(
+        "retrying on another host", extra={"model": model, "host": failed_host, "reason": reason}
+    )
 
 
 def finished(
