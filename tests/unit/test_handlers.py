@@ -202,6 +202,8 @@ def test_status_reports_models_usage_and_health() -> None:
         "memory_cost": "medium",
         "timeout_ms": 30000,
         "host": "default",
+        "hosts": ["default"],
+        "max_concurrency_total": None,
         "queue_timeout_ms": 0,
     }
     assert body["hosts"] == [
@@ -212,6 +214,12 @@ def test_status_reports_models_usage_and_health() -> None:
             "status": "ok",
             "memory_budget": 8,
             "memory_in_use": 0,
+            "in_flight": {"gemma": 0, "llama3": 0, "mistral": 0},
+            "max_loaded_models": None,
+            "circuit": "closed",
+            "circuit_open_until_ms": None,
+            "resident_models": [],
+            "loading": None,
         }
     ]
     assert body["version"] and body["uptime_seconds"] >= 0 and body["process"]["rss_mb"] > 0
