@@ -1,4 +1,5 @@
-"""The picture of section 4: wait per request and requests in flight at the emulator over time.
+"""The pictures: section 4, wait per request and requests in flight at the emulator over time;
+section 7, model loads and latency per placement strategy.
 matplotlib with the Agg backend (files only, no display)."""
 
 from __future__ import annotations
@@ -102,6 +103,73 @@ def plot_fairness(
     for axes in (above, below):
         axes.axvspan(window_end - started, end, color="grey", alpha=0.15, linewidth=0)
         axes.set_xlim(0, end)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_placement(
+    path: Path,
+    latencies: dict[str, Sequence[float]],
+    loads_per_1000: dict[str, float],
+    title: str,
+) -> Path:
+    """Section 7: per placement strategy, model loads per 1,000 requests, p50 / p95 latency,
+    and the latency distribution (seconds in, milliseconds drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.stats import percentile
+
+    strategies = list(latencies)
+    colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(strategies)}
+    figure, (loads, bars, cdf) = plt.subplots(
+        1, 3, figsize=(13, 4.2), width_ratios=[1, 1.3, 1.7], constrained_layout=True
+    )
+    heights = [loads_per_1000[s] for s in strategies]
+    drawn = loads.bar(strategies, heights, color=[colours[s] for s in strategies])
+    loads.bar_label(drawn, fmt="%.0f", fontsize=8)
+    if "random" in loads_per_1000:
+        target = loads_per_1000["random"] / 3
+        loads.axhline(target, color="red", linestyle=":", linewidth=1)
+        loads.annotate(
+            "target: ⅓ of random",
+            (len(strategies) - 0.6, target),
+            xytext=(0, 3),
+            ha="right",
+            textcoords="offset points",
+            fontsize=7,
+            color="red",
+        )
+    loads.set_ylabel("model loads per 1,000 requests")
+    loads.grid(axis="y", alpha=0.3)
+
+    width = 0.38
+    for i, s in enumerate(strategies):
+        p50 = percentile(latencies[s], 50) * 1000
+        p95 = percentile(latencies[s], 95) * 1000
+        pair = bars.bar([i - width / 2, i + width / 2], [p50, p95], width, color=colours[s])
+        pair[1].set_alpha(0.55)
+        bars.bar_label(pair, labels=[f"p50\n{p50:.0f}", f"p95\n{p95:.0f}"], fontsize=7)
+    bars.set_xticks(range(len(strategies)), strategies)
+    bars.set_ylabel("latency (ms)")
+    bars.margins(y=0.2)
+    bars.grid(axis="y", alpha=0.3)
+
+    for s in strategies:
+        ordered = sorted(v * 1000 for v in latencies[s])
+        fractions = [(k + 1) / len(ordered) for k in range(len(ordered))]
+        cdf.step(ordered, fractions, where="post", color=colours[s], label=s, linewidth=1.2)
+    cdf.axhline(0.95, color="grey", linestyle=":", linewidth=1)
+    cdf.set_xscale("log")
+    cdf.set_xlabel("latency (ms, log scale)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_ylim(0, 1.01)
+    cdf.legend(fontsize=8, loc="lower right")
+    cdf.grid(alpha=0.3, which="both")
+    figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -1,9 +1,9 @@
 """`python -m bench.run [--quick] [--only SECTION]`: run the benchmark, print figures as
 they come and rewrite bench/RESULTS.md.
 
-Sections: 1 latency, 2 memory, 3 dynamodb, 4 utilization, 5 coldstart, 6 real_model. Memory has no
-load of its own: it reads the runners that sections 1 and 4 load, so `--only memory`
-runs those two as well."""
+Sections: 1 latency, 2 memory, 3 dynamodb, 4 utilization, 5 coldstart, 6 real_model,
+7 placement. Memory has no load of its own: it reads the runners that sections 1 and 4 load,
+so `--only memory` runs those two as well."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import coldstart, dynamodb, latency, memory, real_model, utilization
+from bench import coldstart, dynamodb, latency, memory, placement, real_model, utilization
 from bench.procs import Infra, quiet_in_process_hermes
 from bench.report import RunInfo, Section, banner, write_results
 from bench.scale import FULL, QUICK, Scale
@@ -30,8 +30,9 @@ RUNS: dict[str, tuple[str, SectionRun]] = {
     "utilization": ("4. Slot utilization and fairness under saturation", utilization.run),
     "coldstart": ("5. Cold start", coldstart.run),
     "real_model": ("6. Real model", real_model.run),
+    "placement": ("7. Model placement across hosts", placement.run),
 }
-NAMES = ["latency", "memory", "dynamodb", "utilization", "coldstart", "real_model"]
+NAMES = ["latency", "memory", "dynamodb", "utilization", "coldstart", "real_model", "placement"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         metavar="SECTION",
-        choices=[*NAMES, *map(str, range(1, 7))],
+        choices=[*NAMES, *map(str, range(1, len(NAMES) + 1))],
         help="one section: " + ", ".join(f"{i} {n}" for i, n in enumerate(NAMES, 1)),
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="default bench/RESULTS.md")
