@@ -320,12 +320,6 @@ def test_requests_go_where_their_model_is_loaded(pool: PoolCluster) -> None:
     assert "a" in pool.host_status("gpu2")["resident_models"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HostBook.end_load never matches the claim (begins_with(loading, '<model>#') on a "
-    "value that is '<model>'), so a failed cold load keeps the host 'loading' for the model's "
-    "whole timeout",
-)
 def test_a_cold_load_that_failed_frees_its_host_for_another_load(pool: PoolCluster) -> None:
     # Given a cold load of "a" on gpu1 (the first host) that fails before loading anything
     pool.emulators["gpu1"].set_behaviour(TAG["a"], "not_found")

@@ -27,6 +27,9 @@ def test_one_cold_load_per_host_at_a_time_and_a_lapsed_claim_frees_it(
     assert hosts.claim_load(POOL, "mistral", T + 5_000, T + 9_000)  # gemma's claim lapsed
     hosts.end_load(POOL, "gemma")  # not gemma's any more: leaves mistral's claim alone
     assert hosts.views({"gpu1": POOL})["gpu1"].loading == ("mistral", T + 9_000)
+    hosts.end_load(POOL, "mistral")  # its call failed: the host may load again at once
+    assert hosts.views({"gpu1": POOL})["gpu1"].loading is None
+    assert hosts.claim_load(POOL, "mistral", T + 5_001, T + 9_000)
     hosts.resident(POOL, "mistral", T + 6_000, load_ms=900, evicted=["gemma"], loaded=True)
     view = hosts.views({"gpu1": POOL})["gpu1"]
     assert view.loading is None and view.resident == {"mistral": T + 6_000}

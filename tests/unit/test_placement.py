@@ -97,3 +97,16 @@ def test_baselines_ignore_residency_but_try_free_hosts_first(strategy: str) -> N
     views = [view("a", {"m": 1}, inflight_m=2, memory=4), view("b"), view("c")]
     firsts = {order(rank(demand(), views, LIMITS, NOW, strategy))[0] for _ in range(40)}  # type: ignore[arg-type]
     assert firsts == {"b", "c"}  # never the full host first, and not always the same host
+
+
+def test_an_idle_eviction_prefers_a_model_loaded_elsewhere_too_then_the_least_recently_used() -> (
+    None
+):
+    views = [
+        # (model: ms since last used) Ollama drops each host's least recently used idle model.
+        view("a", {"x": 10, "y": 20}),  # drops y, loaded nowhere else, used 20 ms ago
+        view("b", {"x": 10, "z": 30}),  # drops z, which c has too: no load lost
+        view("c", {"z": 50, "w": 60}),  # drops w, loaded nowhere else, used 60 ms ago
+    ]
+    ranked = rank(demand(), views, LIMITS, NOW)
+    assert [(c.host, c.evicts) for c in ranked] == [("b", ("z",)), ("c", ("w",)), ("a", ("y",))]

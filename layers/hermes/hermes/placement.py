@@ -43,6 +43,7 @@ RESIDENT_MS = 300_000
 Strategy = Literal["residency", "random", "round_robin"]
 STRATEGIES: tuple[Strategy, ...] = ("residency", "random", "round_robin")
 _rotation = itertools.count()
+WAIT_WHERE_LOADED = 1  # the tier of "loaded there, and a slot frees within the wait"
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,25 @@ def rank(
         return sorted(shuffled, key=lambda c: 0 if c.free else 1)
     position = {v.host: i for i, v in enumerate(views)}
     busy = {v.host: v.counters.get(demand.counter, 0) + v.waiting for v in views}
+    copies: dict[str, int] = {}
+    for v in views:
+        for m in resident_models(v, now_ms):
+            copies[m] = copies.get(m, 0) + 1
+    by_host = {v.host: v for v in views}
+
+    def cost(c: Candidate) -> tuple[int, int, int]:
+        """What an eviction destroys: requests in flight on the evicted models, then how many
+        of them are loaded nowhere else (their next request is a load), then how recently
+        they were used (the least recently used goes first, as Ollama's own choice)."""
+        view = by_host[c.host]
+        in_flight = sum(view.counters.get(model_counter(m), 0) for m in c.evicts)
+        sole = sum(1 for m in c.evicts if copies.get(m, 0) <= 1)
+        recent = max((view.resident.get(m, 0) for m in c.evicts), default=0)
+        return in_flight, sole, recent
+
     return sorted(
         candidates,
-        key=lambda c: (c.tier, _eviction_cost(c, views), busy[c.host], position[c.host]),
+        key=lambda c: (c.tier, cost(c), busy[c.host], position[c.host]),
     )
 
 
@@ -123,9 +140,10 @@ def _candidate(demand: Demand, view: HostView, limits: HostLimits, now_ms: int) 
         if free:
             return Candidate(view.host, 0, True, True)
         waits_s = (view.waiting + 1) * (demand.call_s or 0.0) / demand.capacity
-        tier = 1 if demand.wait_s > 0 and waits_s <= demand.wait_s else 5
+        within = demand.wait_s > 0 and waits_s <= demand.wait_s
+        tier = WAIT_WHERE_LOADED if within else 5
         return Candidate(view.host, tier, False, True)
-    evicts = _evictions(loaded, view, limits, demand.model)
+    evicts = evictions(loaded, view, limits, demand.model)
     if not free or (loading is not None and loading != demand.model):
         return Candidate(view.host, 5, free, False, evicts)
     in_use = [m for m in evicts if counters.get(model_counter(m), 0) > 0]
@@ -133,7 +151,7 @@ def _candidate(demand: Demand, view: HostView, limits: HostLimits, now_ms: int) 
     return Candidate(view.host, tier, True, False, evicts)
 
 
-def _evictions(
+def evictions(
     loaded: dict[str, int], view: HostView, limits: HostLimits, model: str
 ) -> tuple[str, ...]:
     """What loading `model` makes the server drop: Ollama evicts the least recently used idle
@@ -148,8 +166,3 @@ def _evictions(
         return (view.counters.get(model_counter(m), 0), others[m])
 
     return tuple(sorted(others, key=order)[:excess])
-
-
-def _eviction_cost(candidate: Candidate, views: Sequence[HostView]) -> int:
-    view = next(v for v in views if v.host == candidate.host)
-    return sum(view.counters.get(model_counter(m), 0) for m in candidate.evicts)

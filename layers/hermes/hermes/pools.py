@@ -30,6 +30,7 @@ from hermes.placement import (
     Demand,
     HostLimits,
     Strategy,
+    evictions,
     host_pool,
     model_counter,
     rank,
@@ -158,7 +159,13 @@ class HostPools:
             observability.model_loaded(name, host, float(load_ms or 0))
         if not (cold or claimed or seen is None or now - seen > RESIDENCY_STALE_S * 1000):
             return  # the shared view is fresh: no write for this answer
-        evicted = candidate.evicts if (cold or candidate.cold) else ()
+        evicted: tuple[str, ...] = ()
+        if cold or (candidate.cold and load_ns is None):  # (a server without load_duration)
+            # Predicted as the server decides, on what it held just before: the record never
+            # lists more models than the host keeps (corrected by /api/ps when stale).
+            config = self.settings.hosts[host]
+            limits = HostLimits(config.memory_budget, config.max_loaded_models)
+            evicted = evictions(resident_models(view, now), view, limits, name)
         pool = host_pool(host)
         await self.blocking(
             lambda: self.book.resident(

@@ -35,7 +35,13 @@ from hermes.errors import (
 )
 from hermes.limiter import Counter, Lease, Limiter, Ticket
 from hermes.limiter.hosts import HostView
-from hermes.placement import MEMORY_COUNTER, Candidate, host_pool, model_counter
+from hermes.placement import (
+    MEMORY_COUNTER,
+    WAIT_WHERE_LOADED,
+    Candidate,
+    host_pool,
+    model_counter,
+)
 from hermes.pools import HostPools, host_failed
 from hermes.schemas import Priority, parse_generate_request
 
@@ -289,7 +295,13 @@ class HermesService:
                 "open until a probe succeeds; retry later",
                 retry_after=max(1, math.ceil(self.pools.reopens_at(views))),
             )
-        for candidate in (c for c in candidates if c.free):
+        waits_here: Candidate | None = None
+        for candidate in candidates:
+            if not candidate.free:
+                if candidate.tier == WAIT_WHERE_LOADED:
+                    waits_here = candidate  # loaded there, a slot frees in time: no new load
+                    break
+                continue
             claimed = candidate.cold and await self.pools.claim_load(candidate.host, name, config)
             if candidate.cold and not claimed:
                 continue  # the host is loading another model: not a second load at once
@@ -302,7 +314,7 @@ class HermesService:
                 continue  # the view was stale: the next host
             return lease, Placed(candidate, views[candidate.host], claimed)
         # No slot free now: wait (or answer 429) where the model is loaded, if it is anywhere.
-        target = min(candidates, key=lambda c: (c.cold, c.tier))
+        target = waits_here or min(candidates, key=lambda c: (c.cold, c.tier))
         lease = await take(host_pool(target.host), self.counters(name, config, target.host))
         return lease, Placed(target, views[target.host], False)
 

@@ -105,12 +105,9 @@ class HostBook:
         self._update(pool, expression, values, names=names)
 
     def end_load(self, pool: str, model: str) -> None:
-        """Give up the cold-load claim of `model` (its call failed before loading)."""
+        """Give up the cold-load claim of `model` (its call failed, or never started)."""
         self._update(
-            pool,
-            "REMOVE loading",
-            {":m": s(f"{model}#")},
-            condition="begins_with(loading, :m)",
+            pool, "REMOVE loading, loading_until", {":m": s(model)}, condition="loading = :m"
         )
 
     def refreshed(
