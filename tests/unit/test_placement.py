@@ -65,6 +65,8 @@ def test_no_second_host_loads_the_model_while_the_loaded_one_frees_a_slot_within
     # The same queue with 0.5 s of wait: load it on b instead.
     ranked = rank(demand(wait_s=0.5, call_s=1.0), views, LIMITS, NOW)
     assert order(ranked)[0] == "b" and ranked[0].cold
+    # No call of the model has ended yet: nothing promises a slot in time.
+    assert order(rank(demand(wait_s=5, call_s=None), views, LIMITS, NOW))[0] == "b"
     # Without waiting at all, a free host is the only way to run now.
     assert order(rank(demand(wait_s=0), views, LIMITS, NOW))[0] == "b"
 

@@ -139,8 +139,14 @@ def _candidate(demand: Demand, view: HostView, limits: HostLimits, now_ms: int) 
     if resident:
         if free:
             return Candidate(view.host, 0, True, True)
-        waits_s = (view.waiting + 1) * (demand.call_s or 0.0) / demand.capacity
-        within = demand.wait_s > 0 and waits_s <= demand.wait_s
+        # Unknown call time (no call of the model ended in this process yet): no promise that
+        # a slot frees in time, so another host may load it.
+        call_s = demand.call_s
+        within = (
+            call_s is not None
+            and demand.wait_s > 0
+            and (view.waiting + 1) * call_s / demand.capacity <= demand.wait_s
+        )
         tier = WAIT_WHERE_LOADED if within else 5
         return Candidate(view.host, tier, False, True)
     evicts = evictions(loaded, view, limits, demand.model)
