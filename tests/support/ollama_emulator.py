@@ -2,51 +2,78 @@
 
 A Starlette app speaking enough of Ollama's HTTP API (native ``/api/*`` and the OpenAI-compatible
 ``/v1/*``) for the official ``ollama`` and ``openai`` clients, plus a control API (``/_emulator/*``)
-to inject faults per model tag and read exact in-flight accounting.
+to inject faults per model tag and read exact in-flight accounting. One emulator stands for one
+Ollama host: residency (which models are loaded) is per emulator.
 
 In-process::
 
-    with OllamaEmulator() as emu:
+    with OllamaEmulator(max_loaded_models=2, load_delay_ms=50) as emu:
         ollama.Client(host=emu.url).generate(model="gemma3:1b", prompt="hi there")
         emu.stats()["requests"]["gemma3:1b"]  # -> 1
+        emu.stats()["loads"]["gemma3:1b"]  # -> 1
 
 As a process: ``python -m tests.support.ollama_emulator --port 11434`` (``--port 0`` picks a free
-port; the "listening on" line tells which).
+port; the "listening on" line tells which), with ``--max-loaded-models N`` (0: unlimited, the
+default), ``--load-delay-ms MS`` (default 0) and ``--keep-alive-s S`` (default 300; negative:
+forever), as ``OLLAMA_MAX_LOADED_MODELS`` and ``OLLAMA_KEEP_ALIVE`` are for Ollama.
 
 Control API (``OllamaEmulator`` has the same as methods, acting on the state directly):
 
 - ``POST /_emulator/behaviour`` ``{"model": tag | "*", "mode": one of MODES, "delay_ms",
   "token_delay_ms", "tokens", "status"}``: replaces that key's behaviour (a tag's wins over "*").
 - ``POST /_emulator/weights`` ``{tag | "*": int}``: merged into the current weights.
+- ``POST /_emulator/residency`` ``{"max_loaded_models", "load_delay_ms", "keep_alive_s"}``: any
+  of them, the others stay; answers ``{"residency": {...}}``. A lower ``max_loaded_models`` evicts
+  at the next load; a change of ``keep_alive_s`` applies at once to models whose last request
+  gave no ``keep_alive``.
 - ``GET /_emulator/stats``: in_flight, peak_in_flight, requests, weight_in_use, peak_weight,
-  busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights.
+  busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights,
+  residency (the settings), loads and evictions (per tag), resident (tags, most recently used
+  first), loading (tags being loaded).
 - ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
 - ``POST /_emulator/release``: every request held by mode ``hold`` goes on as ``ok`` (with the
   behaviour's delays and tokens); answers ``{"released": n}``. Later requests are held again
   while the mode stays ``hold``.
+
+Residency, as Ollama does it:
+
+- A model is resident once loaded. A request for a model that is not loads it first, taking
+  ``load_delay_ms`` (concurrent requests for it wait for that one load). At ``max_loaded_models``
+  resident or loading models, the least recently used resident model with no request in flight
+  (held and hanging requests are in flight) is evicted; when every one is busy, the request waits
+  until one is idle, as Ollama queues it.
+- A model expires ``keep_alive`` after its last request ended: the request's own ``keep_alive``
+  (seconds, or a duration such as "10m"; 0 unloads the model once its requests are done; negative:
+  never) or else ``keep_alive_s``. ``/api/ps`` lists exactly the resident models, most recently
+  used first, with ``expires_at``.
+- The final object of ``/api/generate`` and ``/api/chat`` reports ``load_duration``: the time the
+  request waited for its model (a few microseconds when resident), included in
+  ``total_duration``. Modes ``busy`` and ``not_found`` answer without loading anything.
 
 Choices worth knowing:
 
 - Answers are ``"Echo:"`` followed by the prompt's (or last message's) words, one token each,
   cycling the words when the prompt is shorter than the token count. ``format``/``response_format``
   JSON yields ``{"echo": ...}`` split into the same number of chunks.
-- ``/api/ps`` lists the models that served a request since the last reset (Ollama lists loaded
-  models only), not every known model.
 - Weights are charged per request, like Hermes' memory budget: ``weight_in_use`` is the sum over
   models of weight x in-flight requests. Models without a weight count 1 (or ``weights["*"]``).
 - Requests for unknown models (and malformed requests) are rejected before accounting.
 - Reset clears counters, peaks, busy time and behaviours but not the live ``in_flight`` gauge, so
-  a request straddling a reset is still decremented correctly.
+  a request straddling a reset is still decremented correctly. It also unloads every model and
+  clears loads and evictions (a load under way still completes); the residency settings stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
+import math
+import re
 import socket
 import threading
 import time
@@ -69,6 +96,9 @@ BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceede
 MODES = ("ok", "hang", "error", "busy", "cut_stream", "not_found", "hold")
 CUT_AFTER = 2  # chunks sent before cut_stream drops the connection
 _ids = itertools.count(1)
+
+
+_FOREVER = timedelta(microseconds=2**63 // 1000)  # Ollama's negative keep_alive: max duration
 
 
 def _now_iso() -> str:
@@ -142,6 +172,59 @@ class Behaviour:
 
 _OK = Behaviour()
 
+RESIDENCY_FIELDS = ("max_loaded_models", "load_delay_ms", "keep_alive_s")
+
+
+def _residency(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated residency settings (any subset of RESIDENCY_FIELDS)."""
+    unknown = sorted(set(fields) - set(RESIDENCY_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown residency fields: {', '.join(unknown)}")
+    for key, value in fields.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise BadRequest(f"{key} must be a number")
+        if key == "max_loaded_models" and (not isinstance(value, int) or value < 0):
+            raise BadRequest("max_loaded_models must be an integer >= 0 (0: unlimited)")
+        if key == "load_delay_ms" and value < 0:
+            raise BadRequest("load_delay_ms must be >= 0")
+    return dict(fields)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def _keep_alive(value: Any) -> float | None:
+    """A request's keep_alive in seconds as Ollama reads it: a number of seconds or a Go duration
+    ("5m", "1h30m", "0s"); negative keeps the model forever (inf). None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            digits = text.lstrip("+-")
+            parts = _DURATION_PART.findall(digits)
+            if not digits or "".join(n + u for n, u in parts) != digits:
+                raise BadRequest(f'time: invalid duration "{value}"') from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+            seconds = -seconds if text.startswith("-") else seconds
+    else:
+        raise BadRequest("keep_alive must be a number or a duration string")
+    if math.isnan(seconds):
+        raise BadRequest(f'time: invalid duration "{value}"')
+    return math.inf if seconds < 0 else seconds
+
+
+@dataclass
+class _Resident:
+    last_used: float  # time.monotonic() of the last request's start or end
+    keep_alive: float | None  # from that request; None: the emulator's keep_alive_s
+
 
 def _model_info(name: str) -> dict[str, Any]:
     family, _, tag = name.partition(":")
@@ -167,7 +250,15 @@ def _model_info(name: str) -> dict[str, Any]:
 class EmulatorState:
     """Known models, injected behaviours and accounting, shared by the server and test threads."""
 
-    def __init__(self, models: Sequence[str] = DEFAULT_MODELS, tokens: int = 5) -> None:
+    def __init__(
+        self,
+        models: Sequence[str] = DEFAULT_MODELS,
+        tokens: int = 5,
+        *,
+        max_loaded_models: int = 0,
+        load_delay_ms: float = 0,
+        keep_alive_s: float = 300,
+    ) -> None:
         self.default_tokens = tokens
         self.started_at = _now_iso()
         self.models = {_base(m): m for m in models}
@@ -178,6 +269,15 @@ class EmulatorState:
         self.weight_in_use = 0
         self.live: set[asyncio.Event] = set()  # one per running request; event-loop thread only
         self.held: set[asyncio.Event] = set()  # one per request held by mode "hold"; same thread
+        settings = (max_loaded_models, load_delay_ms, keep_alive_s)
+        _residency(dict(zip(RESIDENCY_FIELDS, settings, strict=True)))  # raises BadRequest
+        self.max_loaded_models = max_loaded_models  # 0: unlimited
+        self.load_delay_ms = float(load_delay_ms)
+        self.keep_alive_s = float(keep_alive_s)  # negative: forever
+        self.resident: dict[str, _Resident] = {}  # least recently used first
+        self.loading: dict[str, asyncio.Task[None]] = {}  # event-loop thread only
+        self._waiters: set[asyncio.Future[None]] = set()  # requests waiting for an idle model
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop serving requests
         self._lock = threading.Lock()  # the test thread reads/mutates while the loop serves
         self._clear()
 
@@ -188,7 +288,9 @@ class EmulatorState:
         self.busy = dict.fromkeys(self.in_flight, 0.0)
         self.since = dict.fromkeys(self.in_flight, now)  # when in_flight[tag] last changed
         self.peak_weight = self.weight_in_use
-        self.used = {tag for tag, n in self.in_flight.items() if n}
+        self.loads = dict.fromkeys(self.in_flight, 0)
+        self.evictions = dict.fromkeys(self.in_flight, 0)
+        self.resident.clear()
         self.reset_at = now
 
     def resolve(self, name: str) -> str | None:
@@ -236,12 +338,130 @@ class EmulatorState:
     def enter(self, tag: str) -> None:
         with self._lock:
             self.requests[tag] += 1
-            self.used.add(tag)
             self._add(tag, 1)
 
-    def leave(self, tag: str) -> None:
+    def leave(self, tag: str, loaded: bool = False) -> None:
+        """A request ends; `loaded`: it had its model resident (it counts as a use)."""
         with self._lock:
             self._add(tag, -1)
+            model = self.resident.get(tag)
+            if loaded and model is not None:
+                model.last_used = time.monotonic()
+                if not self.in_flight[tag] and self._keep_alive_of(model) <= 0:
+                    del self.resident[tag]  # keep_alive 0: unloaded once its requests are done
+        self._wake()  # a model may be idle now
+
+    # Residency. Requests run on the event loop; the test thread may reset or change settings.
+
+    def _set_residency(self, fields: Mapping[str, Any]) -> None:
+        for key, value in fields.items():
+            setattr(self, key, float(value) if key != "max_loaded_models" else value)
+
+    def set_residency(self, fields: Mapping[str, Any]) -> None:
+        checked = _residency(fields)
+        with self._lock:
+            self._set_residency(checked)
+        self._wake_threadsafe()  # a higher max_loaded_models may let a waiting request load
+
+    def residency(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in RESIDENCY_FIELDS}
+
+    def _keep_alive_of(self, model: _Resident) -> float:
+        seconds = self.keep_alive_s if model.keep_alive is None else model.keep_alive
+        return math.inf if seconds < 0 else seconds
+
+    def _expire(self, now: float) -> None:
+        """Unload idle models whose keep_alive has run out (under the lock)."""
+        for tag, model in list(self.resident.items()):
+            if not self.in_flight[tag] and now >= model.last_used + self._keep_alive_of(model):
+                del self.resident[tag]
+
+    async def load(self, tag: str, keep_alive: float | None, gone: asyncio.Event) -> bool:
+        """Make `tag` resident for a request that is in flight, loading it (and evicting another
+        model, or waiting for one to be idle) if need be. False if the client went away first."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new server (OllamaEmulator.start again): new loop
+            self._loop, self._waiters = loop, set()
+        while True:
+            with self._lock:
+                wait_for = self._place(tag, keep_alive, loop)
+            if wait_for is None:
+                return True
+            if await _until(gone, wait_for):
+                return False
+
+    def _place(
+        self, tag: str, keep_alive: float | None, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None] | None:
+        """Under the lock: None once `tag` is resident (and marked used), else what to wait for:
+        its load, or a change that may free a slot."""
+        now = time.monotonic()
+        self._expire(now)
+        if tag in self.resident:
+            self.resident.pop(tag)  # re-inserted last: most recently used
+            self.resident[tag] = _Resident(now, keep_alive)
+            return None
+        if tag in self.loading:
+            return self.loading[tag]
+        limit = self.max_loaded_models
+        while limit and len(self.resident) + len(self.loading) >= limit:
+            idle = next((t for t in self.resident if not self.in_flight[t]), None)
+            if idle is None:  # every slot busy: wait, as Ollama queues the request
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.add(waiter)
+                return waiter
+            del self.resident[idle]
+            self.evictions[idle] += 1
+        task = self.loading[tag] = loop.create_task(self._load(tag, self.load_delay_ms))
+        return task
+
+    async def _load(self, tag: str, delay_ms: float) -> None:
+        loaded, until = False, time.monotonic() + delay_ms / 1000
+        try:
+            while (left := until - time.monotonic()) > 0:  # asyncio may wake a little early
+                await asyncio.sleep(left)
+            loaded = True
+        finally:  # cancelled (server stopping): not loaded, waiters try again
+            with self._lock:
+                del self.loading[tag]
+                if loaded:
+                    self.loads[tag] += 1
+                    self.resident[tag] = _Resident(time.monotonic(), None)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Event-loop thread: waiting requests check again."""
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake()
+        else:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake)
+
+    def loaded(self) -> list[tuple[str, datetime]]:
+        """The resident models, most recently used first, with when each expires."""
+        with self._lock:
+            now, wall = time.monotonic(), datetime.now(UTC)
+            self._expire(now)
+            models = []
+            for tag, model in reversed(self.resident.items()):
+                left = model.last_used + self._keep_alive_of(model) - now
+                models.append(
+                    (tag, wall + (_FOREVER if math.isinf(left) else timedelta(seconds=left)))
+                )
+            return models
 
     def reset(self, weights: bool = False) -> None:
         with self._lock:
@@ -250,10 +470,12 @@ class EmulatorState:
                 self.weights.clear()
                 self._reweigh()
             self._clear()
+        self._wake_threadsafe()  # slots are free
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             now = time.monotonic()
+            self._expire(now)
             busy = {t: b + self.in_flight[t] * (now - self.since[t]) for t, b in self.busy.items()}
             return {
                 "in_flight": dict(self.in_flight),
@@ -265,7 +487,25 @@ class EmulatorState:
                 "elapsed_s": now - self.reset_at,
                 "behaviours": {k: asdict(b) for k, b in self.behaviours.items()},
                 "weights": dict(self.weights),
+                "residency": self.residency(),
+                "loads": dict(self.loads),
+                "evictions": dict(self.evictions),
+                "resident": list(reversed(self.resident)),  # most recently used first
+                "loading": sorted(self.loading),
             }
+
+
+async def _until(gone: asyncio.Event, future: asyncio.Future[None]) -> bool:
+    """Wait for `future` (not cancelling it); True if the client went away first."""
+    if gone.is_set():
+        return True
+    watch = asyncio.ensure_future(gone.wait())
+    either: list[asyncio.Future[Any]] = [watch, future]
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    return gone.is_set()
 
 
 @dataclass
@@ -279,6 +519,7 @@ class _Job:
     limit: int | None  # num_predict / max_tokens
     json_mode: bool
     include_usage: bool
+    keep_alive: float | None  # seconds (inf: forever); None: the emulator's keep_alive_s
 
     @property
     def openai(self) -> bool:
@@ -338,6 +579,7 @@ def _parse_job(api: str, body: dict[str, Any], tag: str) -> _Job:
         limit=limit,
         json_mode=fmt in ("json", "json_object", "json_schema") or isinstance(fmt, dict),
         include_usage=stream and bool(_object(body, "stream_options").get("include_usage")),
+        keep_alive=None if openai else _keep_alive(body.get("keep_alive")),
     )
 
 
@@ -375,6 +617,8 @@ class _Completion(Response):
     def __init__(self, state: EmulatorState, job: _Job) -> None:
         # No super().__init__(): nothing of Response is used beyond being awaitable as ASGI.
         self.state, self.job, self.started = state, job, False
+        self.loaded = False  # its model is resident and it counts as a use of it
+        self.load_ns = 0  # time spent waiting for the model to load (Ollama's load_duration)
         self.head: dict[str, Any] = {"model": job.model}
         if job.openai:
             chat = job.api == "openai_chat"
@@ -398,10 +642,17 @@ class _Completion(Response):
         finally:
             watcher.cancel()
             self.state.live.discard(gone)
-            self.state.leave(self.job.tag)
+            self.state.leave(self.job.tag, self.loaded)
 
     async def _respond(self, b: Behaviour, gone: asyncio.Event, t0: int) -> None:
         job = self.job
+        if b.mode not in ("busy", "not_found"):  # those are answered before any load
+            started = time.monotonic_ns()
+            if not await self.state.load(job.tag, job.keep_alive, gone):
+                return await self._abandon()
+            self.loaded, self.load_ns = True, max(1, time.monotonic_ns() - started)
+            # The behaviour as it is now: a release or a change during the load applies.
+            b = self.state.behaviour(job.tag)
         if b.mode == "hang":
             await gone.wait()
             return await self._abandon()
@@ -484,12 +735,13 @@ class _Completion(Response):
             await self._send(_dumps({"error": "emulator shutting down"}), 503)
 
     def _timings(self, t0: int, t1: int, count: int) -> dict[str, int]:
+        """t0: the request arrived; t1: the first token (the prompt was evaluated)."""
         now = time.monotonic_ns()
         return {  # max(1, ...): clients divide by these to get tokens/s
-            "total_duration": max(1, now - t0),
-            "load_duration": 1,
+            "total_duration": max(1, now - t0),  # >= load + prompt_eval + eval
+            "load_duration": max(1, self.load_ns),
             "prompt_eval_count": self.job.prompt_tokens,
-            "prompt_eval_duration": max(1, t1 - t0),
+            "prompt_eval_duration": max(1, t1 - t0 - self.load_ns),
             "eval_count": count,
             "eval_duration": max(1, now - t1),
         }
@@ -574,11 +826,14 @@ def create_app(state: EmulatorState) -> Starlette:
         return JSONResponse({"models": models})
 
     async def ps(request: Request) -> Response:
-        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
         models = [
-            entry(t, expires_at=expires, size_vram=state.info[t]["size"], context_length=4096)
-            for t in state.info
-            if t in state.used
+            entry(
+                tag,
+                expires_at=expires.isoformat(),
+                size_vram=state.info[tag]["size"],
+                context_length=4096,
+            )
+            for tag, expires in state.loaded()
         ]
         return JSONResponse({"models": models})
 
@@ -620,6 +875,10 @@ def create_app(state: EmulatorState) -> Starlette:
         state.set_weights(await _json_body(request))
         return JSONResponse({"weights": state.stats()["weights"]})
 
+    async def residency(request: Request) -> Response:
+        state.set_residency(await _json_body(request, optional=True))
+        return JSONResponse({"residency": state.residency()})
+
     async def reset(request: Request) -> Response:
         state.reset(weights=bool((await _json_body(request, optional=True)).get("weights")))
         return JSONResponse({"ok": True})
@@ -657,6 +916,7 @@ def create_app(state: EmulatorState) -> Starlette:
         Route("/v1/models", models),
         Route("/_emulator/behaviour", behaviour, methods=post),
         Route("/_emulator/weights", weights, methods=post),
+        Route("/_emulator/residency", residency, methods=post),
         Route("/_emulator/reset", reset, methods=post),
         Route("/_emulator/release", release, methods=post),
         Route("/_emulator/stats", stats),
@@ -717,8 +977,17 @@ class OllamaEmulator:
         tokens: int = 5,
         host: str = "127.0.0.1",
         port: int = 0,
+        max_loaded_models: int = 0,
+        load_delay_ms: float = 0,
+        keep_alive_s: float = 300,
     ) -> None:
-        self.state = EmulatorState(models, tokens)
+        self.state = EmulatorState(
+            models,
+            tokens,
+            max_loaded_models=max_loaded_models,
+            load_delay_ms=load_delay_ms,
+            keep_alive_s=keep_alive_s,
+        )
         self.host, self.port, self.url = host, port, ""
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -766,7 +1035,23 @@ class OllamaEmulator:
     def set_weights(self, weights: Mapping[str, int]) -> None:
         self.state.set_weights(weights)
 
+    def set_residency(
+        self,
+        *,
+        max_loaded_models: int | None = None,
+        load_delay_ms: float | None = None,
+        keep_alive_s: float | None = None,
+    ) -> None:
+        """Change the given residency settings; the others stay."""
+        fields = {
+            "max_loaded_models": max_loaded_models,
+            "load_delay_ms": load_delay_ms,
+            "keep_alive_s": keep_alive_s,
+        }
+        self.state.set_residency({k: v for k, v in fields.items() if v is not None})
+
     def reset(self, *, weights: bool = False) -> None:
+        """Counters, behaviours and residency (every model unloaded); weights if asked."""
         self.state.reset(weights=weights)
 
 
@@ -776,9 +1061,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=11434, help="0 picks a free port")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated")
     parser.add_argument("--tokens", type=int, default=5, help="tokens per answer")
+    parser.add_argument(
+        "--max-loaded-models", type=int, default=0, help="resident models at most (0: unlimited)"
+    )
+    parser.add_argument("--load-delay-ms", type=float, default=0, help="time to load a model")
+    parser.add_argument(
+        "--keep-alive-s", type=float, default=300, help="idle time before unload (<0: never)"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    server = _Server(EmulatorState(models, args.tokens), args.host, args.port)
+    try:
+        state = EmulatorState(
+            models,
+            args.tokens,
+            max_loaded_models=args.max_loaded_models,
+            load_delay_ms=args.load_delay_ms,
+            keep_alive_s=args.keep_alive_s,
+        )
+    except BadRequest as exc:
+        parser.error(str(exc))
+    server = _Server(state, args.host, args.port)
 
     def announce() -> None:
         server.ready.wait()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import ollama
 import openai
 import pytest
 
+from .emulator_process import EmulatorProcess
 from .ollama_emulator import BUSY_MESSAGE, EmulatorState, OllamaEmulator
 
 pytestmark = pytest.mark.integration
@@ -34,6 +36,7 @@ def server() -> Iterator[OllamaEmulator]:
 
 @pytest.fixture
 def emu(server: OllamaEmulator) -> OllamaEmulator:
+    server.set_residency(max_loaded_models=0, load_delay_ms=0, keep_alive_s=300)
     server.reset(weights=True)
     return server
 
@@ -79,7 +82,7 @@ def test_chat(client: ollama.Client) -> None:
 
 def test_list_ps_show_version(client: ollama.Client, emu: OllamaEmulator) -> None:
     assert [m.model for m in client.list().models] == ["gemma3:1b", "llama3:8b", "mistral:7b"]
-    assert client.ps().models == []  # ps lists the models used since the last reset
+    assert client.ps().models == []  # ps lists the resident models; reset unloads them
     client.generate(model="mistral:7b", prompt="hi")
     (loaded,) = client.ps().models
     assert loaded.model == "mistral:7b" and loaded.expires_at and loaded.size_vram
@@ -251,3 +254,177 @@ def test_cli() -> None:
         finally:
             process.terminate()
     assert process.returncode is not None
+
+
+# Residency: one emulator is one Ollama host.
+
+MS = 1_000_000  # ns
+
+
+def wait_for(check: Any, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_lru_eviction_at_max_loaded_models(client: ollama.Client, emu: OllamaEmulator) -> None:
+    emu.set_residency(max_loaded_models=2)
+    for model in ("gemma3:1b", "llama3:8b", "gemma3:1b"):  # gemma used last: llama is the LRU
+        client.generate(model=model, prompt="hi")
+    oai = openai.OpenAI(base_url=emu.url + "/v1", api_key="x", max_retries=0)
+    oai.chat.completions.create(model="mistral:7b", messages=USER)  # OpenAI routes load too
+    stats = emu.stats()
+    assert stats["loads"] == {"gemma3:1b": 1, "llama3:8b": 1, "mistral:7b": 1}
+    assert stats["evictions"] == {"gemma3:1b": 0, "llama3:8b": 1, "mistral:7b": 0}
+    assert stats["resident"] == ["mistral:7b", "gemma3:1b"]  # most recently used first
+    assert [m.model for m in client.ps().models] == ["mistral:7b", "gemma3:1b"]
+    emu.reset()
+    stats = emu.stats()
+    assert stats["resident"] == [] and set(stats["loads"].values()) == {0}
+    assert set(stats["evictions"].values()) == {0} and client.ps().models == []
+
+
+def test_busy_model_is_not_evicted(emu: OllamaEmulator) -> None:
+    emu.set_residency(max_loaded_models=2, load_delay_ms=20)
+    emu.set_behaviour("gemma3:1b", "hold")
+    client = ollama.Client(host=emu.url, timeout=10)
+    with ThreadPoolExecutor(3) as pool:
+        gemma = pool.submit(client.generate, model="gemma3:1b", prompt="hi")
+        wait_for(lambda: emu.stats()["resident"] == ["gemma3:1b"])
+        client.generate(model="llama3:8b", prompt="hi")
+        # gemma is the least recently used but busy (held): the idle llama goes.
+        client.generate(model="mistral:7b", prompt="hi")
+        assert emu.stats()["resident"] == ["mistral:7b", "gemma3:1b"] and not gemma.done()
+
+        emu.set_behaviour("mistral:7b", "hold")
+        mistral = pool.submit(client.generate, model="mistral:7b", prompt="hi")
+        wait_for(lambda: emu.stats()["in_flight"]["mistral:7b"] == 1)
+        llama = pool.submit(client.generate, model="llama3:8b", prompt="hi")
+        wait_for(lambda: emu.stats()["in_flight"]["llama3:8b"] == 1)
+        time.sleep(0.1)  # both slots busy: llama waits, as Ollama queues it
+        stats = emu.stats()
+        assert not llama.done() and stats["loading"] == []
+        assert stats["loads"]["llama3:8b"] == 1 and stats["resident"] == ["mistral:7b", "gemma3:1b"]
+
+        assert httpx.post(f"{emu.url}/_emulator/release").json() == {"released": 2}
+        reply = llama.result(5)
+        assert gemma.result(5).done and mistral.result(5).done
+    assert reply.load_duration and reply.load_duration >= 20 * MS
+    stats = settle(emu)
+    assert stats["loads"]["llama3:8b"] == 2 and sum(stats["evictions"].values()) == 2
+    assert stats["resident"][0] == "llama3:8b" and len(stats["resident"]) == 2
+
+
+def test_load_duration_cold_and_warm(client: ollama.Client, emu: OllamaEmulator) -> None:
+    emu.set_residency(load_delay_ms=50)
+    cold = client.generate(model="gemma3:1b", prompt=PROMPT)
+    warm = client.generate(model="gemma3:1b", prompt=PROMPT)
+    assert cold.load_duration and cold.load_duration >= 50 * MS
+    assert cold.total_duration and cold.prompt_eval_duration and cold.eval_duration
+    parts = cold.load_duration + cold.prompt_eval_duration + cold.eval_duration
+    assert cold.total_duration >= parts
+    assert warm.load_duration and warm.load_duration < 5 * MS
+    *_, chat = client.chat(model="llama3:8b", messages=USER, stream=True)
+    assert chat.done and chat.load_duration and chat.load_duration >= 50 * MS
+    assert chat.total_duration and chat.total_duration >= chat.load_duration
+    *_, again = client.chat(model="llama3:8b", messages=USER, stream=True)
+    assert again.load_duration and again.load_duration < 5 * MS
+
+
+def test_concurrent_cold_requests_share_one_load(emu: OllamaEmulator) -> None:
+    emu.set_residency(load_delay_ms=50)
+    client = ollama.Client(host=emu.url, timeout=10)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(
+            pool.map(lambda _: client.generate(model="gemma3:1b", prompt="hi"), range(4))
+        )
+    assert all(r.done and r.load_duration and r.load_duration > 1 * MS for r in replies)
+    assert emu.stats()["loads"]["gemma3:1b"] == 1
+
+
+def test_ps_lists_resident_models_only(client: ollama.Client, emu: OllamaEmulator) -> None:
+    emu.set_residency(max_loaded_models=1, keep_alive_s=60)
+    client.generate(model="gemma3:1b", prompt="hi")
+    client.generate(model="llama3:8b", prompt="hi")
+    (loaded,) = client.ps().models
+    assert loaded.model == loaded.name == "llama3:8b" and loaded.size_vram and loaded.digest
+    assert loaded.details and loaded.details.family == "llama3"
+    assert loaded.expires_at is not None
+    assert 55 < (loaded.expires_at - datetime.now(UTC)).total_seconds() <= 60
+    emu.set_residency(keep_alive_s=0.05)  # applies to models loaded with the default
+    time.sleep(0.1)
+    assert client.ps().models == [] and emu.stats()["resident"] == []  # expired
+
+
+def test_keep_alive(client: ollama.Client, emu: OllamaEmulator) -> None:
+    client.generate(model="gemma3:1b", prompt="hi")
+    client.generate(model="gemma3:1b", prompt="hi", keep_alive=0)
+    assert emu.stats()["resident"] == [] and client.ps().models == []
+    for zero in ("0", "0s"):
+        client.chat(model="llama3:8b", messages=USER, keep_alive=zero)
+        assert emu.stats()["resident"] == []
+    assert emu.stats()["loads"] == {"gemma3:1b": 1, "llama3:8b": 2, "mistral:7b": 0}
+
+    emu.set_residency(keep_alive_s=0.05)
+    client.generate(model="gemma3:1b", prompt="hi", keep_alive=-1)  # forever
+    client.generate(model="llama3:8b", prompt="hi", keep_alive="1m30s")
+    client.generate(model="mistral:7b", prompt="hi")
+    time.sleep(0.1)
+    models = client.ps().models
+    assert [m.model for m in models] == ["llama3:8b", "gemma3:1b"]
+    assert models[1].expires_at and models[1].expires_at.year > datetime.now(UTC).year + 100
+    bad = httpx.post(
+        f"{emu.url}/api/generate", json={"model": "gemma3:1b", "prompt": "x", "keep_alive": "5x"}
+    )
+    assert bad.status_code == 400 and "invalid duration" in bad.json()["error"]
+
+
+def test_residency_control_route(emu: OllamaEmulator) -> None:
+    url = f"{emu.url}/_emulator/residency"
+    answer = httpx.post(url, json={"max_loaded_models": 3}).json()
+    assert answer == {
+        "residency": {"max_loaded_models": 3, "load_delay_ms": 0.0, "keep_alive_s": 300.0}
+    }
+    assert httpx.post(url, json={"load_delay_ms": 5}).json()["residency"]["max_loaded_models"] == 3
+    for bad in (
+        {"max_loaded_models": -1},
+        {"max_loaded_models": 1.5},
+        {"load_delay_ms": -1},
+        {"keep_alive_s": "5m"},
+        {"keep_alive_s": True},
+        {"max_models": 1},
+    ):
+        response = httpx.post(url, json=bad)
+        assert response.status_code == 400 and "error" in response.json(), bad
+    assert emu.stats()["residency"] == {
+        "max_loaded_models": 3,
+        "load_delay_ms": 5.0,
+        "keep_alive_s": 300.0,
+    }
+
+
+def test_emulator_process_kill_and_restart() -> None:
+    with EmulatorProcess(max_loaded_models=1, load_delay_ms=20, keep_alive_s=60) as host:
+        assert host.stats()["residency"] == {
+            "max_loaded_models": 1,
+            "load_delay_ms": 20.0,
+            "keep_alive_s": 60.0,
+        }
+        host.set_behaviour("gemma3:1b", "hold")
+        client = ollama.Client(host=host.url, timeout=10)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.generate, model="gemma3:1b", prompt="hi")
+            wait_for(lambda: host.stats()["in_flight"]["gemma3:1b"] == 1)
+            host.kill()  # the host dies mid-answer
+            with pytest.raises(httpx.TransportError):
+                answer.result(5)
+        port = host.port
+        host.restart()
+        assert host.port == port and host.url.endswith(f":{port}")
+        stats = host.stats()
+        assert stats["resident"] == [] and stats["requests"]["gemma3:1b"] == 0
+        assert stats["residency"]["max_loaded_models"] == 1  # same flags
+        assert host.set_residency(max_loaded_models=2)["max_loaded_models"] == 2
+        reply = client.generate(model="gemma3:1b", prompt="hi")
+        assert reply.load_duration and reply.load_duration >= 20 * MS
