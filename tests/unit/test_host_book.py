@@ -44,9 +44,15 @@ def test_a_refresh_replaces_what_the_records_say_is_loaded(
     hosts.resident(POOL, "llama3", T)
     assert hosts.claim_refresh(POOL, T + 40_000, stale_ms=30_000)
     assert not hosts.claim_refresh(POOL, T + 41_000, stale_ms=30_000)  # one instance refreshes
-    hosts.refreshed(POOL, ["mistral"], ["gemma", "llama3", "mistral"], T + 40_000)
+    hosts.refreshed(
+        POOL,
+        {"mistral": T + 39_000, "qwen": T + 20_000},
+        ["gemma", "llama3", "mistral"],
+        T + 40_000,
+    )
     view = hosts.views({"gpu1": POOL})["gpu1"]
-    assert view.resident == {"mistral": T + 40_000} and view.ps_at == T + 40_000
+    assert view.resident == {"mistral": T + 39_000, "qwen": T + 20_000}
+    assert view.ps_at == T + 40_000
 
 
 def test_a_circuit_opens_once_then_one_probe_decides(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 from hermes import observability
@@ -26,6 +27,7 @@ from hermes.config import ModelConfig, Settings
 from hermes.errors import HermesError, UpstreamError, UpstreamUnavailable
 from hermes.limiter.hosts import HostBook, HostView
 from hermes.placement import (
+    RESIDENT_MS,
     Candidate,
     Demand,
     HostLimits,
@@ -172,6 +174,8 @@ class HostPools:
                 pool, name, now, load_ms if cold else None, evicted, loaded=claimed
             )
         )
+        if cold:
+            await self._reread(host)
 
     async def release_claim(self, host: str, name: str) -> None:
         await self.blocking(lambda: self.book.end_load(host_pool(host), name))
@@ -223,11 +227,39 @@ class HostPools:
         await self._record(host, loaded)
 
     async def _record(self, host: str, loaded: list[dict[str, Any]]) -> None:
-        tags = {_bare(str(m.get("model") or m.get("name") or "")) for m in loaded}
-        known = [n for n, c in self.settings.models.items() if host in c.pool]
-        resident = [n for n in known if _bare(self.settings.models[n].backend_model) in tags]
+        """Write what the server says it has loaded, in its own least-recently-used order."""
         now = self._now_ms()
+        used = {
+            _bare(str(m.get("model") or m.get("name") or "")): _last_used(m, now) for m in loaded
+        }
+        known = [n for n, c in self.settings.models.items() if host in c.pool]
+        resident = {
+            n: used[tag]
+            for n in known
+            if (tag := _bare(self.settings.models[n].backend_model)) in used
+        }
         await self.blocking(lambda: self.book.refreshed(host_pool(host), resident, known, now))
+
+    async def _reread(self, host: str) -> None:
+        """After a cold load: the server's own list, so the record says exactly what it
+        evicted (a prediction from the record's last-used times can pick the wrong model)."""
+        try:
+            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+        except HermesError:
+            return  # the prediction stands until the next refresh
+        await self._record(host, loaded)
+
+
+def _last_used(entry: dict[str, Any], now_ms: int) -> int:
+    """When the server last used a loaded model: /api/ps reports its expiry, last use +
+    keep_alive; with Ollama's default keep_alive that order is the server's own LRU order.
+    Clamped so an unusual keep_alive never makes a loaded model look unloaded, or future."""
+    try:
+        expires = datetime.fromisoformat(str(entry.get("expires_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return now_ms
+    used = int(expires.timestamp() * 1000) - RESIDENT_MS
+    return max(now_ms - RESIDENT_MS // 2, min(used, now_ms))
 
 
 def _bare(tag: str) -> str:

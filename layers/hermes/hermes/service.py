@@ -308,10 +308,13 @@ class HermesService:
             counters = self.counters(name, config, candidate.host)
             try:
                 lease = await take(host_pool(candidate.host), counters, wait_until=0.0)
-            except (ModelBusy, HostBusy):
-                if claimed:
-                    await self.pools.release_claim(candidate.host, name)
-                continue  # the view was stale: the next host
+            except BaseException as error:
+                if claimed:  # no call: the host may load another model at once
+                    with contextlib.suppress(Exception):
+                        await self.pools.release_claim(candidate.host, name)
+                if isinstance(error, ModelBusy | HostBusy):
+                    continue  # the view was stale: the next host
+                raise
             return lease, Placed(candidate, views[candidate.host], claimed)
         # No slot free now: wait (or answer 429) where the model is loaded, if it is anywhere.
         target = waits_here or min(candidates, key=lambda c: (c.cold, c.tier))

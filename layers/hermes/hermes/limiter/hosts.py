@@ -111,17 +111,19 @@ class HostBook:
         )
 
     def refreshed(
-        self, pool: str, resident: Sequence[str], known: Sequence[str], now_ms: int
+        self, pool: str, resident: dict[str, int], known: Sequence[str], now_ms: int
     ) -> None:
-        """The server itself says `resident` are loaded: every other model in `known` is not."""
+        """The server itself says `resident` ({model: last used, epoch ms}) are loaded: every
+        other model in `known` is not."""
         names = {f"#r{i}": RESIDENT + m for i, m in enumerate(resident)}
         names |= {
             f"#g{i}": RESIDENT + m for i, m in enumerate(m for m in known if m not in resident)
         }
-        sets = ["ps_at = :now"] + [f"#r{i} = :now" for i in range(len(resident))]
+        values = {":now": n(now_ms)} | {f":r{i}": n(t) for i, t in enumerate(resident.values())}
+        sets = ["ps_at = :now"] + [f"#r{i} = :r{i}" for i in range(len(resident))]
         gone = [k for k in names if k.startswith("#g")]
         expression = "SET " + ", ".join(sets) + (f" REMOVE {', '.join(gone)}" if gone else "")
-        self._update(pool, expression, {":now": n(now_ms)}, names=names or None)
+        self._update(pool, expression, values, names=names or None)
 
     def claim_refresh(self, pool: str, now_ms: int, stale_ms: int) -> bool:
         """One instance re-reads a host's residency once it is `stale_ms` old."""
