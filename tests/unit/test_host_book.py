@@ -44,15 +44,22 @@ def test_a_refresh_replaces_what_the_records_say_is_loaded(
     hosts.resident(POOL, "llama3", T)
     assert hosts.claim_refresh(POOL, T + 40_000, stale_ms=30_000)
     assert not hosts.claim_refresh(POOL, T + 41_000, stale_ms=30_000)  # one instance refreshes
+    hosts.resident(POOL, "qwen", T + 39_500)  # an answer recorded after the server was asked
     hosts.refreshed(
         POOL,
         {"mistral": T + 39_000, "qwen": T + 20_000},
-        ["gemma", "llama3", "mistral"],
+        ["gemma", "llama3", "mistral", "qwen", "phi"],
         T + 40_000,
+        asked_at_ms=T + 39_000,
     )
     view = hosts.views({"gpu1": POOL})["gpu1"]
-    assert view.resident == {"mistral": T + 39_000, "qwen": T + 20_000}
+    # gemma and llama3 are gone; qwen keeps its newer time; phi was never there
+    assert view.resident == {"mistral": T + 39_000, "qwen": T + 39_500}
     assert view.ps_at == T + 40_000
+    hosts.resident(POOL, "gemma", T + 41_000)  # loaded while the server was being asked
+    hosts.refreshed(POOL, {}, ["gemma", "mistral"], T + 42_000, asked_at_ms=T + 40_500)
+    view = hosts.views({"gpu1": POOL})["gpu1"]
+    assert view.resident == {"gemma": T + 41_000, "qwen": T + 39_500}
 
 
 def test_a_circuit_opens_once_then_one_probe_decides(

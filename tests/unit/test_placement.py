@@ -112,3 +112,12 @@ def test_an_idle_eviction_prefers_a_model_loaded_elsewhere_too_then_the_least_re
     ]
     ranked = rank(demand(), views, LIMITS, NOW)
     assert [(c.host, c.evicts) for c in ranked] == [("b", ("z",)), ("c", ("w",)), ("a", ("y",))]
+
+
+def test_a_model_with_requests_in_flight_on_a_host_is_loaded_there_whatever_the_record_says() -> (
+    None
+):
+    views = [view("a"), view("b", {}, inflight_m=1, inflight_x=1, inflight_y=1, memory=6)]
+    limits = {"a": HostLimits(8, 2), "b": HostLimits(8, 3)}
+    ranked = rank(demand(), views, limits, NOW)
+    assert (ranked[0].host, ranked[0].tier, ranked[0].resident) == ("b", 0, True)

@@ -106,7 +106,7 @@ def rank(
     busy = {v.host: v.counters.get(demand.counter, 0) + v.waiting for v in views}
     copies: dict[str, int] = {}
     for v in views:
-        for m in resident_models(v, now_ms):
+        for m in in_memory(v, now_ms):
             copies[m] = copies.get(m, 0) + 1
     by_host = {v.host: v for v in views}
 
@@ -133,7 +133,7 @@ def _candidate(demand: Demand, view: HostView, limits: HostLimits, now_ms: int) 
         and counters.get(demand.counter, 0) + 1 <= demand.capacity
         and counters.get(MEMORY_COUNTER, 0) + demand.weight <= limits.memory_budget
     )
-    loaded = resident_models(view, now_ms)
+    loaded = in_memory(view, now_ms)
     loading = view.loading_now(now_ms)
     resident = demand.model in loaded or loading == demand.model
     if resident:
@@ -155,6 +155,17 @@ def _candidate(demand: Demand, view: HostView, limits: HostLimits, now_ms: int) 
     in_use = [m for m in evicts if counters.get(model_counter(m), 0) > 0]
     tier = 2 if not evicts else (3 if not in_use else 4)
     return Candidate(view.host, tier, True, False, evicts)
+
+
+def in_memory(view: HostView, now_ms: int) -> dict[str, int]:
+    """The models the host holds: those the record says, and any with a request in flight
+    there (a record can lag behind: the server cannot run a model it has not loaded)."""
+    held = resident_models(view, now_ms)
+    prefix = model_counter("")
+    for counter, count in view.counters.items():
+        if counter.startswith(prefix) and count > 0:
+            held.setdefault(counter[len(prefix) :], now_ms)
+    return held
 
 
 def evictions(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from hermes.placement import (
     Strategy,
     evictions,
     host_pool,
+    in_memory,
     model_counter,
     rank,
     resident_models,
@@ -135,6 +137,25 @@ class HostPools:
             )
         )
 
+    async def make_room(self, host: str, name: str, view: HostView) -> None:
+        """Before this request's cold load of `name` on `host`: the server's own list (its
+        least recently used order decides what it evicts), and the models the load will
+        evict forgotten now, so that no request is sent for them meanwhile (each would be a
+        load of its own). The answer's re-read corrects any misprediction."""
+        pool, asked_at = host_pool(host), self._now_ms()
+        try:
+            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+        except HermesError:
+            loaded = None
+        now = self._now_ms()
+        if loaded is not None:
+            await self._record(host, loaded, asked_at)
+            view = replace(view, resident=self._used(host, loaded, now))
+        config = self.settings.hosts[host]
+        limits = HostLimits(config.memory_budget, config.max_loaded_models)
+        evicted = evictions(in_memory(view, now), view, limits, name)
+        await self.blocking(lambda: self.book.forget(pool, evicted))
+
     async def answered(
         self,
         host: str,
@@ -202,6 +223,7 @@ class HostPools:
         if not claimed:
             return  # another instance probes
         try:
+            asked_at = self._now_ms()
             loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
         except HermesError as error:
             await self.failed(host, error)
@@ -211,7 +233,7 @@ class HostPools:
             return
         await self.blocking(lambda: self.book.close_circuit(pool))
         observability.circuit_closed(host)
-        await self._record(host, loaded)
+        await self._record(host, loaded, asked_at)
 
     async def _refresh(self, host: str) -> None:
         pool, now = host_pool(host), self._now_ms()
@@ -219,35 +241,44 @@ class HostPools:
         if not await self.blocking(lambda: self.book.claim_refresh(pool, now, stale_ms)):
             return
         try:
+            asked_at = self._now_ms()
             loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
         except HermesError as error:
             if host_failed(error):
                 await self.failed(host, error)
             return
-        await self._record(host, loaded)
+        await self._record(host, loaded, asked_at)
 
-    async def _record(self, host: str, loaded: list[dict[str, Any]]) -> None:
-        """Write what the server says it has loaded, in its own least-recently-used order."""
+    async def _record(self, host: str, loaded: list[dict[str, Any]], asked_at: int) -> None:
+        """Write what the server, asked at `asked_at`, says it has loaded, in its own
+        least-recently-used order."""
         now = self._now_ms()
+        known = [n for n, c in self.settings.models.items() if host in c.pool]
+        resident = self._used(host, loaded, now)
+        await self.blocking(
+            lambda: self.book.refreshed(host_pool(host), resident, known, now, asked_at)
+        )
+
+    def _used(self, host: str, loaded: list[dict[str, Any]], now: int) -> dict[str, int]:
+        """{model of this host's pools: last used} from the server's /api/ps entries."""
         used = {
             _bare(str(m.get("model") or m.get("name") or "")): _last_used(m, now) for m in loaded
         }
-        known = [n for n, c in self.settings.models.items() if host in c.pool]
-        resident = {
+        return {
             n: used[tag]
-            for n in known
-            if (tag := _bare(self.settings.models[n].backend_model)) in used
+            for n, c in self.settings.models.items()
+            if host in c.pool and (tag := _bare(c.backend_model)) in used
         }
-        await self.blocking(lambda: self.book.refreshed(host_pool(host), resident, known, now))
 
     async def _reread(self, host: str) -> None:
         """After a cold load: the server's own list, so the record says exactly what it
         evicted (a prediction from the record's last-used times can pick the wrong model)."""
         try:
+            asked_at = self._now_ms()
             loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
         except HermesError:
             return  # the prediction stands until the next refresh
-        await self._record(host, loaded)
+        await self._record(host, loaded, asked_at)
 
 
 def _last_used(entry: dict[str, Any], now_ms: int) -> int:

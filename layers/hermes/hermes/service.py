@@ -315,6 +315,9 @@ class HermesService:
                 if isinstance(error, ModelBusy | HostBusy):
                     continue  # the view was stale: the next host
                 raise
+            if claimed:
+                with contextlib.suppress(HermesError):  # a hint: the load goes ahead anyway
+                    await self.pools.make_room(candidate.host, name, views[candidate.host])
             return lease, Placed(candidate, views[candidate.host], claimed)
         # No slot free now: wait (or answer 429) where the model is loaded, if it is anywhere.
         target = waits_here or min(candidates, key=lambda c: (c.cold, c.tier))

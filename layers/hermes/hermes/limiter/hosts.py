@@ -104,6 +104,12 @@ class HostBook:
         expression = "SET " + ", ".join(sets) + (f" REMOVE {', '.join(removes)}" if removes else "")
         self._update(pool, expression, values, names=names)
 
+    def forget(self, pool: str, models: Sequence[str]) -> None:
+        """`models` are no longer loaded on the host (the server evicts them for a load)."""
+        if models:
+            names = {f"#e{i}": RESIDENT + m for i, m in enumerate(models)}
+            self._update(pool, "REMOVE " + ", ".join(names), None, names=names)
+
     def end_load(self, pool: str, model: str) -> None:
         """Give up the cold-load claim of `model` (its call failed, or never started)."""
         self._update(
@@ -111,18 +117,33 @@ class HostBook:
         )
 
     def refreshed(
-        self, pool: str, resident: dict[str, int], known: Sequence[str], now_ms: int
+        self,
+        pool: str,
+        resident: dict[str, int],
+        known: Sequence[str],
+        now_ms: int,
+        asked_at_ms: int,
     ) -> None:
-        """The server itself says `resident` ({model: last used, epoch ms}) are loaded: every
-        other model in `known` is not."""
-        names = {f"#r{i}": RESIDENT + m for i, m in enumerate(resident)}
-        names |= {
-            f"#g{i}": RESIDENT + m for i, m in enumerate(m for m in known if m not in resident)
-        }
-        values = {":now": n(now_ms)} | {f":r{i}": n(t) for i, t in enumerate(resident.values())}
-        sets = ["ps_at = :now"] + [f"#r{i} = :r{i}" for i in range(len(resident))]
-        gone = [k for k in names if k.startswith("#g")]
-        expression = "SET " + ", ".join(sets) + (f" REMOVE {', '.join(gone)}" if gone else "")
+        """The server itself, asked at `asked_at_ms`, says `resident` ({model: last used,
+        epoch ms}) are loaded: every other model in `known` is not. What another instance
+        recorded after that question (an answer, a load that ended) is newer, and stays."""
+        current = self._table.get(pool, HOST_SK, consistent=True) or {}
+
+        def recorded(model: str) -> int:
+            return value(current, RESIDENT + model)
+
+        newer = {m: t for m, t in resident.items() if t > recorded(m)}
+        gone = [
+            m
+            for m in known
+            if m not in resident and RESIDENT + m in current and recorded(m) < asked_at_ms
+        ]
+        names = {f"#r{i}": RESIDENT + m for i, m in enumerate(newer)}
+        names |= {f"#g{i}": RESIDENT + m for i, m in enumerate(gone)}
+        values = {":now": n(now_ms)} | {f":r{i}": n(t) for i, t in enumerate(newer.values())}
+        sets = ["ps_at = :now"] + [f"#r{i} = :r{i}" for i in range(len(newer))]
+        removes = [f"#g{i}" for i in range(len(gone))]
+        expression = "SET " + ", ".join(sets) + (f" REMOVE {', '.join(removes)}" if removes else "")
         self._update(pool, expression, values, names=names or None)
 
     def claim_refresh(self, pool: str, now_ms: int, stale_ms: int) -> bool:
