@@ -117,11 +117,12 @@ class HostPools:
             wait_s=wait_s,
             call_s=self._call_s.get(name),
         )
-        limits = {
-            h: HostLimits(c.memory_budget, c.max_loaded_models)
-            for h, c in self.settings.hosts.items()
-        }
+        limits = {h: self._limits(h) for h in config.pool}
         return rank(demand, usable, limits, now, self.strategy), views
+
+    def _limits(self, host: str) -> HostLimits:
+        config = self.settings.hosts[host]
+        return HostLimits(config.memory_budget, config.max_loaded_models)
 
     def reopens_at(self, views: dict[str, HostView]) -> float:
         """Seconds until the first open circuit among `views` may be probed."""
@@ -151,9 +152,7 @@ class HostPools:
         if loaded is not None:
             await self._record(host, loaded, asked_at)
             view = replace(view, resident=self._used(host, loaded, now))
-        config = self.settings.hosts[host]
-        limits = HostLimits(config.memory_budget, config.max_loaded_models)
-        evicted = evictions(in_memory(view, now), view, limits, name)
+        evicted = evictions(in_memory(view, now), view, self._limits(host), name)
         await self.blocking(lambda: self.book.forget(pool, evicted))
 
     async def answered(
@@ -186,9 +185,7 @@ class HostPools:
         if cold or (candidate.cold and load_ns is None):  # (a server without load_duration)
             # Predicted as the server decides, on what it held just before: the record never
             # lists more models than the host keeps (corrected by /api/ps when stale).
-            config = self.settings.hosts[host]
-            limits = HostLimits(config.memory_budget, config.max_loaded_models)
-            evicted = evictions(resident_models(view, now), view, limits, name)
+            evicted = evictions(resident_models(view, now), view, self._limits(host), name)
         pool = host_pool(host)
         await self.blocking(
             lambda: self.book.resident(
