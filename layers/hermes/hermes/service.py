@@ -141,31 +141,36 @@ class HermesService:
         held_s = time.monotonic() - admission.granted_at
         if counted:
             observability.held(model, held_s, host=admission.host)
-        work = [self._release(admission.lease)]
-        if admission.cap is not None:
-            work.append(self._release(admission.cap))
+        # Started here, before any await: a cancelled task (client gone) still frees its
+        # slots, and the pool's bookkeeping runs to its end.
+        loop = asyncio.get_running_loop()
+        leases = [lease for lease in (admission.lease, admission.cap) if lease is not None]
+        releases = [loop.run_in_executor(_RELEASES, self.limiter.release, x) for x in leases]
+        hints: list[Awaitable[None]] = []
         placed = admission.placed
         if placed is not None:
             host = admission.host
             if isinstance(error, HermesError) and host_failed(error):
-                work.append(self.pools.failed(host, error))
+                hints.append(self.pools.failed(host, error))
             if error is not None or not counted:
                 if placed.claimed:
-                    work.append(self.pools.release_claim(host, model))
+                    hints.append(self.pools.release_claim(host, model))
             else:
-                work.append(
+                hints.append(
                     self.pools.answered(
                         host, model, placed.candidate, placed.view, answer, held_s, placed.claimed
                     )
                 )
-        results = await asyncio.gather(*work, return_exceptions=True)
-        for result in results[1:]:  # the pool's bookkeeping is a hint: never fail the call
+        tasks = [asyncio.ensure_future(hint) for hint in hints]
+        results = await asyncio.shield(asyncio.gather(*releases, *tasks, return_exceptions=True))
+        for result in results[len(releases) :]:  # bookkeeping is a hint: never fails the call
             if isinstance(result, Exception):
                 log.warning(
                     "pool bookkeeping for %s on %s failed: %r", model, admission.host, result
                 )
-        if isinstance(results[0], BaseException):
-            raise results[0]
+        for result in results[: len(releases)]:
+            if isinstance(result, BaseException):
+                raise result
 
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
