@@ -16,6 +16,7 @@ Those reads and writes of the server run beside requests, never in front of them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from hermes import observability
 from hermes.backends import OllamaClient
 from hermes.config import ModelConfig, Settings
-from hermes.errors import HermesError, UpstreamError, UpstreamUnavailable
+from hermes.errors import HermesError, LimiterUnavailable, UpstreamError, UpstreamUnavailable
 from hermes.limiter.hosts import HostBook, HostView
 from hermes.placement import (
     RESIDENT_MS,
@@ -143,17 +144,11 @@ class HostPools:
         least recently used order decides what it evicts), and the models the load will
         evict forgotten now, so that no request is sent for them meanwhile (each would be a
         load of its own). The answer's re-read corrects any misprediction."""
-        pool, asked_at = host_pool(host), self._now_ms()
-        try:
-            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
-        except HermesError:
-            loaded = None
+        with contextlib.suppress(HermesError):  # unreachable: the record's own guess
+            view = replace(view, resident=await self._resync(host))
         now = self._now_ms()
-        if loaded is not None:
-            await self._record(host, loaded, asked_at)
-            view = replace(view, resident=self._used(host, loaded, now))
         evicted = evictions(in_memory(view, now), view, self._limits(host), name)
-        await self.blocking(lambda: self.book.forget(pool, evicted))
+        await self.blocking(lambda: self.book.forget(host_pool(host), evicted))
 
     async def answered(
         self,
@@ -192,8 +187,9 @@ class HostPools:
                 pool, name, now, load_ms if cold else None, evicted, loaded=claimed
             )
         )
-        if cold:
-            await self._reread(host)
+        if cold:  # what the load evicted, as the server itself says
+            with contextlib.suppress(HermesError):  # unreachable: the prediction stands
+                await self._resync(host)
 
     async def release_claim(self, host: str, name: str) -> None:
         await self.blocking(lambda: self.book.end_load(host_pool(host), name))
@@ -220,8 +216,9 @@ class HostPools:
         if not claimed:
             return  # another instance probes
         try:
-            asked_at = self._now_ms()
-            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+            await self._resync(host)
+        except LimiterUnavailable:
+            return  # the lease table failed, not the host: the claim lapses, another probes
         except HermesError as error:
             await self.failed(host, error)
             return
@@ -230,7 +227,6 @@ class HostPools:
             return
         await self.blocking(lambda: self.book.close_circuit(pool))
         observability.circuit_closed(host)
-        await self._record(host, loaded, asked_at)
 
     async def _refresh(self, host: str) -> None:
         pool, now = host_pool(host), self._now_ms()
@@ -238,23 +234,23 @@ class HostPools:
         if not await self.blocking(lambda: self.book.claim_refresh(pool, now, stale_ms)):
             return
         try:
-            asked_at = self._now_ms()
-            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
+            await self._resync(host)
         except HermesError as error:
             if host_failed(error):
                 await self.failed(host, error)
-            return
-        await self._record(host, loaded, asked_at)
 
-    async def _record(self, host: str, loaded: list[dict[str, Any]], asked_at: int) -> None:
-        """Write what the server, asked at `asked_at`, says it has loaded, in its own
-        least-recently-used order."""
+    async def _resync(self, host: str) -> dict[str, int]:
+        """Ask the server what it has loaded (/api/ps, or /v1/models) and write that down, in
+        its own least-recently-used order; {model: last used}. Raises its HermesError."""
+        asked_at = self._now_ms()
+        loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
         now = self._now_ms()
         known = [n for n, c in self.settings.models.items() if host in c.pool]
         resident = self._used(host, loaded, now)
         await self.blocking(
             lambda: self.book.refreshed(host_pool(host), resident, known, now, asked_at)
         )
+        return resident
 
     def _used(self, host: str, loaded: list[dict[str, Any]], now: int) -> dict[str, int]:
         """{model of this host's pools: last used} from the server's /api/ps entries."""
@@ -266,16 +262,6 @@ class HostPools:
             for n, c in self.settings.models.items()
             if host in c.pool and (tag := _bare(c.backend_model)) in used
         }
-
-    async def _reread(self, host: str) -> None:
-        """After a cold load: the server's own list, so the record says exactly what it
-        evicted (a prediction from the record's last-used times can pick the wrong model)."""
-        try:
-            asked_at = self._now_ms()
-            loaded = await self.backends[host].loaded_models(self.settings.probe_timeout_s)
-        except HermesError:
-            return  # the prediction stands until the next refresh
-        await self._record(host, loaded, asked_at)
 
 
 def _last_used(entry: dict[str, Any], now_ms: int) -> int:

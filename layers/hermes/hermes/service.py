@@ -122,8 +122,11 @@ class HermesService:
         the event loop, where the other calls of this process keep their deadlines. The
         release starts before the first await, so a cancelled task (a client gone) still
         frees its slot: only the waiting is cancelled."""
-        done = asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
-        await asyncio.shield(done)
+        await asyncio.shield(self._start_release(lease))
+
+    def _start_release(self, lease: Lease) -> asyncio.Future[bool]:
+        """The release of `lease`, already running in a worker thread when this returns."""
+        return asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
 
     async def _finish(
         self,
@@ -143,9 +146,8 @@ class HermesService:
             observability.held(model, held_s, host=admission.host)
         # Started here, before any await: a cancelled task (client gone) still frees its
         # slots, and the pool's bookkeeping runs to its end.
-        loop = asyncio.get_running_loop()
         leases = [lease for lease in (admission.lease, admission.cap) if lease is not None]
-        releases = [loop.run_in_executor(_RELEASES, self.limiter.release, x) for x in leases]
+        releases = [self._start_release(lease) for lease in leases]
         hints: list[Awaitable[None]] = []
         placed = admission.placed
         if placed is not None:

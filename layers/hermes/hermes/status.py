@@ -30,7 +30,8 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
     probes.append(_timed(asyncio.to_thread(service.limiter.usage, pools), timeout))
     book = service.limiter.hosts
     pooled = dict(zip(hosts, pools, strict=True))
-    probes.append(_timed(asyncio.to_thread(book.views, pooled), timeout))
+    # The records only: usage (above) reads the counters, less the leases that expired.
+    probes.append(_timed(asyncio.to_thread(book.views, pooled, False), timeout))
     *host_results, (usage, dynamodb_check), (views, _) = await asyncio.gather(*probes)
     now_ms = int(time.time() * 1000)
     ollama_check = _combine([check for _, check in host_results])

@@ -55,11 +55,13 @@ class HostBook:
     def __init__(self, table: Table) -> None:
         self._table = table
 
-    def views(self, pools: dict[str, str]) -> dict[str, HostView]:
+    def views(self, pools: dict[str, str], counters: bool = True) -> dict[str, HostView]:
         """{host: view} for `pools` ({host: its pool}), in one BatchGetItem (eventually
-        consistent: placement only ranks; the admission transaction is the check)."""
-        keys = [key(pool, STATE_SK) for pool in pools.values()]
-        keys += [key(pool, HOST_SK) for pool in pools.values()]
+        consistent: placement only ranks; the admission transaction is the check).
+        `counters=False`: the records alone, for a caller that reads the counters itself."""
+        keys = [key(pool, HOST_SK) for pool in pools.values()]
+        if counters:
+            keys += [key(pool, STATE_SK) for pool in pools.values()]
         items = self._table.batch_get(keys, consistent=False)
         by_key = {(i["pk"]["S"], i["sk"]["S"]): i for i in items}
         return {
