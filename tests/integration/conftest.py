@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,22 @@ def dynamodb_local() -> Iterator[DynamoDBLocal]:
     server = DynamoDBLocal().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def conflict_store(dynamodb_local: DynamoDBLocal) -> Iterator[ConflictingDynamoDB]:
+    """The session's DynamoDB Local behind a proxy as strict as real DynamoDB: a transaction
+    holds its items for 10 ms (its commit), overlapping ones are cancelled."""
+    with ConflictingDynamoDB(dynamodb_local.url, commit_s=0.01) as store:
+        yield store
+
+
+@pytest.fixture
+def conflicting_dynamodb(conflict_store: ConflictingDynamoDB) -> ConflictingDynamoDB:
+    """conflict_store with no fault injected and its counters at zero."""
+    conflict_store.reset()
+    conflict_store.commit_s = 0.01
+    return conflict_store
 
 
 @pytest.fixture(scope="session")

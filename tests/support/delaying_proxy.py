@@ -21,14 +21,18 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from tests.support.dynamodb_limits import violations
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+
+# What DynamoDB (or the proxy) answers: status, headers, body.
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
 @dataclass
@@ -82,6 +86,20 @@ class DelayingProxy:
             self.dropped.clear()
             self.violations.clear()
 
+    def exchange(
+        self, operation: str, body: bytes, forward: Callable[[bytes], Answer]
+    ) -> Answer | None:
+        """One request, from arrival to answer: what the client hears, or None to close the
+        connection unanswered. `forward` sends a body to DynamoDB and returns its answer.
+        Subclasses override this to answer in DynamoDB's place or to hold an answer back."""
+        before, after, drop = self._plan(operation, body)
+        time.sleep(before)
+        answer = forward(body)
+        if drop:
+            return None
+        time.sleep(after)
+        return answer
+
     def _plan(self, operation: str, body: bytes) -> tuple[float, float, bool]:
         """(delay before, delay after, drop the answer) for one request, and its checks."""
         try:
@@ -102,7 +120,7 @@ class DelayingProxy:
             self.slowed[operation] += 1
             return self.rng.uniform(*rule.before_s), self.rng.uniform(*rule.after_s), False
 
-    def __enter__(self) -> DelayingProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -130,26 +148,24 @@ class _Handler(BaseHTTPRequestHandler):
         proxy: DelayingProxy = self.server.proxy
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         operation = (self.headers.get("X-Amz-Target") or "").rpartition(".")[2]
-        before, after, drop = proxy._plan(operation, body)
-        time.sleep(before)
-        status, headers, answer = self._forward(body)
-        if drop:
+        answer = proxy.exchange(operation, body, self._forward)
+        if answer is None:
             self.close_connection = True  # closed unanswered: the client hears nothing
             return
-        time.sleep(after)
+        status, headers, content = answer
         try:
             self.send_response(status)
             for name, value in headers:
                 if name.lower() not in HOP_BY_HOP:
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(answer)))
+            self.send_header("Content-Length", str(len(content)))
             self.end_headers()
-            self.wfile.write(answer)
+            self.wfile.write(content)
             self.wfile.flush()
         except OSError:
             self.close_connection = True  # the client gave up waiting (its read timeout)
 
-    def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _forward(self, body: bytes) -> Answer:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         for attempt in range(2):
             if self.upstream is None:

@@ -1,9 +1,11 @@
-"""Injected faults: DynamoDB throttling is retried with backoff (botocore's standard mode)
-and persistent failure fails closed; Ollama's own 503 "server busy" asks to retry later."""
+"""Injected faults: DynamoDB throttling is retried with backoff (botocore's standard mode,
+then the limiter's own until the request's patience runs out: 429, never 503), persistent
+failure fails closed (503); Ollama's own 503 "server busy" asks to retry later."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from hermes.aws import client
-from hermes.errors import LimiterUnavailable
+from hermes.errors import ModelBusy
 from hermes.service import get_service, host_pool
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
@@ -77,8 +79,21 @@ def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
     }
 
 
-def test_persistent_throttling_fails_closed_with_503() -> None:
-    inject(Throttle(times=100))
+def test_persistent_throttling_answers_busy_not_unavailable() -> None:
+    """Given DynamoDB throttling every write, when a request comes, then it is retried for
+    the limiter's patience and answered 429 with Retry-After: contention is not an outage
+    (no 503, no LimiterErrors alarm)."""
+    fault = Throttle(times=1000)
+    inject(fault)
+    response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
+    body = json.loads(response["body"])
+    assert (response["statusCode"], body["code"]) == (429, "model_busy")
+    assert "contended" in body["error"] and response["headers"]["retry-after"]
+    assert fault.seen > 6  # more than botocore's own 3 attempts: the limiter backed off too
+
+
+def test_persistent_dynamodb_errors_fail_closed_with_503() -> None:
+    inject(Throttle(times=100, code="InternalServerError", status=500))
     response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
     body = json.loads(response["body"])
     assert (response["statusCode"], body["code"]) == (503, "limiter_unavailable")
@@ -98,10 +113,15 @@ def test_a_release_that_keeps_failing_leaves_the_lease_to_expire() -> None:
     service = get_service()
     config = service.model("gemma")
     lease = service.limiter.acquire(host_pool("default"), service.counters("gemma", config), 60_000)
-    inject(Throttle(times=100))
-    assert service.limiter.release(lease) is False  # logged; the answer does not depend on it
-    with pytest.raises(LimiterUnavailable):
-        service.limiter.acquire(host_pool("default"), service.counters("gemma", config), 60_000)
+    inject(Throttle(times=1000))
+    soon_ms = int(time.time() * 1000) + 500
+    # Retried until its deadline, then logged; the answer does not depend on it.
+    assert service.limiter.release(lease, until_ms=soon_ms) is False
+    assert time.time() * 1000 < soon_ms + 400  # it stopped at its deadline
+    with pytest.raises(ModelBusy):
+        service.limiter.acquire(
+            host_pool("default"), service.counters("gemma", config), 60_000, until_ms=soon_ms
+        )
 
 
 def test_ollama_server_busy_asks_to_retry_later(emulator: OllamaEmulator) -> None:

@@ -30,12 +30,13 @@ from hermes.errors import (
     PromptTooLarge,
     RouteNotFound,
 )
+from hermes.limiter import RELEASE_RESERVE_S
 from hermes.schemas import Priority
 
 log = logging.getLogger(__name__)
 
 # Time kept back from the Lambda deadline to release the lease and send the answer.
-LAMBDA_SAFETY_S = 1.0
+LAMBDA_SAFETY_S = RELEASE_RESERVE_S + 0.5
 # Generous for JSON escaping (up to 6 bytes per character) around the largest prompt.
 BODY_BYTES_PER_PROMPT_CHAR = 6
 BODY_OVERHEAD_BYTES = 64 * 1024

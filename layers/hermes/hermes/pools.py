@@ -26,7 +26,14 @@ from typing import Any, TypeVar
 from hermes import observability
 from hermes.backends import OllamaClient
 from hermes.config import ModelConfig, Settings
-from hermes.errors import HermesError, LimiterUnavailable, UpstreamError, UpstreamUnavailable
+from hermes.errors import (
+    HermesError,
+    LimiterUnavailable,
+    ModelBusy,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from hermes.limiter import Contended
 from hermes.limiter.hosts import HostBook, HostView
 from hermes.placement import (
     RESIDENT_MS,
@@ -96,7 +103,12 @@ class HostPools:
     ) -> tuple[list[Candidate], dict[str, HostView]]:
         """The hosts that may serve this request, best first (none when every circuit of the
         pool is open), and the views they were ranked on."""
-        views = await self.views(config.pool)
+        try:
+            views = await self.views(config.pool)
+        except Contended:
+            raise ModelBusy(
+                f"model '{name}': the lease table is busy; retry later", retry_after=1
+            ) from None
         now = self._now_ms()
         usable = []
         for host in config.pool:

@@ -33,7 +33,14 @@ from hermes.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hermes.limiter import Counter, Lease, Limiter, Ticket
+from hermes.limiter import (
+    ADMIT_PATIENCE_S,
+    RELEASE_RESERVE_S,
+    Counter,
+    Lease,
+    Limiter,
+    Ticket,
+)
 from hermes.limiter.hosts import HostView
 from hermes.placement import (
     MEMORY_COUNTER,
@@ -97,6 +104,9 @@ class Admission:
     host: str
     cap: Lease | None = None  # the lease of the model-wide cap, when it has one
     placed: Placed | None = None  # how a pool of several hosts was placed
+    # The caller's deadline (time.monotonic()), after which RELEASE_RESERVE_S is kept for the
+    # release: it must land before the invocation ends. None: no deadline (local runner).
+    deadline: float | None = None
 
     @property
     def ends_at(self) -> float:
@@ -122,11 +132,17 @@ class HermesService:
         the event loop, where the other calls of this process keep their deadlines. The
         release starts before the first await, so a cancelled task (a client gone) still
         frees its slot: only the waiting is cancelled."""
-        await asyncio.shield(self._start_release(lease))
+        await asyncio.shield(self._start_release(lease, None))
 
-    def _start_release(self, lease: Lease) -> asyncio.Future[bool]:
-        """The release of `lease`, already running in a worker thread when this returns."""
-        return asyncio.get_running_loop().run_in_executor(_RELEASES, self.limiter.release, lease)
+    def _start_release(self, lease: Lease, deadline: float | None) -> asyncio.Future[bool]:
+        """The release of `lease`, already running in a worker thread when this returns;
+        retried through contention until the invocation's end (`deadline` plus the reserve)
+        or, without a deadline, until the lease expires."""
+        until_ms = None
+        if deadline is not None:
+            until_ms = int((time.time() + deadline + RELEASE_RESERVE_S - time.monotonic()) * 1000)
+        release = functools.partial(self.limiter.release, lease, until_ms)
+        return asyncio.get_running_loop().run_in_executor(_RELEASES, release)
 
     async def _finish(
         self,
@@ -147,7 +163,7 @@ class HermesService:
         # Started here, before any await: a cancelled task (client gone) still frees its
         # slots, and the pool's bookkeeping runs to its end.
         leases = [lease for lease in (admission.lease, admission.cap) if lease is not None]
-        releases = [self._start_release(lease) for lease in leases]
+        releases = [self._start_release(lease, admission.deadline) for lease in leases]
         hints: list[Awaitable[None]] = []
         placed = admission.placed
         if placed is not None:
@@ -164,7 +180,18 @@ class HermesService:
                     )
                 )
         tasks = [asyncio.ensure_future(hint) for hint in hints]
-        results = await asyncio.shield(asyncio.gather(*releases, *tasks, return_exceptions=True))
+        everything = asyncio.shield(asyncio.gather(*releases, *tasks, return_exceptions=True))
+        if admission.deadline is None:
+            results = await everything
+        else:
+            # The answer must go out before the invocation ends: a release (or a hint) still
+            # running then is left to finish if the sandbox lives on, else to lease expiry.
+            left_s = admission.deadline + RELEASE_RESERVE_S - time.monotonic()
+            try:
+                results = await asyncio.wait_for(everything, max(left_s, 0.0))
+            except TimeoutError:
+                log.error("releases of %s outlasted the invocation's reserve", model)
+                return
         for result in results[len(releases) :]:  # bookkeeping is a hint: never fails the call
             if isinstance(result, Exception):
                 log.warning(
@@ -263,7 +290,7 @@ class HermesService:
         )
         if lease_s < limits[cut_by] - LEASE_SHORTFALL_S:
             cut_by = "lease"
-        admission = Admission(lease, run_s, granted_at, cut_by, host, cap, placed)
+        admission = Admission(lease, run_s, granted_at, cut_by, host, cap, placed, deadline)
         if run_s <= 0 or (cut_by == "lease" and run_s < MIN_RUN_S):
             await self._finish(name, admission, counted=False)
             if cut_by == "deadline":
@@ -348,11 +375,16 @@ class HermesService:
         asked_at = time.monotonic()
         if wait_until <= asked_at:
             # No waiting: admitted now, or 429 model_busy/host_busy at once (also when others
-            # wait for that capacity: nobody jumps the queue).
+            # wait for that capacity: nobody jumps the queue). Contention is ridden out for
+            # the limiter's patience, never past the caller's deadline.
+            until_ms = None
+            if deadline is not None:
+                patience_s = min(ADMIT_PATIENCE_S, max(deadline - asked_at, 0.0))
+                until_ms = int((time.time() + patience_s) * 1000)
             call = functools.partial(
                 self.limiter.acquire, pool, counters, math.ceil(wanted_s * 1000) + reserve_ms
             )
-            return await self._blocking(functools.partial(call, retry_after))
+            return await self._blocking(functools.partial(call, retry_after, until_ms))
         now_ms = int(time.time() * 1000)
         got = await self._blocking(
             functools.partial(
@@ -369,6 +401,7 @@ class HermesService:
                     else 0
                 ),
                 priority=priority,
+                retry_after_s=retry_after,
             )
         )
         return got if isinstance(got, Lease) else await self._wait(got, wait_until)

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from hermes import __version__
 from hermes.errors import HermesError
+from hermes.limiter import Contended
 from hermes.limiter.hosts import HostView
 from hermes.placement import MEMORY_COUNTER, host_pool, model_counter, resident_models
 from hermes.service import HermesService
@@ -143,6 +144,8 @@ async def _timed(probe: Any, timeout_s: float) -> tuple[Any, dict[str, Any]]:
         value = await asyncio.wait_for(probe, timeout_s * 1.5)
     except HermesError as exc:
         return None, _check("error", started, exc.message)
+    except Contended as exc:  # throttled reads: DynamoDB is there, but not answering them
+        return None, _check("error", started, f"the lease table is busy ({exc.code})")
     except TimeoutError:
         return None, _check("error", started, f"no answer within {timeout_s * 1.5:g} s")
     return value, _check("ok", started)

@@ -21,7 +21,7 @@ held in one small state item; every lease, waiting request and grant is an item 
 Why this is safe and what it costs: README, "How the limits hold".
 """
 
-from hermes.limiter.limiter import REAP_BATCH, Limiter
+from hermes.limiter.limiter import ADMIT_PATIENCE_S, REAP_BATCH, RELEASE_RESERVE_S, Limiter
 from hermes.limiter.records import (
     AGING_TICKETS,
     PRIORITIES,
@@ -30,11 +30,15 @@ from hermes.limiter.records import (
     Ticket,
     lease_table_definition,
 )
+from hermes.limiter.table import Contended
 
 __all__ = [
+    "ADMIT_PATIENCE_S",
     "AGING_TICKETS",
     "PRIORITIES",
     "REAP_BATCH",
+    "RELEASE_RESERVE_S",
+    "Contended",
     "Counter",
     "Lease",
     "Limiter",

@@ -24,7 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from hermes.limiter.records import STATE_SK, counters_of, key, n, s, value
-from hermes.limiter.table import Table, unavailable
+from hermes.limiter.table import CONTENDED_CODES, Table, unavailable
 
 HOST_SK = "host"
 RESIDENT, LOAD_TIME = "r:", "lt:"
@@ -205,7 +205,11 @@ class HostBook:
         try:
             self._table.client.update_item(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "ConditionalCheckFailedException":
+                return False
+            if code in CONTENDED_CODES:
+                # Throttled: a claim not won, a hint not written; a later write corrects it.
                 return False
             raise unavailable(exc.response.get("Error", {}).get("Code", "")) from None
         except BotoCoreError:

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hermes.errors import HermesError, LimiterUnavailable
 from hermes.limiter import writes
@@ -35,14 +35,28 @@ from hermes.limiter.records import (
     s,
     value,
 )
-from hermes.limiter.table import Cancelled, Table, pause
+from hermes.limiter.table import Backoff, Cancelled, Contended, Table
 
 log = logging.getLogger("hermes.limiter")
 
 # Bounded work: optimistic rounds per operation (a round fails only when another writer
-# changed the state item in between, or on a transaction conflict).
+# changed the state item in between). Conflicts and throttling are not rounds: they are
+# retried with backoff until the operation's deadline (table.Backoff).
 MAX_ROUNDS = 4
-RELEASE_ROUNDS = 6
+# A request that may not wait still rides out contention this long (or to its deadline).
+ADMIT_PATIENCE_S = 2.0
+# A release hands over only with this much time left before its deadline, and at least
+# HANDOFF_REQUESTS of DynamoDB's current answer time (a pass-on is 2 requests, and a plain
+# release may follow); closer to it, it frees its capacity in one transaction and the
+# waiters' own checks pick it up.
+HANDOFF_MIN_S = 1.0
+HANDOFF_REQUESTS = 4
+# What a holder keeps back from an invocation's end for its release (Lambda freezes, or times
+# out, the moment the handler is done: the release must land before). With time that short,
+# a release is one transaction, which DynamoDB answers in milliseconds and botocore gives up
+# on after its read timeout (hermes.aws: 2 s); the rest is for the answer to go out. A release
+# that does not land by then is left to its lease's expiry, and the answer still goes out.
+RELEASE_RESERVE_S = 3.0
 # A grant pass reads this many queue entries from the head; entries beyond it wait for the next
 # pass. Each grant is 3 transaction items, a reaped lease 1-2, a lapsed entry 1, plus the state
 # item and the releaser's 1-2: a pass stops adding before TransactWriteItems' 100 items.
@@ -57,6 +71,7 @@ MAX_TRANSACT_ITEMS = 100
 # the entries ahead) come every CHECK_S, spread so that a pool's waiters together check at most
 # CHECKS_PER_S_PER_POOL times a second; a ticket's own passes are at most WAITER_PASSES.
 HEAD_WINDOW = 8
+AHEAD_PAGES = 8  # pages of 2 * HEAD_WINDOW entries read to count the live ones ahead
 CHECK_S = 0.25
 CHECKS_PER_S_PER_POOL = 1000
 WAITER_PASSES = 3
@@ -99,6 +114,7 @@ class _Plan:
 
 # (sort key, weights, ticket id if it came from the queue)
 _Expired = tuple[str, dict[str, int], str | None]
+T = TypeVar("T")
 
 
 class Limiter:
@@ -117,7 +133,7 @@ class Limiter:
         tests, which turn NOTICE_POLLER off)."""
         if notice_poller is None:
             notice_poller = self.NOTICE_POLLER
-        self._table = Table(client, table)
+        self._table = Table(client, table, clock)
         self.hosts = HostBook(self._table)  # what placement shares about each host
         self._clock = clock
         self._aging = aging_tickets
@@ -125,6 +141,7 @@ class Limiter:
         self._contended_until: dict[str, float] = {}
         self._no_expired_until: dict[str, int] = {}  # pool -> epoch ms
         self._refused_until: dict[str, float] = {}  # pool -> monotonic s
+        self._gate_checked_until: dict[str, float] = {}  # pool -> monotonic s
         self._last_state: dict[str, dict[str, Any]] = {}
 
     @property
@@ -151,15 +168,24 @@ class Limiter:
     # -- admission without waiting -------------------------------------------------------
 
     def acquire(
-        self, pool: str, counters: Sequence[Counter], lease_ms: int, retry_after_s: int = 1
+        self,
+        pool: str,
+        counters: Sequence[Counter],
+        lease_ms: int,
+        retry_after_s: int = 1,
+        until_ms: int | None = None,
     ) -> Lease:
         """Take every counter at once, or raise the `busy` error of the first full counter (or
         of the first one that queued requests are waiting for: nobody jumps the queue).
+        Conflicts and throttling are ridden out with backoff until `until_ms` (default
+        ADMIT_PATIENCE_S from now), then answered as busy too: contention is not an outage.
 
         The lease's `expires_at_ms` is the expiry written (it is in the key): the caller stops
         before it (`time_left`), however long the write took. When no answer comes back
         (LimiterUnavailable) although the write may have landed, the lease is withdrawn."""
-        outcome = self._admit_now(pool, tuple(counters), lease_ms, 0)
+        if until_ms is None:
+            until_ms = self._now_ms() + int(ADMIT_PATIENCE_S * 1000)
+        outcome = self._admit_now(pool, tuple(counters), lease_ms, 0, until_ms, timed_rounds=False)
         if isinstance(outcome, Lease):
             return outcome
         raise outcome.error(retry_after_s)
@@ -170,58 +196,104 @@ class Limiter:
         counters: tuple[Counter, ...],
         lease_ms: int,
         run_until_ms: int,
-        until_ms: int | None = None,
+        until_ms: int,
+        timed_rounds: bool = True,
     ) -> Lease | Refusal:
         """One transaction; on a full pool with expired leases, a grant pass (which reaps
-        them) and another try, none started after `until_ms`. A refusal says why.
+        them) and another try; contention retried with backoff until `until_ms`, and with
+        `timed_rounds` no new round after it either (MAX_ROUNDS bounds them anyway). A
+        refusal says why (neither `gated` nor `full`: it stayed contended).
 
         Right after a refusal in this pool, a read comes first: while a pool stays full, the
         refusals are reads, not cancelled transactions that contend for the state item with
         the writes that admit and hand over."""
+        backoff = Backoff(until_ms, self._clock)
         refusal = Refusal(counters[0], False, {})
-        if self._refused_until.get(pool, 0.0) > time.monotonic():
-            state = self._table.get(pool, STATE_SK, consistent=True) or {}
-            self._observe(pool, state)
-            seen = Refusal.of(state, counters)
-            if seen.gated or (seen.full and not self._has_expired(pool)):
-                self._refused_until[pool] = time.monotonic() + REFUSED_S
-                return seen
-        for _ in range(MAX_ROUNDS):
-            now = self._now_ms()
-            if until_ms is not None and now >= until_ms and refusal.state:
-                return refusal
-            expires = now + lease_ms if not run_until_ms else min(now + lease_ms, run_until_ms)
-            lease = Lease(uuid.uuid4().hex, pool, counters, expires)
+        rounds = 0
+        first = self._refused_until.get(pool, 0.0) > time.monotonic()
+        while rounds < MAX_ROUNDS:
             try:
-                self._table.transact(writes.admit(self._table.name, lease))
-            except Cancelled as cancelled:
-                if cancelled.conflict:
-                    pause()
-                    continue
-                if cancelled.failed(1):
-                    # Our lease key (a fresh uuid) exists: an earlier attempt of this very
-                    # call landed and its answer was lost. Admitted, exactly once. (DynamoDB
-                    # itself answers such retries from the ClientRequestToken.)
-                    return lease
-                state = cancelled.item(0)
-                self._observe(pool, state)
-                refusal = Refusal.of(state, counters)
-                if refusal.gated or refusal.full:
-                    self._refused_until[pool] = time.monotonic() + REFUSED_S
-                if refusal.gated:
+                if first:
+                    seen = self._seen_refusal(pool, counters)
+                    if seen is not None:
+                        return seen
+                    first = False
+                if timed_rounds and rounds and self._now_ms() >= until_ms and refusal.state:
                     return refusal
-                if refusal.full:
-                    if not self._has_expired(pool):
-                        return refusal
-                    # Reap them. A pass that collided with another instance's reap is no
-                    # loss: capacity came back either way, so the next round may fit.
-                    self._grant_pass(pool, until_ms=until_ms)
-                continue  # capacity came back, or the state changed meanwhile: try again
-            except LimiterUnavailable:
-                self._withdraw(lease)
-                raise
-            return lease
+                outcome = self._admit_round(pool, counters, lease_ms, run_until_ms, until_ms)
+            except Contended:  # not a round: DynamoDB was busy and wrote nothing
+                if not backoff.wait():
+                    return Refusal(counters[0], False, refusal.state)
+                continue
+            rounds += 1
+            if isinstance(outcome, Lease) or outcome.gated or outcome.full:
+                return outcome
+            refusal = outcome if outcome.state else refusal
         return refusal
+
+    def _seen_refusal(self, pool: str, counters: tuple[Counter, ...]) -> Refusal | None:
+        """After a recent refusal: the state item read, and the refusal it still gives."""
+        state = self._table.get(pool, STATE_SK, consistent=True) or {}
+        self._observe(pool, state)
+        seen = Refusal.of(state, counters)
+        if seen.gated and self._gate_holds(pool, seen):
+            return seen
+        if seen.full and not self._has_expired(pool):
+            self._refused_until[pool] = time.monotonic() + REFUSED_S
+            return seen
+        return None
+
+    def _admit_round(
+        self,
+        pool: str,
+        counters: tuple[Counter, ...],
+        lease_ms: int,
+        run_until_ms: int,
+        until_ms: int,
+    ) -> Lease | Refusal:
+        """One admission transaction. A final refusal is gated or full; any other refusal
+        means: try again (the state changed, a stale gate or expired leases were cleared)."""
+        now = self._now_ms()
+        expires = now + lease_ms if not run_until_ms else min(now + lease_ms, run_until_ms)
+        lease = Lease(uuid.uuid4().hex, pool, counters, expires)
+        try:
+            self._table.transact(writes.admit(self._table.name, lease))
+            return lease
+        except LimiterUnavailable:
+            self._withdraw(lease)
+            raise
+        except Cancelled as cancelled:
+            if cancelled.failed(1):
+                # Our lease key (a fresh uuid) exists: an earlier attempt of this very call
+                # landed and its answer was lost. Admitted, exactly once. (DynamoDB itself
+                # answers such retries from the ClientRequestToken.)
+                return lease
+            state = cancelled.item(0)
+        self._observe(pool, state)
+        refusal = Refusal.of(state, counters)
+        if refusal.gated or refusal.full:
+            self._refused_until[pool] = time.monotonic() + REFUSED_S
+        if refusal.gated and not self._gate_holds(pool, refusal):
+            return Refusal(refusal.counter, False, state)  # the gate was stale: try again
+        if refusal.full and self._has_expired(pool):
+            # Reap them. A pass that collided with another instance's reap is no loss:
+            # capacity came back either way, so the next round may fit.
+            self._grant_pass(pool, until_ms=until_ms)
+            return Refusal(refusal.counter, False, state)
+        return refusal
+
+    def _gate_holds(self, pool: str, refusal: Refusal) -> bool:
+        """Whether a refusal because others wait (q_blocked) is still true. Only a grant pass
+        rewrites q_blocked, and passes run when leases are released or waiters check: if
+        the waiters are gone (crashed, or their give-up failed) and nobody holds a lease,
+        none runs, and newcomers would be refused forever. So a refused newcomer runs one
+        pass itself (at most once per REFUSED_S per pool and process): it drops lapsed
+        entries and recomputes q_blocked, or finds nothing to change (the gate holds)."""
+        if self._gate_checked_until.get(pool, 0.0) > time.monotonic():
+            return True
+        self._gate_checked_until[pool] = time.monotonic() + REFUSED_S
+        done = self._grant_pass(pool, refusal.state or None)
+        return not done.written
 
     # -- admission with waiting ----------------------------------------------------------
 
@@ -234,21 +306,27 @@ class Limiter:
         wait_until_ms: int,
         run_until_ms: int = 0,
         priority: str = "normal",
+        retry_after_s: int = 1,
     ) -> Lease | Ticket:
         """Admit now if the pool has room and nobody waits for these counters; otherwise take
         a ticket and a place in the pool's queue. Poll the ticket (`poll`) until it turns
         into a lease, and `abandon` it when the caller stops waiting.
 
         `lease_ms` is the lease a grant gives (run time plus margins), never past
-        `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses."""
+        `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses.
+        Conflicts and throttling are retried with backoff until then; a request that could
+        not even take its place by then gets the busy error (429), as a full pool's would."""
         counters = tuple(counters)
+        backoff = Backoff(wait_until_ms, self._clock)
         refusal = self._known_refusal(pool, counters)
         if refusal is None:  # not known to be busy: try to get in at once
             outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
             if isinstance(outcome, Lease):
                 return outcome
             refusal = outcome
-        seq = self._next_seq(pool)
+        seq = self._retried(self._next_seq, pool, backoff=backoff)
+        if seq is None:
+            raise refusal.error(retry_after_s)
         ticket = Ticket(
             ticket_id=uuid.uuid4().hex,
             pool=pool,
@@ -265,33 +343,46 @@ class Limiter:
         waits_s = (wait_until_ms - self._now_ms()) / 1000
         self._mailbox.register(ticket.ticket_id, ticket.poll_after_s, max(waits_s, 0.0) + 5)
         state = refusal.state
-        for _ in range(MAX_ROUNDS):
+        rounds = 0
+        while rounds < MAX_ROUNDS:
             full = [c.name for c in counters if value(state, c.name) + c.weight > c.capacity]
             try:
                 # Conditional on this request still not being admissible: a release that
                 # committed since the refusal saw nobody waiting and handed nothing over.
                 self._table.transact(writes.enqueue(self._table.name, ticket, full))
                 return ticket
+            except Contended:  # nothing written: the same place, a little later
+                if backoff.wait():
+                    continue
+                break
             except Cancelled as cancelled:
                 if cancelled.failed(1):
                     return ticket  # our entry exists: an earlier attempt landed, answer lost
-                if cancelled.conflict:
-                    pause()
-                    continue
-                # Admissible after all (capacity came back): in directly, or queue again.
-                outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
-                if isinstance(outcome, Lease):
-                    self._mailbox.forget(ticket.ticket_id)
-                    return outcome
-                state = outcome.state
             except LimiterUnavailable:
                 # The write may have landed: take the place back (and a lease, had it one).
                 granted = self.abandon(ticket)
                 if granted is not None:
                     self.release(granted)
                 raise
+            # Admissible after all (capacity came back): in directly, or queue again.
+            rounds += 1
+            outcome = self._admit_now(pool, counters, lease_ms, run_until_ms, wait_until_ms)
+            if isinstance(outcome, Lease):
+                self._mailbox.forget(ticket.ticket_id)
+                return outcome
+            refusal, state = outcome, outcome.state
         self._mailbox.forget(ticket.ticket_id)
-        raise LimiterUnavailable("the lease table stayed contended; retry later", retry_after=1)
+        raise refusal.error(retry_after_s)
+
+    def _retried(self, call: Callable[..., T], *args: Any, backoff: Backoff) -> T | None:
+        """`call(*args)`, retried with `backoff` while DynamoDB is contended; None when its
+        deadline passes first."""
+        while True:
+            try:
+                return call(*args)
+            except Contended:
+                if not backoff.wait():
+                    return None
 
     def _known_refusal(self, pool: str, counters: tuple[Counter, ...]) -> Refusal | None:
         """No I/O: right after a refusal in `pool`, the refusal its last seen state gives (so
@@ -324,7 +415,10 @@ class Limiter:
         if lease is not None:
             return lease
         if self._now_ms() >= ticket.next_check_ms:
-            lease = self._check(ticket)
+            try:
+                lease = self._check(ticket)
+            except Contended:
+                return None  # DynamoDB was busy: the next check tries again (a read, at worst)
             if lease is not None:
                 self._mailbox.forget(ticket.ticket_id)
             return lease
@@ -399,22 +493,26 @@ class Limiter:
         """Give the place up (one write). If a lease was handed over meanwhile it is returned:
         the caller uses it or releases it."""
         self._mailbox.forget(ticket.ticket_id)
-        for _ in range(MAX_ROUNDS):
+        backoff = self._table.backoff()
+        while True:
             try:
-                self._table.transact(writes.abandon(self._table.name, ticket))
-                return None
-            except Cancelled as cancelled:
-                if cancelled.conflict:
-                    pause()
+                try:
+                    self._table.transact(writes.abandon(self._table.name, ticket))
+                    return None
+                except Cancelled:
+                    # The entry is gone: granted (there is a notice) or removed as lapsed.
+                    notice = self._table.get(f"grant#{ticket.ticket_id}", "grant", consistent=True)
+                    return self._granted(ticket, notice) if notice is not None else None
+            except Contended:
+                if backoff.wait():
                     continue
-                # The entry is gone: granted (there is a notice) or removed as lapsed.
-                notice = self._table.get(f"grant#{ticket.ticket_id}", "grant", consistent=True)
-                return self._granted(ticket, notice) if notice is not None else None
+                error: Exception = LimiterUnavailable("the lease table stayed contended")
             except LimiterUnavailable as exc:
-                # The entry lapses at wait_until_ms; a grant made before that expires too.
-                log.error("could not give up ticket %s: %s", ticket.ticket_id, exc)
-                return None
-        return None
+                error = exc
+            # The entry lapses at wait_until_ms (a pass then drops it); a grant made before
+            # that expires too.
+            log.error("could not give up ticket %s: %s", ticket.ticket_id, error)
+            return None
 
     def _granted(self, ticket: Ticket, notice: dict[str, Any]) -> Lease:
         return Lease(
@@ -437,20 +535,7 @@ class Limiter:
         ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
         short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
         ticket.short = short[0] if short else ticket.short
-        # Live entries among the first HEAD_WINDOW ahead: lapsed ones (crashed waiters) make
-        # a ticket nearer, so that somebody's pass drops them.
-        ahead = self._table.query(
-            KeyConditionExpression="pk = :pk AND sk < :me",
-            FilterExpression="#wu > :now",
-            ExpressionAttributeNames={"#wu": "wu"},
-            ExpressionAttributeValues={
-                ":pk": s(f"{ticket.pool}#queue"),
-                ":me": s(ticket.sk),
-                ":now": n(now),
-            },
-            Select="COUNT",
-            Limit=HEAD_WINDOW,
-        )["Count"]
+        ahead = self._ahead(ticket, now)
         near = ahead < HEAD_WINDOW
         # Next in line (or nearly): every millisecond between a handoff and its pickup idles a
         # slot. Further back, slower: polls are reads, but they load the table all the same.
@@ -475,22 +560,64 @@ class Limiter:
             )
         return None
 
+    def _ahead(self, ticket: Ticket, now: int) -> int:
+        """Live entries ahead of `ticket`, counted up to HEAD_WINDOW: the queue is read
+        backwards from the ticket, so the count is its real position (lapsed entries, of
+        crashed waiters, do not count, and a long queue's head does not either)."""
+        request: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND sk < :me",
+            "FilterExpression": "#wu > :now",
+            "ExpressionAttributeNames": {"#wu": "wu"},
+            "ExpressionAttributeValues": {
+                ":pk": s(f"{ticket.pool}#queue"),
+                ":me": s(ticket.sk),
+                ":now": n(now),
+            },
+            "ScanIndexForward": False,
+            "Select": "COUNT",
+            "Limit": 2 * HEAD_WINDOW,
+        }
+        ahead = 0
+        for _ in range(AHEAD_PAGES):
+            answer = self._table.query(**request)
+            ahead += int(answer["Count"])
+            if ahead >= HEAD_WINDOW or "LastEvaluatedKey" not in answer:
+                return min(ahead, HEAD_WINDOW)
+            request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+        # Pages of lapsed entries: count it near, so that its passes drop them.
+        return ahead
+
     # -- release and handoff ------------------------------------------------------------
 
-    def release(self, lease: Lease) -> bool:
+    def release(self, lease: Lease, until_ms: int | None = None) -> bool:
         """Free the caller's own lease, handing its capacity to waiters if there are any.
-        False when it was already gone (expired and reaped) or DynamoDB failed; then the
-        lease simply expires."""
-        if lease.granted or self._contended(lease.pool):
-            return self._hand_over(lease, None)  # waiters are likely: no write bound to fail
-        for _ in range(RELEASE_ROUNDS):
+        Conflicts and throttling are retried with backoff until the release lands or
+        `until_ms` passes (the invocation's end; by default the lease's expiry, after which
+        any instance may reap it): one busy moment of DynamoDB must not hold a slot for a
+        whole lease. Close to the deadline it frees the capacity in one transaction and
+        leaves the handoff to the waiters' checks. False when the lease was already gone
+        (expired and reaped), or DynamoDB failed or stayed busy: then it simply expires."""
+        backoff = Backoff(lease.expires_at_ms if until_ms is None else until_ms, self._clock)
+        # Waiters are likely: hand over at once, with no write bound to fail first.
+        mode = "handoff" if lease.granted or self._contended(lease.pool) else "if-nobody-waits"
+        state: dict[str, Any] | None = None
+        while True:
+            needs_s = max(HANDOFF_MIN_S, HANDOFF_REQUESTS * self._table.latency_s)
+            if mode == "handoff" and backoff.left_ms() < needs_s * 1000:
+                mode = "plainly"
             try:
-                self._table.transact(writes.release(self._table.name, lease, True))
+                if mode == "handoff":
+                    done = self._hand_over(lease, state)
+                    if done is not None:
+                        return done
+                    # Its rounds ran out (the queue kept changing): free the capacity
+                    # anyway; waiters' own checks pick it up (CHECK_S).
+                    mode = "plainly"
+                    continue
+                nobody_waits = mode == "if-nobody-waits"
+                self._table.transact(writes.release(self._table.name, lease, nobody_waits))
                 return True
             except Cancelled as cancelled:
-                if cancelled.conflict:
-                    pause()
-                    continue
                 if cancelled.failed(0):
                     log.warning(
                         "lease %s in %s was already gone (expired and reaped)",
@@ -498,31 +625,36 @@ class Limiter:
                         lease.pool,
                     )
                     return False
+                # Somebody waits (ALL_OLD of the state item says so): hand over.
                 state = cancelled.item(len(cancelled.reasons) - 1)
                 self._observe(lease.pool, state)
-                return self._hand_over(lease, state)
+                mode = "handoff"
+            except Contended as busy:
+                if not backoff.wait():
+                    log.error(
+                        "release of lease %s stayed contended (%s), it will expire",
+                        lease.lease_id,
+                        busy.code,
+                    )
+                    return False
+                state = None  # read afresh: others wrote meanwhile
             except LimiterUnavailable as exc:
                 log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
                 return False
-        return self._release_plainly(lease)
 
-    def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool:
-        try:
-            passed_on, seen = self._pass_on(lease)
-            if passed_on is not None:
-                return passed_on
-            outcome = self._grant_pass(
-                lease.pool, seen or state, releasing=lease, rounds=HANDOFF_ROUNDS
-            )
-        except LimiterUnavailable as exc:
-            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
-            return False
+    def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool | None:
+        """Release `lease` and hand its capacity to the queue: True when done, False when the
+        lease was already gone, None when no pass could be written in HANDOFF_ROUNDS (the
+        queue kept changing). Contended propagates: the caller backs off and tries again."""
+        passed_on, seen = self._pass_on(lease)
+        if passed_on is not None:
+            return passed_on
+        outcome = self._grant_pass(
+            lease.pool, seen or state, releasing=lease, rounds=HANDOFF_ROUNDS
+        )
         if outcome.lease_gone:
             return False
-        if not outcome.written:
-            # Out of rounds: free the capacity anyway; waiters' own checks pick it up (CHECK_S).
-            return self._release_plainly(lease)
-        return True
+        return True if outcome.written else None
 
     def _pass_on(self, lease: Lease) -> tuple[bool | None, dict[str, Any] | None]:
         """The common handoff, in two requests (the head of the queue, one transaction): the
@@ -557,37 +689,36 @@ class Limiter:
         try:
             self._table.transact(items)
         except Cancelled as cancelled:
-            if not cancelled.conflict and cancelled.failed(0):
+            if cancelled.failed(0):
                 return False, None  # our lease had expired and was reaped
-            # The head does not fit (ALL_OLD tells the state), left, or a conflict.
+            # The head does not fit (ALL_OLD tells the state) or left.
             return None, cancelled.item(state_at) if cancelled.failed(state_at) else None
         self._mailbox.hand({head.ticket_id: {"exp": n(expires)}})
         return True, None
 
-    def _release_plainly(self, lease: Lease) -> bool:
-        try:
-            self._table.transact(writes.release(self._table.name, lease, False))
-            return True
-        except Cancelled:
-            return False
-        except LimiterUnavailable as exc:
-            log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
-            return False
-
     def _withdraw(self, lease: Lease) -> None:
-        """Best effort, after an admission whose answer was lost: remove the lease if the
-        write landed after all (if it did not, the condition makes this a no-op)."""
-        try:
-            self._table.transact(writes.release(self._table.name, lease, False))
-        except (Cancelled, LimiterUnavailable) as exc:
-            if isinstance(exc, LimiterUnavailable):
-                log.error(
-                    "unanswered admission %s may hold its slot until it expires", lease.lease_id
-                )
+        """After an admission whose answer was lost: remove the lease if the write landed
+        after all (if it did not, the condition makes this a no-op)."""
+        backoff = self._table.backoff()
+        while True:
+            try:
+                self._table.transact(writes.release(self._table.name, lease, False))
+            except Cancelled:
+                return
+            except Contended:
+                if backoff.wait():
+                    continue
+                log.error("unanswered admission %s may hold its slot until expiry", lease.lease_id)
+                return
+            except LimiterUnavailable:
+                log.error("unanswered admission %s may hold its slot until expiry", lease.lease_id)
+                return
+            log.warning(
+                "admission %s in %s got no answer; its lease was removed",
+                lease.lease_id,
+                lease.pool,
+            )
             return
-        log.warning(
-            "admission %s in %s got no answer; its lease was removed", lease.lease_id, lease.pool
-        )
 
     # -- the grant pass: hand capacity to waiters in order, reap, drop lapsed entries ------
 
@@ -614,12 +745,8 @@ class Limiter:
             if plan is None:
                 return _Pass()
             try:
-                self._table.transact(plan.items)
+                self._table.transact(plan.items)  # Contended propagates: callers back off
             except Cancelled as cancelled:
-                if cancelled.conflict:
-                    pause()
-                    state = None
-                    continue
                 if releasing is not None and cancelled.failed(1):
                     return _Pass(lease_gone=True)
                 # The state changed (ALL_OLD says how), or an entry or lease changed: re-read.
@@ -640,15 +767,30 @@ class Limiter:
         """Reads the queue's head (and expired leases) and composes the pass's transaction."""
         now = self._now_ms()
         entries, more = self._head(pool)
+        # The rest of a long queue is not granted by this pass, but what it waits for is
+        # still blocked: a newcomer must not take what a waiter further back is short of.
+        rest = self._rest(pool, entries[-1].sk) if more else []
         # A releaser's own capacity usually serves the head: it looks for expired leases only
         # when somebody still does not fit. Passes that no release drives look first.
         expired = self._reapable(pool, now) if releasing is None and self._has_expired(pool) else []
-        plan, short = self._compose(pool, state, releasing, now, entries, more, expired)
+        plan, short = self._compose(pool, state, releasing, now, entries, rest, expired)
         if short and releasing is not None:
             expired = self._reapable(pool, now)
             if expired:
-                plan, _ = self._compose(pool, state, releasing, now, entries, more, expired)
+                plan, _ = self._compose(pool, state, releasing, now, entries, rest, expired)
         return plan
+
+    def _rest(self, pool: str, after_sk: str) -> list[Entry] | None:
+        """The queue entries after `after_sk` (the grant window's last), or None when they
+        are more than one page of the Query holds (then every counter waits: ANY)."""
+        answer = self._table.query(
+            KeyConditionExpression="pk = :pk AND sk > :after",
+            ExpressionAttributeValues={":pk": s(f"{pool}#queue"), ":after": s(after_sk)},
+            ConsistentRead=True,
+        )
+        if "LastEvaluatedKey" in answer:
+            return None
+        return [Entry.of(item) for item in answer.get("Items", [])]
 
     def _compose(
         self,
@@ -657,10 +799,13 @@ class Limiter:
         releasing: Lease | None,
         now: int,
         entries: list[Entry],
-        more: bool,
+        rest: list[Entry] | None,
         expired: list[_Expired],
     ) -> tuple[_Plan | None, bool]:
-        """The pass's transaction items (no I/O), and whether a live entry did not fit."""
+        """The pass's transaction items (no I/O), and whether a live entry did not fit.
+        `entries` is the grant window; `rest` the entries behind it (None: too many to read),
+        which are not granted here but block what they are short of."""
+        more = rest is None or bool(rest)
         table = self._table.name
         values = counters_of(state)
         items: list[dict[str, Any]] = []
@@ -683,15 +828,18 @@ class Limiter:
         blocked: set[str] = set()
         caps: dict[str, int] = {}
         grants: dict[str, tuple[int, dict[str, int]]] = {}
-        for entry in entries:
-            if len(items) + 1 + 3 > MAX_TRANSACT_ITEMS:  # the state item and one more grant
-                more = True
-                break
+        window = len(entries)
+        for index, entry in enumerate([*entries, *(rest or [])]):
+            # Grants only in the window, and within TransactWriteItems' 100 items (the state
+            # item and one more grant); past that, an entry only blocks what it is short of.
+            grantable = index < window and len(items) + 1 + 3 <= MAX_TRANSACT_ITEMS
+            more = more or (index < window and not grantable)
             expires = entry.expiry(now)
             if entry.wait_until_ms <= now or expires <= now:
-                items.append(writes.drop_entry(table, pool, entry.sk, now))
-                removed += 1
-                cleaned += entry.wait_until_ms <= now
+                if grantable:
+                    items.append(writes.drop_entry(table, pool, entry.sk, now))
+                    removed += 1
+                    cleaned += entry.wait_until_ms <= now
                 continue
             if any(name in blocked for name, _, _ in entry.counters):
                 continue
@@ -700,8 +848,10 @@ class Limiter:
                 for name, capacity, weight in entry.counters
                 if values.get(name, 0) + delta.get(name, 0) + weight > capacity
             ]
-            if short:
-                blocked.update(short)
+            if short or not grantable:
+                # Not granted now: what it is short of (all it takes, if it would fit but
+                # this pass cannot grant it) is kept from newcomers.
+                blocked.update(short or [name for name, _, _ in entry.counters])
                 continue
             for name, capacity, weight in entry.counters:
                 delta[name] = delta.get(name, 0) + weight
@@ -711,8 +861,8 @@ class Limiter:
             items += writes.grant(table, pool, entry, expires, counts)
             removed += 1
         waits = bool(blocked)  # a live entry did not fit
-        if more:
-            blocked.add(ANY)
+        if rest is None:
+            blocked.add(ANY)  # more waiters than one read holds: every counter waits
         old_blocked = set(state.get(BLOCKED, {}).get("SS", []))
         if not items and blocked == old_blocked:
             return None, waits  # nothing to write
@@ -786,7 +936,13 @@ class Limiter:
         (one Query per pool that holds anything, usually empty)."""
         unique = list(dict.fromkeys(pools))
         found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
-        for item in self._table.states(unique):
+        try:
+            states = self._table.states(unique)
+        except Contended as busy:
+            raise LimiterUnavailable(
+                f"the lease table is busy ({busy.code}); retry later"
+            ) from None
+        for item in states:
             found[item["pk"]["S"]] = counters_of(item)
         now = self._now_ms()
         for pool in unique:
