@@ -141,8 +141,9 @@ class Settings(BaseModel):
 # A job runs with its model's whole timeout (and admission wait, queue_timeout_ms); around
 # the call the worker also writes the job record (running, finished), the idempotency record
 # (in progress, result), admits and releases (a few DynamoDB writes, ~2 s each when DynamoDB
-# is slow) and keeps hermes.http.LAMBDA_SAFETY_S (3.5 s) back at the Lambda deadline. A record is only started with this much
-# time left; a later record of a batch that finds less is handed back (jobs.py).
+# is slow) and keeps hermes.http.LAMBDA_SAFETY_S (3.5 s) back at the Lambda deadline. A
+# record is only started with this much time left; a later record of a batch that finds less
+# is handed back (jobs.py).
 JOB_OVERHEAD_S = 15
 # What an invocation may spend before its first job starts (reading the job record).
 WORKER_START_S = 5
