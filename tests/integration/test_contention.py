@@ -202,6 +202,8 @@ def test_a_waiters_poll_rate_follows_its_real_place_in_the_queue(
     limiter.poll(last)
     limiter.poll(first)
     assert (first.poll_after_s, last.poll_after_s) == (POLL_FAST_S, POLL_SLOW_S)
+    for ticket in live:
+        limiter.abandon(ticket)
 
 
 def test_partial_batch_answers_are_asked_again_with_backoff(

@@ -245,3 +245,61 @@ def test_random_slow_writes_never_put_more_calls_in_flight_than_the_limit(
     assert stats["peak_in_flight"]["llama3:8b"] <= 1
     assert set(outcomes) <= DOCUMENTED, outcomes
     assert stats["requests"].get("llama3:8b", 0) >= 1  # the model did serve under the load
+
+
+class CountdownContext:
+    """A Lambda context whose remaining time runs down with the wall clock."""
+
+    function_name = "hermes-test"
+    aws_request_id = "test-request"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:hermes-test"
+    memory_limit_in_mb = 256
+
+    def __init__(self, seconds: float) -> None:
+        self.ends_at = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.ends_at - time.monotonic()) * 1000)
+
+
+def test_a_call_that_runs_to_its_deadline_releases_before_the_invocation_ends(
+    dynamodb_local: DynamoDBLocal,
+    emulator: Any,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18, item 4e. Before: 1 s was kept back from the Lambda deadline for the release,
+    which is one DynamoDB request or more: with DynamoDB answering in 1.5 s the invocation
+    ended (Lambda's timeout) before its release did, and before the answer went out."""
+    from hermes.aws import client
+    from tests.unit.test_handlers import event, load_function
+
+    dynamodb_local.reset_tables()
+    emulator.reset()
+    emulator.set_behaviour(model="gemma3:1b", mode="hang")
+    with DelayingProxy(dynamodb_local.url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.url)
+        monkeypatch.setenv("OLLAMA_URL", emulator.url)
+        # A model that may run longer than the invocation: the deadline is what stops it.
+        models = {"models": {"gemma": {**MODELS["models"]["patient"], "timeout": 30_000}}}
+        (tmp_path / "models.json").write_text(json.dumps(models))
+        monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+        monkeypatch.setenv("HERMES_LEASE_MARGIN_MS", "500")
+        client.cache_clear()
+        handler = load_function("llm").handler
+        # Given DynamoDB answering every request 1.5 s late, and an invocation with 7 s left
+        proxy.slow("*", after_s=1.5)
+        context = CountdownContext(7.0)
+        # When the model hangs, so the call runs to the request's deadline
+        response = handler(event("llm_generate.json"), context)
+        left_s = context.get_remaining_time_in_millis() / 1000
+        proxy.slow("*", after_s=0.0)
+        # Then the answer (504) is out before the invocation's end, its release already landed
+        assert response["statusCode"] == 504, response
+        assert left_s > 0, f"the handler returned {-left_s:.2f} s after the invocation ended"
+        state = client("dynamodb").get_item(
+            TableName="LeaseTable", Key={"pk": {"S": "host#default"}, "sk": {"S": "state"}}
+        )["Item"]
+        assert int(state["inflight_gemma"]["N"]) == 0 and int(state["memory"]["N"]) == 0
+        print(f"\n  answered with {left_s:.2f} s of the invocation left, slot released")
+    client.cache_clear()
