@@ -2,8 +2,8 @@
 they come and rewrite bench/RESULTS.md.
 
 Sections: 1 latency, 2 memory, 3 dynamodb, 4 utilization, 5 coldstart, 6 real_model,
-7 placement. Memory has no load of its own: it reads the runners that sections 1 and 4 load,
-so `--only memory` runs those two as well."""
+7 placement, 8 conflicts. Memory has no load of its own: it reads the runners that sections
+1 and 4 load, so `--only memory` runs those two as well."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import coldstart, dynamodb, latency, memory, placement, real_model, utilization
+from bench import (
+    coldstart,
+    conflicts,
+    dynamodb,
+    latency,
+    memory,
+    placement,
+    real_model,
+    utilization,
+)
 from bench.procs import Infra, quiet_in_process_hermes
 from bench.report import RunInfo, Section, banner, write_results
 from bench.scale import FULL, QUICK, Scale
@@ -31,8 +40,18 @@ RUNS: dict[str, tuple[str, SectionRun]] = {
     "coldstart": ("5. Cold start", coldstart.run),
     "real_model": ("6. Real model", real_model.run),
     "placement": ("7. Model placement across hosts", placement.run),
+    "conflicts": ("8. Admission under transaction conflicts", conflicts.run),
 }
-NAMES = ["latency", "memory", "dynamodb", "utilization", "coldstart", "real_model", "placement"]
+NAMES = [
+    "latency",
+    "memory",
+    "dynamodb",
+    "utilization",
+    "coldstart",
+    "real_model",
+    "placement",
+    "conflicts",
+]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -222,3 +222,31 @@ def test_partial_batch_answers_are_asked_again_with_backoff(
     assert sorted(item["pk"]["S"] for item in found) == sorted(pools)
     assert store.calls["BatchGetItem"] > 3 and store.unprocessed_keys > 0
     assert elapsed > 0.02  # with pauses between the asks
+
+
+# -- item 2: a saturated host on the strict store --------------------------------------------
+
+
+def test_a_saturated_host_on_the_strict_store_keeps_its_limits_and_never_fails(
+    conflicting_dynamodb: ConflictingDynamoDB, dynamodb_local: Any, tmp_path: Any
+) -> None:
+    """3 runners on one host, gemma and mistral with 6 slots each, 300 ms answers, 30
+    closed-loop clients with waiting on, on the store that cancels overlapping transactions:
+    never more than 6 in flight per model at the emulator, and no answer is a failure (5xx).
+    The figures (utilization with and without conflicts) are bench section 8's."""
+    from types import SimpleNamespace
+
+    from bench.conflicts import SLOTS, saturate
+    from tests.support.emulator_process import EmulatorProcess
+
+    with EmulatorProcess() as emulator:
+        infra = SimpleNamespace(dynamodb=dynamodb_local, emulator=emulator, tmp=tmp_path)
+        load = saturate(infra, conflicting_dynamodb.url, seconds=8)  # type: ignore[arg-type]
+    conflicts = sum(conflicting_dynamodb.conflicts.values())
+    print(
+        f"\n  {dict(load.statuses)} in {load.window_s:.1f} s, utilization "
+        f"{load.utilization:.1%}, peak {load.peak}, {conflicts} conflicts"
+    )
+    assert load.answered > 0 and conflicts > 0  # it was contended, and it served
+    assert all(peak <= SLOTS for peak in load.peak.values()), load.peak
+    assert not [status for status in load.statuses if status >= 500], load.errors

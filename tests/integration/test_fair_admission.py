@@ -25,6 +25,7 @@ from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy
 from hermes.limiter import Counter, Lease, Limiter, Ticket, lease_table_definition
 from hermes.limiter.limiter import MAX_TRANSACT_ITEMS, WAITER_PASSES
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.dynamodb_limits import ExpressionWatch, item_size
 from tests.support.dynamodb_meter import WRITES, Meter
 
@@ -54,12 +55,14 @@ class FakeClock:
 
 
 @pytest.fixture
-def dynamodb(dynamodb_local: DynamoDBLocal) -> DynamoDBLocal:
-    """The session's DynamoDB Local (tests/integration/conftest.py)."""
-    return dynamodb_local
+def dynamodb(conflicting_dynamodb: ConflictingDynamoDB) -> ConflictingDynamoDB:
+    """The session's DynamoDB Local behind the conflict-faithful store: a transaction holds its
+    items for its 10 ms commit and overlapping ones are cancelled, as on real DynamoDB
+    (tests/integration/conftest.py)."""
+    return conflicting_dynamodb
 
 
-def client_of(db: DynamoDBLocal) -> Any:
+def client_of(db: DynamoDBLocal | ConflictingDynamoDB) -> Any:
     """A client with room for every test thread's connection."""
     return boto3.client(
         "dynamodb",

@@ -1,15 +1,42 @@
-"""Safety under a real race: many threads, one DynamoDB Local (atomic conditional writes).
-Direct admissions only here; waiting requests race in test_fair_admission.py."""
+"""Safety under a real race: many threads, one DynamoDB Local (atomic conditional writes),
+directly and behind the conflict-faithful store (overlapping transactions cancelled, as on
+real DynamoDB). Direct admissions only here; waiting requests race in
+test_fair_admission.py."""
 
 from __future__ import annotations
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
 
 from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import Counter, Limiter
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.conflict_store import ConflictingDynamoDB
+
+
+@pytest.fixture(params=["conflicts", "dynamodb-local"])
+def store_client(
+    request: pytest.FixtureRequest,
+    hermes_env: dict[str, str],
+    dynamodb_local: DynamoDBLocal,
+    conflicting_dynamodb: ConflictingDynamoDB,
+) -> Any:
+    if request.param == "dynamodb-local":
+        return dynamodb_local.client()
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=conflicting_dynamodb.url,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+        config=Config(max_pool_connections=32),
+    )
 
 
 def race(
@@ -60,9 +87,9 @@ def assert_nothing_left(dynamodb_local: DynamoDBLocal) -> None:
 
 
 def test_sixteen_threads_never_exceed_two_slots(
-    hermes_env: dict[str, str], dynamodb_local: DynamoDBLocal
+    store_client: Any, dynamodb_local: DynamoDBLocal
 ) -> None:
-    limiter = Limiter(dynamodb_local.client(), "LeaseTable")
+    limiter = Limiter(store_client, "LeaseTable")
     peak, admitted = race(limiter, [Counter("inflight_gemma", 2, 1, ModelBusy, "gemma")])
     assert 0 < peak <= 2 and admitted > 0
     assert limiter.usage(["host#gpu"]) == {"host#gpu": {}}
@@ -70,9 +97,9 @@ def test_sixteen_threads_never_exceed_two_slots(
 
 
 def test_slot_and_budget_together_hold_under_the_same_race(
-    hermes_env: dict[str, str], dynamodb_local: DynamoDBLocal
+    store_client: Any, dynamodb_local: DynamoDBLocal
 ) -> None:
-    limiter = Limiter(dynamodb_local.client(), "LeaseTable")
+    limiter = Limiter(store_client, "LeaseTable")
     counters = [
         Counter("inflight_mistral", 3, 1, ModelBusy, "mistral"),
         Counter("memory", 4, 2, HostBusy, "budget"),  # the budget binds at 2

@@ -21,8 +21,9 @@ reference of TransactWriteItems / BatchGetItem):
   (never all of them: with none readable it throws instead).
 
 DynamoDB Local serializes transactions, so none of this ever happens there. This proxy
-reproduces it: a TransactWriteItems holds its items from arrival until `commit_s` after
-DynamoDB Local answered it (its answer reaches the client only then), and conflicting requests
+reproduces it: a TransactWriteItems holds its items from its arrival for its commit time,
+`commit_s` (or until DynamoDB Local answered it, if that took longer; its answer reaches the
+client only then: a transaction takes at least its commit time), and conflicting requests
 are answered by the proxy, never forwarded, so they change nothing. Throttling is injected at a
 rate (`throttle`) or scripted request by request (`inject`), and BatchGetItem answers can be cut
 short (`unprocessed`). Everything DelayingProxy does (latency, lost answers, request-limit
@@ -100,6 +101,7 @@ class _Unprocessed:
 class _Transaction:
     token: str | None
     items: list[ItemId] = field(default_factory=list)
+    until: float = 0.0  # time.monotonic(): its commit time is over, its items are free
 
 
 class ConflictingDynamoDB(DelayingProxy):
@@ -111,8 +113,8 @@ class ConflictingDynamoDB(DelayingProxy):
         seed: int = 1,
         key_schema: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        """`commit_s`: how long a transaction holds its items after DynamoDB Local answered
-        (may be changed at any time). `key_schema`: each table's key attributes, by default
+        """`commit_s`: how long a transaction holds its items from its arrival (may be
+        changed at any time). `key_schema`: each table's key attributes, by default
         those of template.yaml's tables; for another table a Put's key is its `pk` and `sk`."""
         super().__init__(upstream, seed=seed)
         self.commit_s = commit_s
@@ -208,10 +210,15 @@ class ConflictingDynamoDB(DelayingProxy):
     def transactions_forwarded(self) -> int:
         return self.forwarded["TransactWriteItems"]
 
+    def _holder(self, item: ItemId) -> _Transaction | None:
+        """The transaction holding `item` now, if any (call with the lock held)."""
+        holder = self.holds.get(item)
+        return holder if holder is not None and holder.until > time.monotonic() else None
+
     def held(self) -> list[tuple[str, dict[str, Any]]]:
         """The items held by transactions under way, as (table, key)."""
         with self.lock:
-            return [(table, json.loads(key)) for table, key in self.holds]
+            return [(t, json.loads(k)) for t, k in self.holds if self._holder((t, k))]
 
     # -- one request -----------------------------------------------------------------------
 
@@ -241,13 +248,13 @@ class ConflictingDynamoDB(DelayingProxy):
         if operation == "TransactGetItems":
             items = [self._item_id(get.get("Get", {}), "Key") for get in _actions(params)]
             with self.lock:
-                taken = [self.holds.get(item) is not None for item in items]
+                taken = [self._holder(item) is not None for item in items]
             if any(taken):
                 return self._conflict(operation, taken)
         elif operation in SINGLE_WRITES:
             item = self._item_id(params, SINGLE_WRITES[operation])
             with self.lock:
-                taken_one = self.holds.get(item) is not None
+                taken_one = self._holder(item) is not None
             if taken_one:
                 return self._conflict(operation, [True])
         elif operation == "BatchGetItem":
@@ -294,8 +301,9 @@ class ConflictingDynamoDB(DelayingProxy):
         # Check and take every item under one lock: two transactions arriving together must
         # not both find their items free.
         with self.lock:
-            holders = [self.holds.get(item) for item in me.items]
+            holders = [self._holder(item) for item in me.items]
             if not any(holders):
+                me.until = time.monotonic() + self.commit_s
                 for item in me.items:
                     self.holds[item] = me
                 self.forwarded["TransactWriteItems"] += 1
@@ -312,9 +320,11 @@ class ConflictingDynamoDB(DelayingProxy):
         try:
             answer = forward(body)
             if answer[0] == 200:
-                # Committing: the items stay taken, and the client hears only once it is done.
-                # A cancelled transaction (say a failed condition) has nothing to commit.
-                time.sleep(self.commit_s)
+                # Committing: the items stay taken for the commit time from its arrival, and
+                # the client hears only once it is over. (DynamoDB Local, which serializes,
+                # may take longer on a loaded machine: that is its latency, not a longer
+                # hold.) A cancelled transaction (a failed condition) has nothing to commit.
+                time.sleep(max(0.0, me.until - time.monotonic()))
             return answer
         finally:
             with self.lock:

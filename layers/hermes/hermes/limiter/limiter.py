@@ -210,7 +210,9 @@ class Limiter:
         backoff = Backoff(until_ms, self._clock)
         refusal = Refusal(counters[0], False, {})
         rounds = 0
-        first = self._refused_until.get(pool, 0.0) > time.monotonic()
+        # After a refusal, or while this process sees waiters there, a read comes first: a
+        # full pool's refusal is then a read, not a cancelled transaction.
+        first = self._refused_until.get(pool, 0.0) > time.monotonic() or self._contended(pool)
         while rounds < MAX_ROUNDS:
             try:
                 if first:
@@ -224,6 +226,10 @@ class Limiter:
             except Contended:  # not a round: DynamoDB was busy and wrote nothing
                 if not backoff.wait():
                     return Refusal(counters[0], False, refusal.state)
+                # Others were writing the state item: read it before writing again. While it
+                # is full, that is the answer (and a waiter goes to the queue), not another
+                # transaction that contends with the handoffs.
+                first = True
                 continue
             rounds += 1
             if isinstance(outcome, Lease) or outcome.gated or outcome.full:
@@ -232,7 +238,8 @@ class Limiter:
         return refusal
 
     def _seen_refusal(self, pool: str, counters: tuple[Counter, ...]) -> Refusal | None:
-        """After a recent refusal: the state item read, and the refusal it still gives."""
+        """After a recent refusal or contention: the state item read, and the refusal it
+        still gives."""
         state = self._table.get(pool, STATE_SK, consistent=True) or {}
         self._observe(pool, state)
         seen = Refusal.of(state, counters)
