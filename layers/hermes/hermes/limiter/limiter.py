@@ -85,6 +85,9 @@ HANDOFF_ROUNDS = 2
 NO_EXPIRED_S = 0.25
 # After a refusal in a pool, admissions there read the state item first for this long.
 REFUSED_S = 0.5
+# A refused newcomer that heals a stale gate runs at most this many passes (each drops up to
+# GRANT_WINDOW lapsed entries).
+GATE_PASSES = 8
 # After seeing waiters on a pool, a release goes straight to a handoff for this long.
 CONTENDED_S = 1.0
 
@@ -300,7 +303,12 @@ class Limiter:
             return True
         self._gate_checked_until[pool] = time.monotonic() + REFUSED_S
         done = self._grant_pass(pool, refusal.state or None)
-        return not done.written
+        written = done.written
+        for _ in range(GATE_PASSES - 1):  # a long queue of lapsed entries: clear it all
+            if not (done.written and done.cleaned and done.more):
+                break
+            done = self._grant_pass(pool)
+        return not written
 
     # -- admission with waiting ----------------------------------------------------------
 
