@@ -549,7 +549,8 @@ class HermesService:
         """Admit, start a streamed backend call and wait for its first object, so that busy,
         unknown-model and unreachable errors are raised before the caller sends any byte.
         The returned iterator yields Ollama's objects and releases the slot when it ends,
-        fails, times out or is closed (a client that disconnects closes it)."""
+        fails, times out or is closed (a client that disconnects closes it), even if closed
+        before its first object was asked for."""
         config = self.model(model_name)
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -579,52 +580,7 @@ class HermesService:
                     raise
             break
 
-        async def rest() -> AsyncIterator[dict[str, Any]]:
-            outcome: dict[str, Any] = {"code": "client_disconnected", "status": 499}
-            last = first
-            failure: BaseException | None = None
-            try:
-                yield first
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(
-                            anext(chunks), max(admission.left_s(), 0.001)
-                        )
-                    except StopAsyncIteration:
-                        outcome = {"code": "ok", "status": 200}
-                        return
-                    except TimeoutError:
-                        error = self._timeout(model_name, config, timeout_s, admission.cut_by)
-                        outcome = {"code": error.code, "status": error.status}
-                        raise error from None
-                    last = chunk
-                    yield chunk
-            except HermesError as error:
-                outcome = {"code": error.code, "status": error.status}
-                failure = error
-                raise
-            finally:
-                observability.finished(
-                    model_name,
-                    outcome["code"],
-                    outcome["status"],
-                    (time.perf_counter() - started) * 1000,
-                    _usage(last),
-                )
-                try:
-                    # Shielded, so it completes in a cancelled task (client gone): the backend
-                    # sees the call end before the slot is freed.
-                    await _close_quietly(chunks)
-                finally:
-                    ended = outcome["code"] == "ok"
-                    await self._finish(
-                        model_name,
-                        admission,
-                        answer=last if ended else None,
-                        error=failure or (None if ended else asyncio.CancelledError()),
-                    )
-
-        return rest()
+        return _Stream(self, model_name, config, admission, chunks, first, started)
 
     def _timeout(
         self,
@@ -653,6 +609,86 @@ class HermesService:
             timeout_ms=round(timeout_s * 1000),
             jobs_url=f"/v1/jobs/{name}",
         )
+
+
+class _Stream:
+    """The objects of one admitted streamed call (the first one already read), as an async
+    iterator. The call ends once: the backend stream is closed, then its slot freed, when
+    the answer ends or fails, when the deadline passes, or when the iterator is closed. A
+    class rather than an async generator: closing a generator that never started runs none
+    of its code, and a client gone before the first byte would keep the slot until the
+    lease expired."""
+
+    def __init__(
+        self,
+        service: HermesService,
+        name: str,
+        config: ModelConfig,
+        admission: Admission,
+        chunks: AsyncIterator[dict[str, Any]],
+        first: dict[str, Any],
+        started: float,
+    ) -> None:
+        self._service, self._name, self._config = service, name, config
+        self._admission, self._chunks, self._started = admission, chunks, started
+        self._first: dict[str, Any] | None = first  # not yet handed out
+        self._last = first
+        self._ending: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._ending is not None:
+            raise StopAsyncIteration
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        admission = self._admission
+        try:
+            chunk = await asyncio.wait_for(anext(self._chunks), max(admission.left_s(), 0.001))
+        except StopAsyncIteration:
+            await self._end(answer=self._last)
+            raise
+        except TimeoutError:
+            error = self._service._timeout(
+                self._name, self._config, admission.run_s, admission.cut_by
+            )
+            await self._end(error=error)
+            raise error from None
+        except BaseException as error:
+            await self._end(error=error)
+            raise
+        self._last = chunk
+        return chunk
+
+    async def aclose(self) -> None:
+        """The caller is done (a client gone): the call ends now, if it has not yet."""
+        await self._end(error=asyncio.CancelledError())
+
+    async def _end(
+        self, answer: dict[str, Any] | None = None, error: BaseException | None = None
+    ) -> None:
+        if self._ending is None:
+            # A task of its own, shielded: it completes in a cancelled task (client gone).
+            self._ending = asyncio.ensure_future(self._end_call(answer, error))
+        await asyncio.shield(self._ending)
+
+    async def _end_call(self, answer: dict[str, Any] | None, error: BaseException | None) -> None:
+        """Log the outcome, close the backend stream (Ollama sees the call end before the slot
+        is freed), then free the slot."""
+        if isinstance(error, HermesError):
+            code, status = error.code, error.status
+        elif error is None:
+            code, status = "ok", 200
+        else:
+            code, status = "client_disconnected", 499
+        latency_ms = (time.perf_counter() - self._started) * 1000
+        observability.finished(self._name, code, status, latency_ms, _usage(self._last))
+        try:
+            await _close_quietly(self._chunks)
+        finally:
+            await self._service._finish(self._name, self._admission, answer=answer, error=error)
 
 
 @contextlib.contextmanager
