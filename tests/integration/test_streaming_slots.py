@@ -1,10 +1,12 @@
 """Streamed answers and the slots behind them, over real sockets (issue 18, item 4f): a slow
-reader cannot keep a backend call past its lease."""
+reader cannot keep a backend call past its lease, and a client that leaves while its streamed
+request waits frees its place and its slot at once."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
@@ -12,6 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from hermes.limiter import Limiter
+from hermes.placement import host_pool
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
@@ -25,6 +29,14 @@ MODELS = {
             "memory_cost": "low",
             "timeout": int(BRIEF_TIMEOUT_S * 1000),
             "backend_model": "mistral:7b",
+        },
+        # One slot, and requests wait for it (far longer than the test needs).
+        "solo": {
+            "max_concurrency": 1,
+            "memory_cost": "low",
+            "timeout": 10_000,
+            "queue_timeout_ms": 8_000,
+            "backend_model": "llama3:8b",
         },
     }
 }
@@ -126,3 +138,61 @@ def test_a_slow_reader_cannot_keep_the_backend_call_past_its_lease(
     assert len(lines) > 1 and all(b'"response"' in line for line in lines[:-1])
     last = json.loads(lines[-1])
     assert last["code"] == "upstream_timeout" and "brief" in last["error"], last
+
+
+def release(emulator: OllamaEmulator) -> None:
+    """The held requests go on (the control API: the in-process emulator's own loop does it)."""
+    httpx.post(f"{emulator.url}/_emulator/release", timeout=5).raise_for_status()
+
+
+CLIENTS = {
+    "ollama": ("/api/generate", {"model": "solo", "prompt": "hi", "stream": True}),
+    "openai": (
+        "/v1/chat/completions",
+        {"model": "solo", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(CLIENTS))
+def test_a_streamed_request_whose_client_left_while_waiting_frees_its_place_and_slot(
+    hermes: HermesProcess,
+    emulator: OllamaEmulator,
+    dynamodb_local: DynamoDBLocal,
+    dialect: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    path, body = CLIENTS[dialect]
+    limiter = Limiter(dynamodb_local.client(), "LeaseTable", notice_poller=False)
+    pool = host_pool("default")
+    # Given solo's one slot held by a streamed request whose backend holds its answer
+    emulator.set_behaviour(model="llama3:8b", mode="hold")
+    request.addfinalizer(lambda: release(emulator))  # never leave a held request behind
+    first: list[bytes] = []
+    holder = threading.Thread(
+        target=lambda: first.append(read_body(send_request(hermes.url, path, body))), daemon=True
+    )
+    holder.start()
+    assert until(lambda: emulator.stats()["in_flight"]["llama3:8b"] == 1, 5) < 5
+    # And a second streamed request waiting for that slot
+    waiter = send_request(hermes.url, path, body)
+    assert until(lambda: limiter.waiting(pool) == 1, 5) < 5
+
+    # When the second client disconnects
+    waiter.close()
+
+    # Then its place in the queue is given back at once
+    freed_in = until(lambda: limiter.waiting(pool) == 0, 3)
+    print(f"the place was given back {freed_in:.2f} s after the client left")
+    assert freed_in < 3, "the place was kept"
+    # And when the first request ends, the slot is free (not held until its lease expires)
+    emulator.set_behaviour(model="llama3:8b", mode="ok")
+    release(emulator)
+    holder.join(10)
+    assert first and first[0], "the first request did not complete"
+    free_in = until(lambda: in_flight(hermes.url, "solo") == 0, 3)
+    print(f"the slot was free {free_in:.2f} s after the first request ended")
+    assert free_in < 3, "the slot was kept"
+    third = httpx.post(f"{hermes.url}/v1/llm/solo", json={"prompt": "hi"}, timeout=15)
+    assert third.status_code == 200, third.text
+    assert emulator.stats()["requests"]["llama3:8b"] == 2  # the second never reached Ollama

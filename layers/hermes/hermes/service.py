@@ -24,6 +24,7 @@ from hermes.aws import client
 from hermes.backends import OllamaClient, client_for
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import (
+    ClientDisconnected,
     HermesError,
     HostBusy,
     InvalidRequest,
@@ -724,7 +725,7 @@ class _Stream:
         elif error is None:
             code, status = "ok", 200
         else:
-            code, status = "client_disconnected", 499
+            code, status = ClientDisconnected.code, ClientDisconnected.status
         latency_ms = (time.perf_counter() - self._started) * 1000
         observability.finished(self._name, code, status, latency_ms, _usage(self._last))
         try:
