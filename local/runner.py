@@ -269,10 +269,19 @@ def start_embedded_model() -> None:
     )
 
 
+def use_this_layer() -> None:
+    """This checkout's layer first on sys.path, before anything imports hermes: the venv may
+    hold an editable install of another checkout (a git worktree uses the main checkout's
+    venv), whose hermes would otherwise serve this checkout's functions."""
+    layer = str(ROOT / "layers" / "hermes")
+    if sys.path[:1] != [layer]:
+        sys.path.insert(0, layer)
+
+
 def build_app() -> Router:
     """Prepare the environment, the store and the tables, then mount every declared route."""
     template = load_template()
-    sys.path.insert(0, str(ROOT / "layers" / "hermes"))
+    use_this_layer()
     start_embedded_model()
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
@@ -341,6 +350,7 @@ def describe(port: int, host: str) -> str:
 def main() -> None:
     import uvicorn
 
+    use_this_layer()
     from hermes.config import ConfigError
 
     port = int(os.environ.get("PORT") or 4020)

@@ -14,6 +14,7 @@ from hermes.http import (
     openapi_body,
     read_json_body,
     sync_deadline_s,
+    unless_client_leaves,
 )
 from hermes.schemas import Priority
 from hermes.service import get_service
@@ -33,7 +34,10 @@ async def _run(request: Request, path: str, kind: type[Any], priority: Priority)
     if not body.stream:
         answer = await service.complete(name, path, payload, deadline_s=deadline, priority=priority)
         return JSONResponse({**answer, "model": body.model})
-    chunks = await service.open_stream(name, path, payload, deadline_s=deadline, priority=priority)
+    chunks = await unless_client_leaves(
+        request,
+        service.open_stream(name, path, payload, deadline_s=deadline, priority=priority),
+    )
     return StreamingBody(ollama_api.ndjson(chunks, body.model), media_type="application/x-ndjson")
 
 

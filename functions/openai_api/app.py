@@ -15,6 +15,7 @@ from hermes.http import (
     openapi_body,
     read_json_body,
     sync_deadline_s,
+    unless_client_leaves,
 )
 from hermes.schemas import Priority
 from hermes.service import get_service
@@ -42,8 +43,9 @@ async def _run(request: Request, chat: bool, priority: Priority) -> Response:
         )
         shape = openai_api.chat_completion if chat else openai_api.completion
         return JSONResponse(shape(answer, body.model))
-    chunks = await service.open_stream(
-        name, path, body.to_ollama(), deadline_s=deadline, priority=priority
+    chunks = await unless_client_leaves(
+        request,
+        service.open_stream(name, path, body.to_ollama(), deadline_s=deadline, priority=priority),
     )
     usage = bool((body.stream_options or {}).get("include_usage"))
     events = openai_api.sse(chunks, body.model, chat, usage)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ReadTimeoutError
 
+from hermes import ollama_api, openai_api
 from hermes.config import MAX_MODEL_NAME_CHARS, MAX_MODELS_PER_HOST, ConfigError, load_config
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy, UpstreamTimeout
 from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
@@ -324,6 +326,37 @@ def test_a_stream_admitted_late_ends_before_its_lease_too(
         asyncio.run(stream())  # 5 s of tokens; the lease left ~0.4 s of them
     (lease,) = solo
     assert lease.expires_at_ms / 1000 - time.time() > MARGIN_S
+
+
+DIALECTS: dict[str, Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[Any]]] = {
+    "service": lambda chunks: chunks,
+    "ollama": lambda chunks: ollama_api.ndjson(chunks, "solo"),
+    "openai": lambda chunks: openai_api.sse(chunks, "solo", True, False),
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_a_stream_closed_before_its_first_item_frees_its_slot(
+    solo: list[Lease], emulator: OllamaEmulator, dialect: str
+) -> None:
+    # Given an admitted streamed call, its first object already read from the backend
+    emulator.set_behaviour(model="llama3:8b", mode="ok", tokens=50, token_delay_ms=100)
+
+    async def closed_unread() -> int:
+        chunks = await get_service().open_stream("solo", "/api/generate", {"prompt": "hi"})
+        # When the answer is closed before anything was iterated (a client gone before the
+        # first byte: StreamingBody closes its body iterator, never started)
+        await DIALECTS[dialect](chunks).aclose()  # type: ignore[attr-defined]
+        pool = host_pool("default")
+        return int(get_service().limiter.usage([pool])[pool].get("inflight_solo", 0))
+
+    # Then the slot is free at once, not when the lease expires
+    assert asyncio.run(closed_unread()) == 0
+    # And Ollama saw the call end
+    deadline = time.monotonic() + 2
+    while emulator.stats()["in_flight"]["llama3:8b"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emulator.stats()["in_flight"]["llama3:8b"] == 0
 
 
 def test_a_lease_granted_too_late_to_use_is_given_back_with_503(

@@ -74,6 +74,12 @@ class UpstreamTimeout(HermesError):
     status, code = 504, "upstream_timeout"
 
 
+class ClientDisconnected(HermesError):
+    """The client left before its answer was ready: nobody receives this one (nginx's 499)."""
+
+    status, code = 499, "client_disconnected"
+
+
 class InternalError(HermesError):
     """A bug: reported without details so nothing internal leaks to callers."""
 

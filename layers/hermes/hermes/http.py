@@ -3,13 +3,14 @@ and helpers to read a JSON body and the Lambda deadline from a request."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, get_args
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar, get_args
 
 import anyio
 from fastapi import Depends, FastAPI, Header, Request
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from hermes import __version__
 from hermes.errors import (
+    ClientDisconnected,
     HermesError,
     InternalError,
     InvalidRequest,
@@ -34,6 +36,7 @@ from hermes.limiter import RELEASE_RESERVE_S
 from hermes.schemas import Priority
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Time kept back from the Lambda deadline to release the lease and send the answer.
 LAMBDA_SAFETY_S = RELEASE_RESERVE_S + 0.5
@@ -270,6 +273,35 @@ def lambda_handler(app: FastAPI, direct: LambdaHandler | None = None) -> LambdaH
     entry = instrument(handler, http=True)
     entry.app = app  # type: ignore[attr-defined]
     return entry
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work` (a wait for a slot), cancelled as soon as the client disconnects: the cancelled
+    wait gives its queue place back (and a lease granted meanwhile) instead of holding it for
+    nobody. Starlette does not cancel a handler whose client left. Only a server that reports
+    a disconnect while the request runs makes this act (uvicorn: the local runner); API
+    Gateway reports none, and Mangum only once the answer is sent, so there it just awaits
+    `work`. Call it once the body is read: the next message can only be http.disconnect."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled: so is its work
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))  # its cancellation has given back what it held
+        if task.cancelled():
+            raise ClientDisconnected("the client disconnected while its request waited")
+    return task.result()  # done first: the response machinery deals with a client gone
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class StreamingBody(StreamingResponse):

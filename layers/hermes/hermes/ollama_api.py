@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hermes.aio import ClosingWith
 from hermes.backends import OllamaClient
 from hermes.config import ModelConfig
 from hermes.errors import HermesError, InvalidRequest
@@ -107,16 +108,20 @@ def prompt_chars(body: _Body) -> int:
     return 0
 
 
-async def ndjson(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIterator[bytes]:
+def ndjson(chunks: AsyncIterator[dict[str, Any]], model: str) -> ClosingWith[bytes]:
     """Ollama's streaming format: one JSON object per line; a failure mid-stream is an
-    `{"error": ...}` line, as Ollama itself sends."""
-    try:
-        async for chunk in chunks:
-            yield json.dumps({**chunk, "model": model}).encode() + b"\n"
-    except HermesError as error:
-        yield json.dumps({"error": error.message, "code": error.code}).encode() + b"\n"
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+    `{"error": ...}` line, as Ollama itself sends. Closing it closes `chunks`."""
+
+    async def lines() -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in chunks:
+                yield json.dumps({**chunk, "model": model}).encode() + b"\n"
+        except HermesError as error:
+            yield json.dumps({"error": error.message, "code": error.code}).encode() + b"\n"
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return ClosingWith(lines(), chunks)  # type: ignore[arg-type]
 
 
 async def tags(service: HermesService) -> dict[str, Any]:

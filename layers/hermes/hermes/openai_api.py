@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hermes.aio import ClosingWith
 from hermes.errors import HermesError, InvalidRequest
 from hermes.schemas import validate_body
 from hermes.service import HermesService
@@ -183,11 +184,12 @@ def completion(answer: dict[str, Any], model: str) -> dict[str, Any]:
     }
 
 
-async def sse(
+def sse(
     chunks: AsyncIterator[dict[str, Any]], model: str, chat: bool, include_usage: bool
-) -> AsyncIterator[bytes]:
+) -> ClosingWith[bytes]:
     """OpenAI's streaming: `data: <chunk>` events, a final chunk with finish_reason, an
-    optional usage chunk, then `data: [DONE]`. A failure mid-stream is an error event."""
+    optional usage chunk, then `data: [DONE]`. A failure mid-stream is an error event.
+    Closing it closes `chunks`."""
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -204,28 +206,33 @@ async def sse(
             return {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish}
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
-    first = True
-    try:
-        async for chunk in chunks:
-            text = (
-                chunk.get("message", {}).get("content", "") if chat else chunk.get("response", "")
-            )
-            if chunk.get("done"):
-                if text:
+    async def events() -> AsyncGenerator[bytes, None]:
+        first = True
+        try:
+            async for chunk in chunks:
+                text = (
+                    chunk.get("message", {}).get("content", "")
+                    if chat
+                    else chunk.get("response", "")
+                )
+                if chunk.get("done"):
+                    if text:
+                        yield event([choice(text, None, first)])
+                    yield event([choice("", _finish_reason(chunk.get("done_reason")))])
+                    if include_usage:
+                        yield event([], usage=_usage(chunk))
+                    break
+                if text or first:
                     yield event([choice(text, None, first)])
-                yield event([choice("", _finish_reason(chunk.get("done_reason")))])
-                if include_usage:
-                    yield event([], usage=_usage(chunk))
-                break
-            if text or first:
-                yield event([choice(text, None, first)])
-                first = False
-        yield b"data: [DONE]\n\n"
-    except HermesError as error:
-        body = json.loads(bytes(render_error(error).body))
-        yield b"data: " + json.dumps(body).encode() + b"\n\n"
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+                    first = False
+            yield b"data: [DONE]\n\n"
+        except HermesError as error:
+            body = json.loads(bytes(render_error(error).body))
+            yield b"data: " + json.dumps(body).encode() + b"\n\n"
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    return ClosingWith(events(), chunks)  # type: ignore[arg-type]
 
 
 def models(service: HermesService) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from hermes.aws import client
 from hermes.backends import OllamaClient, client_for
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import (
+    ClientDisconnected,
     HermesError,
     HostBusy,
     InvalidRequest,
@@ -582,7 +583,8 @@ class HermesService:
         """Admit, start a streamed backend call and wait for its first object, so that busy,
         unknown-model and unreachable errors are raised before the caller sends any byte.
         The returned iterator yields Ollama's objects and releases the slot when it ends,
-        fails, times out or is closed (a client that disconnects closes it)."""
+        fails, times out or is closed (a client that disconnects closes it), even if closed
+        before its first object was asked for."""
         config = self.model(model_name)
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -612,52 +614,7 @@ class HermesService:
                     raise
             break
 
-        async def rest() -> AsyncIterator[dict[str, Any]]:
-            outcome: dict[str, Any] = {"code": "client_disconnected", "status": 499}
-            last = first
-            failure: BaseException | None = None
-            try:
-                yield first
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(
-                            anext(chunks), max(admission.left_s(), 0.001)
-                        )
-                    except StopAsyncIteration:
-                        outcome = {"code": "ok", "status": 200}
-                        return
-                    except TimeoutError:
-                        error = self._timeout(model_name, config, timeout_s, admission.cut_by)
-                        outcome = {"code": error.code, "status": error.status}
-                        raise error from None
-                    last = chunk
-                    yield chunk
-            except HermesError as error:
-                outcome = {"code": error.code, "status": error.status}
-                failure = error
-                raise
-            finally:
-                observability.finished(
-                    model_name,
-                    outcome["code"],
-                    outcome["status"],
-                    (time.perf_counter() - started) * 1000,
-                    _usage(last),
-                )
-                try:
-                    # Shielded, so it completes in a cancelled task (client gone): the backend
-                    # sees the call end before the slot is freed.
-                    await _close_quietly(chunks)
-                finally:
-                    ended = outcome["code"] == "ok"
-                    await self._finish(
-                        model_name,
-                        admission,
-                        answer=last if ended else None,
-                        error=failure or (None if ended else asyncio.CancelledError()),
-                    )
-
-        return rest()
+        return _Stream(self, model_name, config, admission, chunks, first, started)
 
     def _timeout(
         self,
@@ -688,6 +645,128 @@ class HermesService:
         )
 
 
+class _Stream:
+    """The objects of one admitted streamed call (the first one already read), as an async
+    iterator. The call ends once: the backend stream is closed, then its slot freed, when
+    the answer ends or fails, when the deadline passes, or when the iterator is closed. A
+    class rather than an async generator: closing a generator that never started runs none
+    of its code, and a client gone before the first byte would keep the slot until the
+    lease expired.
+
+    The deadline holds however slowly the caller reads. A read of the backend times out by
+    itself, but between reads the caller holds an object, possibly for long (its send to a
+    slow client blocks): a timer then ends the call at the deadline, so Ollama stops before
+    another instance can take the slot, and the caller gets the timeout error next."""
+
+    def __init__(
+        self,
+        service: HermesService,
+        name: str,
+        config: ModelConfig,
+        admission: Admission,
+        chunks: AsyncIterator[dict[str, Any]],
+        first: dict[str, Any],
+        started: float,
+    ) -> None:
+        self._service, self._name, self._config = service, name, config
+        self._admission, self._chunks, self._started = admission, chunks, started
+        self._first: dict[str, Any] | None = first  # not yet handed out
+        self._last = first
+        self._ending: asyncio.Future[None] | None = None
+        self._reading = False  # a read of the backend is under way (it has its own timeout)
+        self._late: UpstreamTimeout | None = None  # the deadline passed between reads
+        when = _loop_time(admission.ends_at)
+        self._timer = asyncio.get_running_loop().call_at(when, self._cut)
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._ending is not None:
+            await asyncio.wait([self._ending])  # the slot is free before the caller hears
+            late, self._late = self._late, None
+            if late is not None:
+                raise late  # cut at the deadline while the caller held an object: said once
+            raise StopAsyncIteration
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        self._reading = True
+        try:
+            chunk = await asyncio.wait_for(
+                anext(self._chunks), max(self._admission.left_s(), 0.001)
+            )
+        except StopAsyncIteration:
+            await self._end(answer=self._last)
+            raise
+        except TimeoutError:
+            error = self._timeout()
+            await self._end(error=error)
+            raise error from None
+        except BaseException as error:
+            await self._end(error=error)
+            raise
+        finally:
+            self._reading = False
+        self._last = chunk
+        if self._admission.left_s() <= 0:
+            self._cut()  # the timer fired during this read, which ended just in time
+        return chunk
+
+    def _cut(self) -> None:
+        """At the deadline: end the call now, unless a read (which times out by itself) is
+        under way; the caller gets the timeout error when it asks for the next object."""
+        if self._ending is None and not self._reading:
+            self._late = self._timeout()
+            self._end_soon(error=self._late).add_done_callback(_log_failure)
+
+    def _timeout(self) -> UpstreamTimeout:
+        admission = self._admission
+        return self._service._timeout(self._name, self._config, admission.run_s, admission.cut_by)
+
+    async def aclose(self) -> None:
+        """The caller is done (a client gone): the call ends now, if it has not yet."""
+        await self._end(error=asyncio.CancelledError())
+
+    async def _end(
+        self, answer: dict[str, Any] | None = None, error: BaseException | None = None
+    ) -> None:
+        """End the call, if it has not ended yet, and wait for its end. A failure to end it
+        (a release that failed) is raised to the caller that ended it, once."""
+        first = self._ending is None
+        ending = self._end_soon(answer, error)
+        if first:
+            await asyncio.shield(ending)
+        else:
+            await asyncio.wait([ending])
+
+    def _end_soon(
+        self, answer: dict[str, Any] | None = None, error: BaseException | None = None
+    ) -> asyncio.Future[None]:
+        """The end of the call, started once: a task of its own, so that it completes in a
+        cancelled task (client gone) and can start from the timer."""
+        if self._ending is None:
+            self._timer.cancel()
+            self._ending = asyncio.ensure_future(self._end_call(answer, error))
+        return self._ending
+
+    async def _end_call(self, answer: dict[str, Any] | None, error: BaseException | None) -> None:
+        """Log the outcome, close the backend stream (Ollama sees the call end before the slot
+        is freed), then free the slot."""
+        if isinstance(error, HermesError):
+            code, status = error.code, error.status
+        elif error is None:
+            code, status = "ok", 200
+        else:
+            code, status = ClientDisconnected.code, ClientDisconnected.status
+        latency_ms = (time.perf_counter() - self._started) * 1000
+        observability.finished(self._name, code, status, latency_ms, _usage(self._last))
+        try:
+            await _close_quietly(self._chunks)
+        finally:
+            await self._service._finish(self._name, self._admission, answer=answer, error=error)
+
+
 @contextlib.contextmanager
 def observed(
     model: str, *, only_failures: bool = False, started: float | None = None
@@ -713,6 +792,12 @@ def observed(
             outcome.get("prompt"),
             outcome.get("completion"),
         )
+
+
+def _log_failure(ending: asyncio.Future[None]) -> None:
+    """A stream ended by its deadline timer: nobody awaits that end, so a failure is logged."""
+    if not ending.cancelled() and ending.exception() is not None:
+        log.warning("ending a stream at its deadline failed: %r", ending.exception())
 
 
 def _usage(answer: dict[str, Any]) -> dict[str, Any]:
