@@ -107,7 +107,9 @@ def test_a_release_rides_out_four_conflicts_and_a_throttle_and_serves_the_waiter
     assert store.injected["TransactWriteItems"] == 5
     assert set(numbers(state(limiter)).values()) == {0}
     print(f"\n  release through 4 conflicts + 1 throttle, handoff and release: {elapsed:.3f} s")
-    assert elapsed < 1.0
+    # About 0.2 s on an idle machine (printed above); the bound leaves room for a loaded CI
+    # machine and still says what matters: nothing waited for the 30 s lease to expire.
+    assert elapsed < 3.0
 
 
 def test_throttled_admissions_are_retried_and_then_answered_busy_never_unavailable(
@@ -122,7 +124,7 @@ def test_throttled_admissions_are_retried_and_then_answered_busy_never_unavailab
     started = time.monotonic()
     with pytest.raises(ModelBusy, match="contended"):
         limiter.acquire(POOL, [slot("a")], 30_000, until_ms=now_ms() + 500)
-    assert time.monotonic() - started < 1.5  # within its patience, give or take one call
+    assert time.monotonic() - started < 3.0  # its 0.5 s of patience, not botocore's seconds
 
 
 # -- item 4: liveness ------------------------------------------------------------------------
@@ -144,12 +146,13 @@ def test_a_gate_left_by_vanished_waiters_heals_for_requests_that_do_not_wait(
             memory(4),
         ],
     )
+    lapse = now_ms() + 1500
     for counters in (gemma, gemma, mistral):
-        limiter.acquire(POOL, counters, 500)  # crashed holders: their leases lapse
-    ticket = limiter.enqueue(POOL, llama3, 30_000, wait_until_ms=now_ms() + 800)
+        limiter.acquire(POOL, counters, 1000)  # crashed holders: their leases lapse
+    ticket = limiter.enqueue(POOL, llama3, 30_000, wait_until_ms=lapse)
     assert isinstance(ticket, Ticket)  # and it vanishes: no poll, no give-up
     limiter._mailbox.forget(ticket.ticket_id)
-    time.sleep(1.0)
+    time.sleep(max(0.0, (lapse - now_ms()) / 1000) + 0.1)
     # Another instance, which only serves requests that do not wait
     other = Limiter(client_of(store), table)
     lease = other.acquire(POOL, gemma, 30_000)
@@ -185,7 +188,7 @@ def test_a_waiters_poll_rate_follows_its_real_place_in_the_queue(
     seven lapsed entries at the head made every waiter "next in line" (5 ms polls)."""
     limiter = Limiter(client_of(store), table)
     limiter.acquire(POOL, [slot("a")], 30_000)
-    soon = now_ms() + 300
+    soon = now_ms() + 1500
     for _ in range(7):  # waiters that crash: their entries lapse at the head of the queue
         crashed = limiter.enqueue(POOL, [slot("a")], 30_000, wait_until_ms=soon)
         assert isinstance(crashed, Ticket)
@@ -193,7 +196,7 @@ def test_a_waiters_poll_rate_follows_its_real_place_in_the_queue(
     later = now_ms() + 30_000
     live = [limiter.enqueue(POOL, [slot("a")], 30_000, wait_until_ms=later) for _ in range(20)]
     assert all(isinstance(t, Ticket) for t in live)
-    time.sleep(0.4)
+    time.sleep(max(0.0, (soon - now_ms()) / 1000) + 0.1)
     first, last = live[0], live[-1]
     assert isinstance(first, Ticket) and isinstance(last, Ticket)
     assert limiter._ahead(first, now_ms()) == 0
