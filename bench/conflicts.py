@@ -201,7 +201,7 @@ def run(infra: Infra, scale: Scale, _: Any) -> Section:
         f"{SERVICE_MS} ms; {CLIENTS} closed-loop clients (15 per model) POST /v1/llm for "
         f"{seconds:g} s. Utilization = the emulator's busy time of both models / "
         f"({2 * SLOTS} slots x the window). The conflicting store holds a transaction's items "
-        f"for {COMMIT_S * 1000:.0f} ms after DynamoDB Local applied it and cancels overlapping "
+        f"for its {COMMIT_S * 1000:.0f} ms commit from its arrival and cancels overlapping "
         "transactions (TransactionConflict), as DynamoDB does; plain DynamoDB Local serializes "
         "them."
     )
