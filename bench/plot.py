@@ -173,3 +173,37 @@ def plot_placement(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_ceiling(
+    path: Path,
+    callers: Sequence[int],
+    series: dict[str, Sequence[float]],
+    target: float,
+    title: str,
+) -> Path:
+    """Section 8: admissions per second one host sustains, per number of concurrent callers,
+    for each way of admitting (one line each), with the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    for label, values in series.items():
+        axes.plot(callers, values, marker="o", label=label)
+        for x, y in zip(callers, values, strict=True):
+            axes.annotate(f"{y:.0f}", (x, y), xytext=(0, 5), textcoords="offset points",
+                          ha="center", fontsize=7)  # fmt: skip
+    axes.axhline(target, color="red", linestyle=":", linewidth=1, label=f"target {target:g}/s")
+    axes.set_xscale("log")
+    axes.set_xticks(list(callers), [str(c) for c in callers])
+    axes.set_xlabel("concurrent callers (each its own Limiter: a Lambda instance)")
+    axes.set_ylabel("admissions (admit + release) per second, one host")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    axes.set_title(title, fontsize=9)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
