@@ -4,7 +4,9 @@ endpoint that is either moto (unit) or a local server (integration)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -42,9 +44,30 @@ def fresh_settings() -> Iterator[None]:
         cached.cache_clear()
 
 
+# moto is not thread-safe (its own FAQ): a TransactWriteItems deep-copies the table while
+# another thread's write changes it ("dictionary changed size during iteration"). The service
+# releases on threads of its own beside the pool's bookkeeping, so every moto request is
+# serialized, as DynamoDB applies them; the limiter's races are tested on DynamoDB Local.
+_MOTO_LOCK = threading.RLock()
+
+
+def _serialized(
+    call: Callable[..., Any],
+) -> Callable[..., Any]:
+    def serialized(self: Any, event_name: str, request: Any, **kwargs: Any) -> Any:
+        with _MOTO_LOCK:
+            return call(self, event_name, request, **kwargs)
+
+    return serialized
+
+
 @pytest.fixture
-def aws() -> Iterator[None]:
-    """moto in-process, with the tables created from template.yaml's own definitions."""
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """moto in-process, with the tables created from template.yaml's own definitions, one
+    request at a time."""
+    from moto.core.botocore_stubber import BotocoreStubber
+
+    monkeypatch.setattr(BotocoreStubber, "__call__", _serialized(BotocoreStubber.__call__))
     with mock_aws():
         client = boto3.client("dynamodb")
         for definition in table_definitions().values():
