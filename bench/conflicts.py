@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,35 +142,21 @@ class Ceiling:
         return self.admitted / self.seconds
 
 
-def ceiling(endpoint_url: str, callers: int, seconds: float) -> Ceiling:
-    """`callers` threads, each its own Limiter (a Lambda instance) on one shared client,
-    admitting and releasing on one host as fast as they can for `seconds`."""
-    ddb = dynamodb_client(endpoint_url)
-    counters = [
-        Counter("inflight_wide", 100_000, 1, ModelBusy, "model 'wide'"),
-        Counter("memory", 100_000, 1, HostBusy, "the memory budget of host 'bench'"),
-    ]
-    pool = f"host#ceiling-{callers}-{time.monotonic_ns()}"
+def _loop(callers: int, seconds: float, caller: Callable[[], Callable[[], str]]) -> Ceiling:
+    """`callers` threads, each calling its own `caller()` (one admission and release; it
+    answers "admitted", "busy" or "unavailable") as fast as it can for `seconds`."""
     tally = collections.Counter[str]()
     lock = threading.Lock()
     stop = threading.Event()
 
-    def caller() -> None:
-        limiter = Limiter(ddb, "LeaseTable", notice_poller=False)
+    def run_one() -> None:
+        once = caller()
         while not stop.is_set():
-            try:
-                lease = limiter.acquire(pool, counters, 30_000)
-            except LimiterUnavailable:
-                outcome = "unavailable"
-            except HermesError:
-                outcome = "busy"
-            else:
-                outcome = "admitted"
-                limiter.release(lease)
+            outcome = once()
             with lock:
                 tally[outcome] += 1
 
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    threads = [threading.Thread(target=run_one) for _ in range(callers)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -181,15 +168,40 @@ def ceiling(endpoint_url: str, callers: int, seconds: float) -> Ceiling:
     return Ceiling(callers, tally["admitted"], tally["busy"], tally["unavailable"], elapsed)
 
 
+def ceiling(endpoint_url: str, callers: int, seconds: float) -> Ceiling:
+    """Each caller its own Limiter (a Lambda instance) on one shared client, admitting and
+    releasing on one host."""
+    ddb = dynamodb_client(endpoint_url)
+    counters = [
+        Counter("inflight_wide", 100_000, 1, ModelBusy, "model 'wide'"),
+        Counter("memory", 100_000, 1, HostBusy, "the memory budget of host 'bench'"),
+    ]
+    pool = f"host#ceiling-{callers}-{time.monotonic_ns()}"
+
+    def caller() -> Callable[[], str]:
+        limiter = Limiter(ddb, "LeaseTable", notice_poller=False)
+
+        def once() -> str:
+            try:
+                lease = limiter.acquire(pool, counters, 30_000)
+            except LimiterUnavailable:
+                return "unavailable"
+            except HermesError:
+                return "busy"
+            limiter.release(lease)
+            return "admitted"
+
+        return once
+
+    return _loop(callers, seconds, caller)
+
+
 def single_writes(endpoint_url: str, callers: int, seconds: float) -> Ceiling:
-    """The baseline of docs/design/conflicts.md §4: `callers` threads doing what a direct
-    admission and release would be there, two single-item conditional UpdateItems on one
-    item (add within a capacity, then subtract), which hold nothing for a commit."""
+    """The baseline of docs/design/conflicts.md §4: each caller does what a direct admission
+    and release would be there, two single-item conditional UpdateItems on one item (add
+    within a capacity, then subtract), which hold nothing for a commit."""
     ddb = dynamodb_client(endpoint_url)
     key = {"pk": {"S": f"host#single-{callers}-{time.monotonic_ns()}"}, "sk": {"S": "state"}}
-    tally = collections.Counter[str]()
-    lock = threading.Lock()
-    stop = threading.Event()
 
     def write(delta: int) -> bool:
         try:
@@ -208,22 +220,7 @@ def single_writes(endpoint_url: str, callers: int, seconds: float) -> Ceiling:
         except Exception:  # a conflict with a transaction, throttling: counted as busy
             return False
 
-    def caller() -> None:
-        while not stop.is_set():
-            outcome = "admitted" if write(1) and write(-1) else "busy"
-            with lock:
-                tally[outcome] += 1
-
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    elapsed = time.monotonic() - started
-    return Ceiling(callers, tally["admitted"], tally["busy"], 0, elapsed)
+    return _loop(callers, seconds, lambda: lambda: "admitted" if write(1) and write(-1) else "busy")
 
 
 def run(infra: Infra, scale: Scale, _: Any) -> Section:
