@@ -12,9 +12,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import Counter, Lease, Limiter, Ticket, lease_table_definition
@@ -44,21 +42,10 @@ def store(conflicting_dynamodb: ConflictingDynamoDB) -> ConflictingDynamoDB:
 @pytest.fixture
 def table(store: ConflictingDynamoDB) -> Iterator[str]:
     name = f"Leases-{uuid.uuid4().hex[:8]}"
-    client = client_of(store)
+    client = store.client()
     client.create_table(**lease_table_definition(name))
     yield name
     client.delete_table(TableName=name)
-
-
-def client_of(store: ConflictingDynamoDB) -> Any:
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=store.url,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        config=Config(max_pool_connections=32, retries={"mode": "legacy", "total_max_attempts": 3}),
-    )
 
 
 def state(limiter: Limiter, pool: str = POOL) -> dict[str, Any]:
@@ -90,7 +77,7 @@ def test_a_release_rides_out_four_conflicts_and_a_throttle_and_serves_the_waiter
     """Before: the handoff gave up after its conflicts (2 grant-pass rounds, then one plain
     release, also cancelled), and a throttled release was a 503-style failure: the slot stayed
     held until the lease expired while the waiter waited."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     holder = limiter.acquire(POOL, [slot("a")], 30_000)
     ticket = limiter.enqueue(POOL, [slot("a")], 30_000, wait_until_ms=now_ms() + 10_000)
     assert isinstance(ticket, Ticket)
@@ -116,7 +103,7 @@ def test_throttled_admissions_are_retried_and_then_answered_busy_never_unavailab
     store: ConflictingDynamoDB, table: str
 ) -> None:
     """Before: a ThrottlingError cancellation was LimiterUnavailable (503, LimiterErrors)."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     store.inject("TransactWriteItems", ["throttle"] * 3)
     lease = limiter.acquire(POOL, [slot("a")], 30_000)  # ridden out
     assert limiter.release(lease)
@@ -137,7 +124,7 @@ def test_a_gate_left_by_vanished_waiters_heals_for_requests_that_do_not_wait(
     a brownout fails the holders' releases and the waiter's give-up. Afterwards every
     request that does not wait was refused "has requests waiting", forever: only a waiter or
     a release ran the grant pass that drops lapsed entries and recomputes q_blocked."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     gemma, mistral, llama3 = (
         [slot("gemma", 2), memory(2)],
         [slot("mistral", 2), memory(2)],
@@ -154,7 +141,7 @@ def test_a_gate_left_by_vanished_waiters_heals_for_requests_that_do_not_wait(
     limiter._mailbox.forget(ticket.ticket_id)
     time.sleep(max(0.0, (lapse - now_ms()) / 1000) + 0.1)
     # Another instance, which only serves requests that do not wait
-    other = Limiter(client_of(store), table)
+    other = Limiter(store.client(), table)
     lease = other.acquire(POOL, gemma, 30_000)
     assert other.release(lease)
     assert numbers(state(other)).get("q_waiting") == 0
@@ -166,7 +153,7 @@ def test_a_long_queue_for_one_model_does_not_block_an_idle_model(
 ) -> None:
     """Before: a grant pass over more than its 32-entry window set q_blocked to "*", so 40
     waiters for model A (1 slot) refused every request for the idle model B."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     a, b = [slot("a"), memory(1, 100)], [slot("b"), memory(1, 100)]
     holder = limiter.acquire(POOL, a, 30_000)
     wait_until = now_ms() + 30_000
@@ -174,7 +161,7 @@ def test_a_long_queue_for_one_model_does_not_block_an_idle_model(
     assert all(isinstance(t, Ticket) for t in tickets)
     limiter._grant_pass(POOL)  # what a waiter's check or a release runs
     assert "*" not in state(limiter).get("q_blocked", {}).get("SS", [])
-    lease = Limiter(client_of(store), table).acquire(POOL, b, 30_000)  # at once
+    lease = Limiter(store.client(), table).acquire(POOL, b, 30_000)  # at once
     assert isinstance(lease, Lease)
     for ticket in tickets:
         limiter.abandon(ticket)
@@ -186,7 +173,7 @@ def test_a_waiters_poll_rate_follows_its_real_place_in_the_queue(
 ) -> None:
     """Before: "entries ahead" counted the live ones among the first 8 of the whole queue, so
     seven lapsed entries at the head made every waiter "next in line" (5 ms polls)."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     limiter.acquire(POOL, [slot("a")], 30_000)
     soon = now_ms() + 1500
     for _ in range(7):  # waiters that crash: their entries lapse at the head of the queue
@@ -213,7 +200,7 @@ def test_partial_batch_answers_are_asked_again_with_backoff(
     store: ConflictingDynamoDB, table: str
 ) -> None:
     """Before: three immediate tries of UnprocessedKeys, then 503."""
-    limiter = Limiter(client_of(store), table)
+    limiter = Limiter(store.client(), table)
     pools = [f"host#{i}" for i in range(50)]
     for pool in pools:
         limiter.release(limiter.acquire(pool, [slot("a")], 30_000))

@@ -63,16 +63,9 @@ def dynamodb(conflicting_dynamodb: ConflictingDynamoDB) -> ConflictingDynamoDB:
     return conflicting_dynamodb
 
 
-def client_of(db: DynamoDBLocal | ConflictingDynamoDB) -> Any:
+def client_of(db: ConflictingDynamoDB) -> Any:
     """A client with room for every test thread's connection."""
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=db.url,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        config=Config(max_pool_connections=32),
-    )
+    return db.client()
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import Counter, Limiter
@@ -29,14 +27,7 @@ def store_client(
 ) -> Any:
     if request.param == "dynamodb-local":
         return dynamodb_local.client()
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=conflicting_dynamodb.url,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-        config=Config(max_pool_connections=32),
-    )
+    return conflicting_dynamodb.client()
 
 
 def race(

@@ -206,6 +206,23 @@ class ConflictingDynamoDB(DelayingProxy):
 
     # -- observation -----------------------------------------------------------------------
 
+    def client(self) -> Any:
+        """A DynamoDB client of this store, with Hermes' retry policy (hermes.aws) and room
+        for every test thread's connection."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "dynamodb",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            config=Config(
+                max_pool_connections=32, retries={"mode": "legacy", "total_max_attempts": 3}
+            ),
+        )
+
     @property
     def transactions_forwarded(self) -> int:
         return self.forwarded["TransactWriteItems"]

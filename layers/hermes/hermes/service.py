@@ -116,6 +116,12 @@ class Admission:
     def left_s(self) -> float:
         return self.ends_at - time.monotonic()
 
+    @property
+    def release_by(self) -> float | None:
+        """When its releases must be done (time.monotonic()): the invocation's end, less the
+        time the answer needs. None without a deadline."""
+        return None if self.deadline is None else self.deadline + RELEASE_RESERVE_S
+
 
 class HermesService:
     def __init__(
@@ -135,13 +141,13 @@ class HermesService:
         frees its slot: only the waiting is cancelled."""
         await asyncio.shield(self._start_release(lease, None))
 
-    def _start_release(self, lease: Lease, deadline: float | None) -> asyncio.Future[bool]:
+    def _start_release(self, lease: Lease, release_by: float | None) -> asyncio.Future[bool]:
         """The release of `lease`, already running in a worker thread when this returns;
-        retried through contention until the invocation's end (`deadline` plus the reserve)
-        or, without a deadline, until the lease expires."""
+        retried through contention until `release_by` (time.monotonic()) or, without one,
+        until the lease expires."""
         until_ms = None
-        if deadline is not None:
-            until_ms = int((time.time() + deadline + RELEASE_RESERVE_S - time.monotonic()) * 1000)
+        if release_by is not None:
+            until_ms = int((time.time() + release_by - time.monotonic()) * 1000)
         release = functools.partial(self.limiter.release, lease, until_ms)
         return asyncio.get_running_loop().run_in_executor(_RELEASES, release)
 
@@ -164,7 +170,7 @@ class HermesService:
         # Started here, before any await: a cancelled task (client gone) still frees its
         # slots, and the pool's bookkeeping runs to its end.
         leases = [lease for lease in (admission.lease, admission.cap) if lease is not None]
-        releases = [self._start_release(lease, admission.deadline) for lease in leases]
+        releases = [self._start_release(lease, admission.release_by) for lease in leases]
         hints: list[Awaitable[None]] = []
         placed = admission.placed
         if placed is not None:
@@ -182,12 +188,12 @@ class HermesService:
                 )
         tasks = [asyncio.ensure_future(hint) for hint in hints]
         everything = asyncio.shield(asyncio.gather(*releases, *tasks, return_exceptions=True))
-        if admission.deadline is None:
+        if admission.release_by is None:
             results = await everything
         else:
             # The answer must go out before the invocation ends: a release (or a hint) still
             # running then is left to finish if the sandbox lives on, else to lease expiry.
-            left_s = admission.deadline + RELEASE_RESERVE_S - time.monotonic()
+            left_s = admission.release_by - time.monotonic()
             try:
                 results = await asyncio.wait_for(everything, max(left_s, 0.0))
             except TimeoutError:
