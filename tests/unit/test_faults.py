@@ -14,6 +14,7 @@ from botocore.awsrequest import AWSResponse
 
 from hermes.aws import client
 from hermes.errors import ModelBusy
+from hermes.limiter.records import buckets_of, counters_of
 from hermes.service import get_service, host_pool
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
@@ -56,10 +57,8 @@ def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def inject(fault: Throttle) -> None:
-    # Admission and release are both one TransactWriteItems.
-    get_service().limiter._ddb.meta.events.register_first(
-        "before-send.dynamodb.TransactWriteItems", fault
-    )
+    # Admission and release are both one UpdateItem of the state item.
+    get_service().limiter._ddb.meta.events.register_first("before-send.dynamodb.UpdateItem", fault)
 
 
 def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
@@ -73,10 +72,9 @@ def test_transient_throttling_is_retried_and_the_request_succeeds() -> None:
     item = client("dynamodb").get_item(
         TableName="LeaseTable", Key={"pk": {"S": host_pool("default")}, "sk": {"S": "state"}}
     )
-    assert {k: v for k, v in item["Item"].items() if k not in ("pk", "sk")} == {
-        "inflight_gemma": {"N": "0"},
-        "memory": {"N": "0"},
-    }
+    state = item["Item"]
+    assert counters_of(state) == {"inflight_gemma": 0, "memory": 0}
+    assert all(bucket.empty for bucket in buckets_of(state).values())
 
 
 class RefuseEveryCall:
@@ -100,9 +98,7 @@ def test_persistent_throttling_answers_busy_not_unavailable() -> None:
     the limiter's patience and answered 429 with Retry-After: contention is not an outage
     (no 503, no LimiterErrors alarm)."""
     fault = RefuseEveryCall()
-    get_service().limiter._ddb.meta.events.register_first(
-        "before-call.dynamodb.TransactWriteItems", fault
-    )
+    get_service().limiter._ddb.meta.events.register_first("before-call.dynamodb.UpdateItem", fault)
     response = load_function("llm").handler(event("llm_generate.json"), LambdaContext())
     body = json.loads(response["body"])
     assert (response["statusCode"], body["code"]) == (429, "model_busy")
@@ -132,7 +128,7 @@ def test_a_release_that_keeps_failing_leaves_the_lease_to_expire() -> None:
     config = service.model("gemma")
     lease = service.limiter.acquire(host_pool("default"), service.counters("gemma", config), 60_000)
     service.limiter._ddb.meta.events.register_first(
-        "before-call.dynamodb.TransactWriteItems", RefuseEveryCall()
+        "before-call.dynamodb.UpdateItem", RefuseEveryCall()
     )
     soon_ms = int(time.time() * 1000) + 500
     # Retried until its deadline, then logged; the answer does not depend on it.

@@ -21,6 +21,7 @@ from hermes.config import MAX_MODEL_NAME_CHARS, MAX_MODELS_PER_HOST, ConfigError
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy, UpstreamTimeout
 from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
 from hermes.limiter.limiter import MAX_TRANSACT_ITEMS
+from hermes.limiter.records import BUCKET_MS, buckets_of
 from hermes.service import get_service, host_pool
 from tests.support.dynamodb_limits import (
     EXPRESSIONS,
@@ -129,8 +130,9 @@ def test_uncontended_admission_costs_two_dynamodb_requests(limiter: Limiter) -> 
     )
     lease = limiter.acquire(POOL, gemma(), 10_000)
     limiter.release(lease)
-    # One transaction to admit (state item + lease item), one to release.
-    assert calls == ["TransactWriteItems", "TransactWriteItems"]
+    # One conditional write of the state item to admit, one to release: no transaction,
+    # which would hold the item for its commit and cancel everything that overlaps it.
+    assert calls == ["UpdateItem", "UpdateItem"]
 
 
 def test_model_slot_and_memory_budget_are_taken_together(limiter: Limiter) -> None:
@@ -184,21 +186,10 @@ def state_item(limiter: Limiter, pool: str = POOL) -> dict[str, Any]:
     return item
 
 
-def lease_keys(limiter: Limiter, pool: str = POOL) -> list[str]:
-    """The sort keys (`<expiry ms:013d>#<lease id>`) of the pool's lease items, oldest first."""
-    keys: list[str] = []
-    request: dict[str, Any] = {
-        "TableName": "LeaseTable",
-        "KeyConditionExpression": "pk = :pk",
-        "ExpressionAttributeValues": {":pk": {"S": f"{pool}#lease"}},
-        "ConsistentRead": True,
-    }
-    while True:
-        page = limiter._ddb.query(**request)
-        keys += [item["sk"]["S"] for item in page["Items"]]
-        if "LastEvaluatedKey" not in page:
-            return keys
-        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+def lease_ids(limiter: Limiter, pool: str = POOL) -> list[str]:
+    """The ids of the leases the pool's state item holds, by expiry bucket (oldest first)."""
+    buckets = buckets_of(state_item(limiter, pool))
+    return [lease_id for end in sorted(buckets) for lease_id in sorted(buckets[end].ids)]
 
 
 # -- A holder never runs past its lease (issue 10, item 2) ----------------------------------
@@ -206,9 +197,11 @@ def lease_keys(limiter: Limiter, pool: str = POOL) -> list[str]:
 
 def test_a_lease_carries_the_expiry_dynamodb_holds(limiter: Limiter, clock: Clock) -> None:
     lease = limiter.acquire(POOL, gemma(), 5_000)
-    (stored,) = lease_keys(limiter)  # the expiry is the first part of the lease item's key
-    assert stored == lease.sk == f"{lease.expires_at_ms:013d}#{lease.lease_id}"
-    assert lease.expires_at_ms == int(stored.split("#")[0]) == int(clock.now * 1000) + 5_000
+    assert lease.expires_at_ms == int(clock.now * 1000) + 5_000
+    # Its id is kept in the bucket its expiry falls in: reaped once that bucket has ended.
+    (bucket,) = buckets_of(state_item(limiter)).values()
+    assert bucket.ids == {lease.lease_id} and bucket.weights == {"inflight_gemma": 1}
+    assert (bucket.end - 1) * BUCKET_MS < lease.expires_at_ms <= bucket.end * BUCKET_MS
     clock.now += 1.5
     assert limiter.time_left(lease) == pytest.approx(3.5)
 
@@ -222,6 +215,7 @@ def test_a_slow_reaping_round_does_not_eat_into_the_new_lease(
     def slow_write(**_: Any) -> None:
         clock.now += 3  # each write takes 3 s
 
+    limiter._ddb.meta.events.register("before-call.dynamodb.UpdateItem", slow_write)
     limiter._ddb.meta.events.register("before-call.dynamodb.TransactWriteItems", slow_write)
     asked_at = clock.now
     lease = limiter.acquire(POOL, gemma(1), 5_000)
@@ -287,7 +281,7 @@ def answers_late(seconds: float, times: int = 1) -> None:
             left[0] -= 1
             time.sleep(seconds)
 
-    get_service().limiter._ddb.meta.events.register("after-call.dynamodb.TransactWriteItems", late)
+    get_service().limiter._ddb.meta.events.register("after-call.dynamodb.UpdateItem", late)
 
 
 def run_solo() -> Any:
@@ -368,7 +362,7 @@ def test_a_lease_granted_too_late_to_use_is_given_back_with_503(
     assert error.value.retry_after == 1
     # Given back, not left to expire: no lease item left, the counters back to zero.
     limiter = get_service().limiter
-    assert lease_keys(limiter, host_pool("default")) == []
+    assert lease_ids(limiter, host_pool("default")) == []
     assert state_item(limiter, host_pool("default"))["inflight_solo"] == {"N": "0"}
     assert emulator.stats()["requests"].get("llama3:8b", 0) == 0  # and the model never called
 
@@ -386,7 +380,7 @@ def test_a_prompt_admission_keeps_the_models_whole_timeout(
 
 
 def lose_answers(limiter: Limiter, times: int) -> None:
-    """The next `times` transactions are applied, then fail as if the answer never came
+    """The next `times` admission writes are applied, then fail as if the answer never came
     (what botocore raises once its retries are spent)."""
     left = [times]
 
@@ -395,7 +389,7 @@ def lose_answers(limiter: Limiter, times: int) -> None:
             left[0] -= 1
             raise ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com/")
 
-    limiter._ddb.meta.events.register("after-call.dynamodb.TransactWriteItems", lost)
+    limiter._ddb.meta.events.register("after-call.dynamodb.UpdateItem", lost)
 
 
 def test_an_admission_whose_answer_was_lost_frees_its_slot_at_once(limiter: Limiter) -> None:
@@ -403,7 +397,7 @@ def test_an_admission_whose_answer_was_lost_frees_its_slot_at_once(limiter: Limi
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, gemma(1), 60_000)
     # The write had landed; the lease is gone again, counters and all, long before it expires.
-    assert lease_keys(limiter) == []
+    assert lease_ids(limiter) == []
     assert state_item(limiter)["inflight_gemma"] == {"N": "0"}
     assert limiter.release(limiter.acquire(POOL, gemma(1), 60_000)) is True
 
@@ -414,11 +408,11 @@ def test_withdrawing_an_admission_that_never_landed_frees_nothing_else(limiter: 
     def refused(**_: Any) -> None:
         raise ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com/")
 
-    limiter._ddb.meta.events.register_first("before-call.dynamodb.TransactWriteItems", refused)
+    limiter._ddb.meta.events.register_first("before-call.dynamodb.UpdateItem", refused)
     with pytest.raises(LimiterUnavailable):
         limiter.acquire(POOL, gemma(2), 60_000)
-    limiter._ddb.meta.events.unregister("before-call.dynamodb.TransactWriteItems", refused)
-    assert lease_keys(limiter) == [theirs.sk]
+    limiter._ddb.meta.events.unregister("before-call.dynamodb.UpdateItem", refused)
+    assert lease_ids(limiter) == [theirs.lease_id]
     assert in_use(limiter) == 1
 
 
@@ -436,49 +430,51 @@ def transaction_sizes(limiter: Limiter) -> list[int]:
     return sizes
 
 
+def crash_holders(limiter: Limiter, clock: Clock, count: int, capacity: int) -> list[int]:
+    """`count` holders admitted over count / 10 s (about ten per expiry bucket) and crashed:
+    their 1 s leases all expired 2 s after the last. The number of leases of each batch of
+    REAP_BATCH buckets, oldest first."""
+    for _ in range(count):
+        limiter.acquire(POOL, gemma(capacity), 1_000)
+        clock.now += 0.1
+    clock.now += 2
+    buckets = buckets_of(state_item(limiter))
+    sizes = [len(buckets[end].ids) for end in sorted(buckets)]
+    return [sum(sizes[i : i + REAP_BATCH]) for i in range(0, len(sizes), REAP_BATCH)]
+
+
 def test_a_pool_full_of_300_expired_leases_admits_the_next_request(
     limiter: Limiter, clock: Clock
 ) -> None:
-    for _ in range(300):
-        limiter.acquire(POOL, gemma(300), 1_000)  # 300 crashed holders
-    clock.now += 2
+    batches = crash_holders(limiter, clock, 300, 300)  # ~30 expired buckets of ~10
     sizes = transaction_sizes(limiter)
     lease = limiter.acquire(POOL, gemma(300), 1_000)
-    # The refused admission, one grant pass that deletes the REAP_BATCH oldest expired lease
-    # items with the state update, then the admitting write: every request within DynamoDB's
-    # limits (dynamodb_limits checks each action of each transaction).
-    assert sizes == [2, REAP_BATCH + 1, 2]
+    # The refused admission, one reaping write of the REAP_BATCH oldest buckets (a single
+    # item: no transaction), then the admitting write; every request within DynamoDB's
+    # limits (dynamodb_limits checks each).
+    assert sizes == []
     assert in_use(limiter) == 1  # usage leaves out the expired leases not reaped yet
-    assert lease_keys(limiter)[-1] == lease.sk
-    # The rest go REAP_BATCH at a time, with whatever pass comes next; never all in one write.
-    passes = 0
-    while len(lease_keys(limiter)) > 1:
-        assert limiter._grant_pass(POOL).cleaned == REAP_BATCH
-        passes += 1
-    assert passes == (300 - REAP_BATCH) // REAP_BATCH
-    assert max(sizes) == REAP_BATCH + 1 <= MAX_TRANSACT_ITEMS
-    assert lease_keys(limiter) == [lease.sk]
+    assert len(lease_ids(limiter)) == 300 - batches[0] + 1
+    assert lease_ids(limiter)[-1] == lease.lease_id
+    # The rest go REAP_BATCH buckets at a time, with whatever pass comes next.
+    assert [limiter._grant_pass(POOL).cleaned for _ in batches[1:]] == batches[1:]
+    assert lease_ids(limiter) == [lease.lease_id]
     assert state_item(limiter)["inflight_gemma"] == {"N": "1"}
+    # Nothing left of the reaped buckets: the state item holds the live lease's bucket only.
+    assert list(buckets_of(state_item(limiter))) == [lease.bucket]
 
 
-def test_reaping_stops_where_another_instance_reaped_first(
-    limiter: Limiter, clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for _ in range(120):
-        limiter.acquire(POOL, gemma(120), 1_000)
-    clock.now += 2
+def test_reaping_stops_where_another_instance_reaped_first(limiter: Limiter, clock: Clock) -> None:
+    first, rest = crash_holders(limiter, clock, 120, 120)  # ~12 expired buckets of ~10
     other = Limiter(limiter._ddb, "LeaseTable", clock=clock)
-    stale = limiter._expired(POOL, limiter._now_ms(), REAP_BATCH)  # read before the other reaps
-    assert other._grant_pass(POOL).cleaned == REAP_BATCH  # the other instance reaps them first
-    views, fresh = [stale], limiter._expired
-    monkeypatch.setattr(limiter, "_expired", lambda *args: views.pop() if views else fresh(*args))
-    sizes = transaction_sizes(limiter)
-    done = limiter._grant_pass(POOL)
-    # Its first transaction (deleting lease items that are gone) is cancelled as a whole; it
-    # reads again and reaps the next batch. Nothing is subtracted twice.
-    assert done.written and done.cleaned == REAP_BATCH and sizes == [REAP_BATCH + 1] * 2
-    assert len(lease_keys(limiter)) == 120 - 2 * REAP_BATCH
-    assert state_item(limiter)["inflight_gemma"] == {"N": str(120 - 2 * REAP_BATCH)}
+    stale = state_item(limiter)  # read before the other reaps
+    assert other._grant_pass(POOL).cleaned == first  # the other instance reaps first
+    done = limiter._grant_pass(POOL, stale)
+    # Its first write (reaping buckets that are gone) fails as a whole on its conditions; it
+    # reads again and reaps what is left. Nothing is subtracted twice.
+    assert done.written and done.cleaned == rest
+    assert lease_ids(limiter) == []
+    assert state_item(limiter)["inflight_gemma"] == {"N": "0"}
     assert in_use(limiter) == 0
 
 
@@ -564,22 +560,26 @@ def largest_expressions(client: Any) -> dict[str, int]:
     return biggest
 
 
+CRASHED = 30
+
+
 def test_a_host_at_the_model_bound_keeps_a_grant_pass_under_4_KB_per_expression(
     limiter: Limiter, clock: Clock, dynamodb_limits: ExpressionWatch
 ) -> None:
     """The bound's arithmetic, on the limiter's real writes: MAX_MODELS_PER_HOST models with
     the longest names on one host whose key is the longest DynamoDB allows, and the largest
-    grant pass there is: it reaps 30 crashed leases (30 models), grants 20 waiters of the 20
-    other models and 3 more, so its state update names every counter of the host (51) in a
-    transaction of 100 actions. Every request is checked by dynamodb_limits."""
+    grant pass there is: it reaps a bucket of 30 crashed leases (30 models) and grants the
+    30 waiters the memory budget then has room for (the 20 other models and 10 of the first),
+    so its state update names every counter of the host (51) and 31 of them twice more (the
+    reaped bucket's and the grants'). Every request is checked by dynamodb_limits."""
     names = [f"{i:02d}" + "x" * (MAX_MODEL_NAME_CHARS - 2) for i in range(MAX_MODELS_PER_HOST)]
-    pool = "host#" + "h" * (2048 - len("host#") - len("#lease"))  # <pool>#lease: 2048 bytes
-    crashed, other = range(REAP_BATCH), range(REAP_BATCH, MAX_MODELS_PER_HOST)
+    pool = "host#" + "h" * (2048 - len("host#") - len("#queue"))  # <pool>#queue: 2048 bytes
+    crashed, other = range(CRASHED), range(CRASHED, MAX_MODELS_PER_HOST)
 
     def counters(i: int) -> list[Counter]:
         return [
             Counter(f"inflight_{names[i]}", 1, 1, ModelBusy, f"model {i}"),
-            Counter("memory", REAP_BATCH, 1, HostBusy, "memory budget"),
+            Counter("memory", CRASHED, 1, HostBusy, "memory budget"),
         ]
 
     for i in crashed:
@@ -596,16 +596,14 @@ def test_a_host_at_the_model_bound_keeps_a_grant_pass_under_4_KB_per_expression(
     biggest = largest_expressions(limiter._ddb)
     sizes = transaction_sizes(limiter)
     done = limiter._grant_pass(pool)
-    assert done.written and done.cleaned == REAP_BATCH and done.more
-    assert len(done.grants) == 23 and sizes == [MAX_TRANSACT_ITEMS]
-    granted = {tickets[i].ticket_id for i in range(23)}
+    assert done.written and done.cleaned == CRASHED
+    assert len(done.grants) == CRASHED and sizes == [1 + 2 * CRASHED]
+    granted = {tickets[i].ticket_id for i in range(CRASHED)}
     assert set(done.grants) == granted  # the head of the queue, in order
     state = state_item(limiter, pool)
-    # The 27 left waiting (in the window and behind it) keep what they are short of, and the
-    # next in line, which would fit but did not fit in this transaction, keeps what it takes;
-    # no blanket "every counter waits" (ANY) for a queue longer than the window.
-    assert state["memory"] == {"N": "23"}
-    assert set(state["q_blocked"]["SS"]) == {f"inflight_{names[3]}", "memory"}
+    # The 20 left waiting are short of memory, which newcomers must not take.
+    assert state["memory"] == {"N": str(CRASHED)}
+    assert set(state["q_blocked"]["SS"]) == {"memory"}
     assert len([name for name in state if name.startswith("inflight_")]) == MAX_MODELS_PER_HOST
     # The largest state item: every counter, and every counter's name in q_blocked.
     every_name = [name for name in state if name.startswith(("inflight_", "memory"))]
@@ -620,43 +618,25 @@ def test_a_host_at_the_model_bound_keeps_a_grant_pass_under_4_KB_per_expression(
     assert dynamodb_limits.found == []
 
 
-class _AppliedButInProgress:
-    """The first TransactWriteItems is applied (moto's stubber runs) but answered with
-    TransactionInProgressException, as DynamoDB answers a retry that overtook its original;
-    records every ClientRequestToken sent."""
-
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def __call__(self, request: Any, **_: Any) -> Any:
-        from botocore.awsrequest import AWSResponse
-
-        self.tokens.append(json.loads(request.body)["ClientRequestToken"])
-        if len(self.tokens) > 1:
-            return None
-        body = json.dumps(
-            {
-                "__type": "com.amazonaws.dynamodb.v20120810#TransactionInProgressException",
-                "message": "in progress",
-            }
-        ).encode()
-
-        class Raw:
-            def stream(self, **_: Any) -> Any:
-                yield body
-
-        headers = {"Content-Type": "application/x-amz-json-1.0"}
-        return AWSResponse(request.url, 400, headers, Raw())
-
-
-def test_an_admission_still_in_progress_is_asked_again_with_its_token_and_counted_once(
-    limiter: Limiter,
+def test_an_admission_retried_after_its_answer_was_lost_is_counted_once(
+    limiter: Limiter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A retry with a new token (a new lease) would admit twice: the landed lease holding a
-    slot nobody uses until it expires. The 1,000-lease scale test lost 29 slots that way."""
-    fault = _AppliedButInProgress()
-    limiter._ddb.meta.events.register_first("before-send.dynamodb.TransactWriteItems", fault)
+    """botocore retries a write whose answer it did not get; when the first attempt landed,
+    the retry must not admit twice (a second count would hold a slot nobody uses until the
+    lease expires: the 1,000-lease scale test once lost 29 slots that way). Each attempt here
+    is applied and the answer of the second is the one returned, as for such a retry."""
+    update_item = limiter._ddb.update_item
+    attempts: list[str] = []
+
+    def applied_twice(**request: Any) -> Any:
+        attempts.append(request["UpdateExpression"])
+        if len(attempts) == 1:
+            update_item(**request)  # landed; its answer is lost
+        return update_item(**request)
+
+    monkeypatch.setattr(limiter._ddb, "update_item", applied_twice)
     lease = limiter.acquire(POOL, gemma(2), 10_000)
-    assert len(fault.tokens) == 2 and fault.tokens[0] == fault.tokens[1]
-    assert in_use(limiter) == 1 and len(lease_keys(limiter)) == 1
+    monkeypatch.undo()
+    assert len(attempts) == 1  # one admission, sent twice by the "retry" above
+    assert in_use(limiter) == 1 and lease_ids(limiter) == [lease.lease_id]
     assert limiter.release(lease) and in_use(limiter) == 0

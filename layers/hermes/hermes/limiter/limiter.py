@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from hermes.errors import HermesError, LimiterUnavailable
@@ -24,14 +23,18 @@ from hermes.limiter.records import (
     PRIORITIES,
     STATE_SK,
     WAITING,
+    Bucket,
     Counter,
     Entry,
     Lease,
     Refusal,
     Ticket,
+    bucket_of,
+    buckets_of,
     counters_of,
     key,
     n,
+    new_id,
     s,
     value,
 )
@@ -58,12 +61,13 @@ HANDOFF_REQUESTS = 4
 # that does not land by then is left to its lease's expiry, and the answer still goes out.
 RELEASE_RESERVE_S = 3.0
 # A grant pass reads this many queue entries from the head; entries beyond it wait for the next
-# pass. Each grant is 3 transaction items, a reaped lease 1-2, a lapsed entry 1, plus the state
-# item and the releaser's 1-2: a pass stops adding before TransactWriteItems' 100 items.
+# pass. Each grant is 2 transaction items, a lapsed entry 1, plus the state item: a pass stops
+# adding before TransactWriteItems' 100 items.
 GRANT_WINDOW = 32
 PASS_ON_WINDOW = 4  # a pass-on reads this many entries to find the first live one
-REAP_BATCH = 30
-REAP_SPREAD = 4  # a reaping pass picks its REAP_BATCH among this many batches of the oldest
+# A pass reaps at most this many expired buckets (each names 1 + counters attributes in the
+# state update: the expression stays far under 4 KB).
+REAP_BATCH = 8
 MAX_TRANSACT_ITEMS = 100
 # A waiter is "near the head" with fewer than HEAD_WINDOW live entries ahead: it polls fast and
 # may run a grant pass itself when its check finds capacity free or held by expired leases (a
@@ -79,10 +83,6 @@ WAITER_PASSES = 3
 # the caller's answer waits for its release (a Lambda freezes once it has answered), and the
 # waiters' own checks pick the capacity up within CHECK_S.
 HANDOFF_ROUNDS = 2
-# A lookup that found no expired lease in a pool is trusted until the first lease it saw
-# expires, and at most this long: a lease admitted after it and crashed comes back at most
-# this late after its expiry.
-NO_EXPIRED_S = 0.25
 # After a refusal in a pool, admissions there read the state item first for this long.
 REFUSED_S = 0.5
 # A refused newcomer that heals a stale gate runs at most this many passes (each drops up to
@@ -90,6 +90,8 @@ REFUSED_S = 0.5
 GATE_PASSES = 8
 # After seeing waiters on a pool, a release goes straight to a handoff for this long.
 CONTENDED_S = 1.0
+# A release tidies up (its grant notice, empty buckets: two requests) only with time to spare.
+TIDY_REQUESTS = 2
 
 
 @dataclass
@@ -100,7 +102,7 @@ class _Pass:
     (work for crashed requests); `more` when it left some of those for the next pass."""
 
     written: bool = False
-    grants: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    grants: dict[str, tuple[int, int, dict[str, int]]] = field(default_factory=dict)
     lease_gone: bool = False
     cleaned: int = 0
     more: bool = False
@@ -109,14 +111,12 @@ class _Pass:
 @dataclass
 class _Plan:
     items: list[dict[str, Any]]
-    grants: dict[str, tuple[int, dict[str, int]]]
+    grants: dict[str, tuple[int, int, dict[str, int]]]  # ticket -> (expiry, bucket, counts)
     cleaned: int
     more: bool
     reaped: int = 0
 
 
-# (sort key, weights, ticket id if it came from the queue)
-_Expired = tuple[str, dict[str, int], str | None]
 T = TypeVar("T")
 
 
@@ -142,7 +142,6 @@ class Limiter:
         self._aging = aging_tickets
         self._mailbox = Mailbox(self._notices, background=notice_poller)
         self._contended_until: dict[str, float] = {}
-        self._no_expired_until: dict[str, int] = {}  # pool -> epoch ms
         self._refused_until: dict[str, float] = {}  # pool -> monotonic s
         self._gate_checked_until: dict[str, float] = {}  # pool -> monotonic s
         self._last_state: dict[str, dict[str, Any]] = {}
@@ -248,7 +247,7 @@ class Limiter:
         seen = Refusal.of(state, counters)
         if seen.gated and self._gate_holds(pool, seen):
             return seen
-        if seen.full and not self._has_expired(pool):
+        if seen.full and not self._has_expired(state):
             self._refused_until[pool] = time.monotonic() + REFUSED_S
             return seen
         return None
@@ -261,31 +260,30 @@ class Limiter:
         run_until_ms: int,
         until_ms: int,
     ) -> Lease | Refusal:
-        """One admission transaction. A final refusal is gated or full; any other refusal
-        means: try again (the state changed, a stale gate or expired leases were cleared)."""
+        """One admission write. A final refusal is gated or full; any other refusal means:
+        try again (the state changed, a stale gate or expired leases were cleared)."""
         now = self._now_ms()
         expires = now + lease_ms if not run_until_ms else min(now + lease_ms, run_until_ms)
-        lease = Lease(uuid.uuid4().hex, pool, counters, expires)
+        lease = Lease(new_id(), pool, counters, expires, bucket_of(expires, lease_ms))
         try:
-            self._table.transact(writes.admit(self._table.name, lease))
-            return lease
+            new = self._table.update(writes.admit(self._table.name, lease))
+            return replace(lease, counts={c.name: value(new, c.name) for c in counters})
         except LimiterUnavailable:
             self._withdraw(lease)
             raise
         except Cancelled as cancelled:
-            if cancelled.failed(1):
-                # Our lease key (a fresh uuid) exists: an earlier attempt of this very call
-                # landed and its answer was lost. Admitted, exactly once. (DynamoDB itself
-                # answers such retries from the ClientRequestToken.)
-                return lease
             state = cancelled.item(0)
+            if _holds(state, lease):
+                # Our id (a fresh one) is there: botocore's retry of this very write met
+                # its first attempt, which landed and whose answer was lost. Admitted, once.
+                return lease
         self._observe(pool, state)
         refusal = Refusal.of(state, counters)
         if refusal.gated or refusal.full:
             self._refused_until[pool] = time.monotonic() + REFUSED_S
         if refusal.gated and not self._gate_holds(pool, refusal):
             return Refusal(refusal.counter, False, state)  # the gate was stale: try again
-        if refusal.full and self._has_expired(pool):
+        if refusal.full and self._has_expired(state):
             # Reap them. A pass that collided with another instance's reap is no loss:
             # capacity came back either way, so the next round may fit.
             self._grant_pass(pool, until_ms=until_ms)
@@ -343,7 +341,7 @@ class Limiter:
         if seq is None:
             raise refusal.error(retry_after_s)
         ticket = Ticket(
-            ticket_id=uuid.uuid4().hex,
+            ticket_id=new_id(),
             pool=pool,
             counters=counters,
             seq=seq,
@@ -535,6 +533,7 @@ class Limiter:
             ticket.pool,
             ticket.counters,
             int(notice["exp"]["N"]),
+            bucket=value(notice, "b"),
             granted=True,
             counts={k: int(v["N"]) for k, v in notice.get("n", {}).get("M", {}).items()},
         )
@@ -558,7 +557,7 @@ class Limiter:
         self._mailbox.pace(ticket.ticket_id, ticket.poll_after_s)
         if not near or ticket.passes_left <= 0 or now >= ticket.wait_until_ms:
             return None
-        if short and not self._has_expired(ticket.pool):
+        if short and not self._has_expired(state):
             return None
         done = self._grant_pass(ticket.pool, until_ms=ticket.wait_until_ms)
         if done.cleaned:
@@ -569,9 +568,15 @@ class Limiter:
         else:
             ticket.passes_left -= 1
         if ticket.ticket_id in done.grants:
-            exp, counts = done.grants[ticket.ticket_id]
+            exp, bucket, counts = done.grants[ticket.ticket_id]
             return Lease(
-                ticket.ticket_id, ticket.pool, ticket.counters, exp, granted=True, counts=counts
+                ticket.ticket_id,
+                ticket.pool,
+                ticket.counters,
+                exp,
+                bucket=bucket,
+                granted=True,
+                counts=counts,
             )
         return None
 
@@ -624,16 +629,20 @@ class Limiter:
                 if mode == "handoff":
                     done = self._hand_over(lease, state)
                     if done is not None:
+                        if done:
+                            self._tidy(lease, None, backoff)
                         return done
                     # Its rounds ran out (the queue kept changing): free the capacity
                     # anyway; waiters' own checks pick it up (CHECK_S).
                     mode = "plainly"
                     continue
                 nobody_waits = mode == "if-nobody-waits"
-                self._table.transact(writes.release(self._table.name, lease, nobody_waits))
+                new = self._table.update(writes.release(self._table.name, lease, nobody_waits))
+                self._tidy(lease, new, backoff)
                 return True
             except Cancelled as cancelled:
-                if cancelled.failed(0):
+                state = cancelled.item(0)
+                if not _holds(state, lease):
                     log.warning(
                         "lease %s in %s was already gone (expired and reaped)",
                         lease.lease_id,
@@ -641,7 +650,6 @@ class Limiter:
                     )
                     return False
                 # Somebody waits (ALL_OLD of the state item says so): hand over.
-                state = cancelled.item(len(cancelled.reasons) - 1)
                 self._observe(lease.pool, state)
                 mode = "handoff"
             except Contended as busy:
@@ -656,6 +664,25 @@ class Limiter:
             except LimiterUnavailable as exc:
                 log.error("release of lease %s failed, it will expire: %s", lease.lease_id, exc)
                 return False
+
+    def _tidy(self, lease: Lease, state: dict[str, Any] | None, backoff: Backoff) -> None:
+        """After a release, with time to spare: its grant notice goes (if it was granted),
+        and past buckets left empty in `state` (the state after the release) are removed. Both
+        are housekeeping: a failure leaves the notice to the table's TTL and the buckets to
+        the next release or grant pass."""
+        spare_ms = 2 * (TIDY_REQUESTS + 1) * self._table.latency_s * 1000
+        try:
+            if lease.granted and backoff.left_ms() > spare_ms:
+                self._table.call(
+                    "delete_item", **writes.delete_notice(self._table.name, lease.lease_id)
+                )
+            # Only past buckets: no admission goes there any more, so one tidy is final (a
+            # current bucket emptied by this release may fill again within BUCKET_MS).
+            empty = [b for b in _expired(state or {}, self._now_ms()) if b.empty]
+            if empty and backoff.left_ms() > spare_ms:
+                self._table.update(writes.tidy(self._table.name, lease.pool, empty))
+        except (Cancelled, Contended, LimiterUnavailable):
+            pass
 
     def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool | None:
         """Release `lease` and hand its capacity to the queue: True when done, False when the
@@ -680,8 +707,7 @@ class Limiter:
         now = self._now_ms()
         # Only the first live entry matters here: a short read is a faster handoff.
         entries, _ = self._head(lease.pool, PASS_ON_WINDOW)
-        ticket_id = lease.lease_id if lease.granted else None
-        items = writes.delete_lease(self._table.name, lease.pool, lease.sk, ticket_id)
+        items: list[dict[str, Any]] = []
         dropped, head = 0, None
         for entry in entries:
             if entry.wait_until_ms > now and entry.expiry(now) > now:
@@ -698,17 +724,21 @@ class Limiter:
             # pass, which reads the state, hands the rest to the entries after it.
             return None, None
         expires = head.expiry(now)
+        bucket = writes.grant_bucket(expires, head.lease_ms, lease.bucket)
         state_at = len(items)
-        items.append(writes.pass_on_state(self._table.name, lease.pool, head, freed, dropped))
-        items += writes.grant(self._table.name, lease.pool, head, expires, {})
+        update = writes.pass_on_state(self._table.name, lease, head, bucket, dropped)
+        items.append({"Update": update})
+        items += writes.grant(self._table.name, lease.pool, head, expires, bucket, {})
         try:
             self._table.transact(items)
         except Cancelled as cancelled:
-            if cancelled.failed(0):
+            if not cancelled.failed(state_at):
+                return None, None  # the head left, or a lapsed entry was dropped meanwhile
+            state = cancelled.item(state_at)
+            if not _holds(state, lease):
                 return False, None  # our lease had expired and was reaped
-            # The head does not fit (ALL_OLD tells the state) or left.
-            return None, cancelled.item(state_at) if cancelled.failed(state_at) else None
-        self._mailbox.hand({head.ticket_id: {"exp": n(expires)}})
+            return None, state  # the head does not fit (ALL_OLD tells the state)
+        self._mailbox.hand({head.ticket_id: {"exp": n(expires), "b": n(bucket)}})
         return True, None
 
     def _withdraw(self, lease: Lease) -> None:
@@ -717,7 +747,7 @@ class Limiter:
         backoff = self._table.backoff()
         while True:
             try:
-                self._table.transact(writes.release(self._table.name, lease, False))
+                self._table.update(writes.release(self._table.name, lease, False))
             except Cancelled:
                 return
             except Contended:
@@ -746,7 +776,7 @@ class Limiter:
         rounds: int = MAX_ROUNDS,
         until_ms: int | None = None,
     ) -> _Pass:
-        """One transaction that (1) releases `releasing`, (2) deletes expired leases, (3) drops
+        """One transaction that (1) releases `releasing`, (2) reaps expired buckets, (3) drops
         queue entries past their wait deadline, (4) hands a lease to each waiter that fits, in
         queue order, never letting an entry overtake an earlier one on a counter that the
         earlier one waits for, and (5) records those counters in q_blocked. At most `rounds`
@@ -760,17 +790,26 @@ class Limiter:
             if plan is None:
                 return _Pass()
             try:
-                self._table.transact(plan.items)  # Contended propagates: callers back off
+                # Contended propagates: callers back off. A pass that only changes the state
+                # item (a release, a reap) is a single-item write: no transaction to hold it.
+                if len(plan.items) == 1:
+                    self._table.update(plan.items[0]["Update"])
+                else:
+                    self._table.transact(plan.items)
             except Cancelled as cancelled:
-                if releasing is not None and cancelled.failed(1):
-                    return _Pass(lease_gone=True)
-                # The state changed (ALL_OLD says how), or an entry or lease changed: re-read.
+                # The state changed (ALL_OLD says how), or an entry changed: re-read.
                 state = cancelled.item(0) if cancelled.failed(0) else None
+                if releasing is not None and state is not None and not _holds(state, releasing):
+                    return _Pass(lease_gone=True)
                 continue
             self._mailbox.hand(
                 {
-                    ticket_id: {"exp": n(exp), "n": {"M": {k: n(v) for k, v in counts.items()}}}
-                    for ticket_id, (exp, counts) in plan.grants.items()
+                    ticket_id: {
+                        "exp": n(exp),
+                        "b": n(bucket),
+                        "n": {"M": {k: n(v) for k, v in counts.items()}},
+                    }
+                    for ticket_id, (exp, bucket, counts) in plan.grants.items()
                 }
             )
             if plan.reaped:
@@ -779,21 +818,14 @@ class Limiter:
         return _Pass()
 
     def _plan(self, pool: str, state: dict[str, Any], releasing: Lease | None) -> _Plan | None:
-        """Reads the queue's head (and expired leases) and composes the pass's transaction."""
+        """Reads the queue's head and composes the pass's transaction (expired buckets are
+        in the state item: no read for them)."""
         now = self._now_ms()
         entries, more = self._head(pool)
         # The rest of a long queue is not granted by this pass, but what it waits for is
         # still blocked: a newcomer must not take what a waiter further back is short of.
         rest = self._rest(pool, entries[-1].sk) if more else []
-        # A releaser's own capacity usually serves the head: it looks for expired leases only
-        # when somebody still does not fit. Passes that no release drives look first.
-        expired = self._reapable(pool, now) if releasing is None and self._has_expired(pool) else []
-        plan, short = self._compose(pool, state, releasing, now, entries, rest, expired)
-        if short and releasing is not None:
-            expired = self._reapable(pool, now)
-            if expired:
-                plan, _ = self._compose(pool, state, releasing, now, entries, rest, expired)
-        return plan
+        return self._compose(pool, state, releasing, now, entries, rest)
 
     def _rest(self, pool: str, after_sk: str) -> list[Entry] | None:
         """The queue entries after `after_sk` (the grant window's last), or None when they
@@ -815,39 +847,35 @@ class Limiter:
         now: int,
         entries: list[Entry],
         rest: list[Entry] | None,
-        expired: list[_Expired],
-    ) -> tuple[_Plan | None, bool]:
-        """The pass's transaction items (no I/O), and whether a live entry did not fit.
-        `entries` is the grant window; `rest` the entries behind it (None: too many to read),
-        which are not granted here but block what they are short of."""
+    ) -> _Plan | None:
+        """The pass's transaction items (no I/O). `entries` is the grant window; `rest` the
+        entries behind it (None: too many to read), which are not granted here but block
+        what they are short of."""
         more = rest is None or bool(rest)
         table = self._table.name
         values = counters_of(state)
         items: list[dict[str, Any]] = []
         delta: dict[str, int] = {}
         if releasing is not None:
-            ticket_id = releasing.lease_id if releasing.granted else None
-            items += writes.delete_lease(table, pool, releasing.sk, ticket_id)
             for c in releasing.counters:
                 delta[c.name] = delta.get(c.name, 0) - c.weight
-        cleaned = reaped = 0
-        for sk, weights, ticket_id in expired:
-            if releasing is not None and sk == releasing.sk:
-                continue
-            items += writes.delete_lease(table, pool, sk, ticket_id)
-            cleaned += 1
-            reaped += 1
-            for name, weight in weights.items():
+        taken = releasing.bucket if releasing is not None else None
+        expired = [b for b in _expired(state, now) if b.end != taken]
+        reaped = expired[:REAP_BATCH]
+        cleaned = reaped_leases = sum(len(gone.ids) for gone in reaped)
+        for gone in reaped:
+            for name, weight in gone.weights.items():
                 delta[name] = delta.get(name, 0) - weight
         removed = 0
         blocked: set[str] = set()
         caps: dict[str, int] = {}
-        grants: dict[str, tuple[int, dict[str, int]]] = {}
+        grants: dict[str, tuple[int, int, dict[str, int]]] = {}
+        granted: dict[int, dict[str, Any]] = {}
         window = len(entries)
         for index, entry in enumerate([*entries, *(rest or [])]):
             # Grants only in the window, and within TransactWriteItems' 100 items (the state
             # item and one more grant); past that, an entry only blocks what it is short of.
-            grantable = index < window and len(items) + 1 + 3 <= MAX_TRANSACT_ITEMS
+            grantable = index < window and len(items) + 1 + 2 <= MAX_TRANSACT_ITEMS
             more = more or (index < window and not grantable)
             expires = entry.expiry(now)
             if entry.wait_until_ms <= now or expires <= now:
@@ -868,21 +896,37 @@ class Limiter:
                 # this pass cannot grant it) is kept from newcomers.
                 blocked.update(short or [name for name, _, _ in entry.counters])
                 continue
+            bucket = writes.grant_bucket(expires, entry.lease_ms, taken)
+            into = granted.setdefault(bucket, {"ids": set(), "weights": {}})
+            into["ids"].add(entry.ticket_id)
             for name, capacity, weight in entry.counters:
                 delta[name] = delta.get(name, 0) + weight
                 caps[name] = min(capacity, caps.get(name, capacity))
+                into["weights"][name] = into["weights"].get(name, 0) + weight
             counts = {name: values.get(name, 0) + delta[name] for name, _, _ in entry.counters}
-            grants[entry.ticket_id] = (expires, counts)
-            items += writes.grant(table, pool, entry, expires, counts)
+            grants[entry.ticket_id] = (expires, bucket, counts)
+            items += writes.grant(table, pool, entry, expires, bucket, counts)
             removed += 1
-        waits = bool(blocked)  # a live entry did not fit
         if rest is None:
             blocked.add(ANY)  # more waiters than one read holds: every counter waits
         old_blocked = set(state.get(BLOCKED, {}).get("SS", []))
-        if not items and blocked == old_blocked:
-            return None, waits  # nothing to write
-        items.insert(0, writes.grant_pass_state(table, pool, state, delta, caps, removed, blocked))
-        return _Plan(items, grants, cleaned, more or len(expired) == REAP_BATCH, reaped), waits
+        if not items and not reaped and releasing is None and blocked == old_blocked:
+            return None  # nothing to write
+        update = writes.grant_pass_state(
+            table,
+            pool,
+            state,
+            releasing=releasing,
+            reaped=reaped,
+            granted=granted,
+            delta=delta,
+            caps=caps,
+            removed=removed,
+            blocked=blocked,
+        )
+        items.insert(0, {"Update": update})
+        more = more or len(expired) > REAP_BATCH
+        return _Plan(items, grants, cleaned, more, reaped_leases)
 
     def _head(self, pool: str, limit: int = GRANT_WINDOW) -> tuple[list[Entry], bool]:
         answer = self._table.query(
@@ -893,62 +937,15 @@ class Limiter:
         )
         return [Entry.of(item) for item in answer.get("Items", [])], "LastEvaluatedKey" in answer
 
-    def _expired(self, pool: str, now: int, limit: int | None) -> list[_Expired]:
-        """Leases whose expiry (the first part of their key) has passed, oldest first."""
-        found: list[_Expired] = []
-        request: dict[str, Any] = {
-            "KeyConditionExpression": "pk = :pk AND sk < :now",
-            "ExpressionAttributeValues": {":pk": s(f"{pool}#lease"), ":now": s(f"{now:013d}")},
-            "ConsistentRead": True,
-        }
-        if limit is not None:
-            request["Limit"] = limit
-        while True:
-            answer = self._table.query(**request)
-            for item in answer.get("Items", []):
-                weights = {k: int(v["N"]) for k, v in item["w"]["M"].items()}
-                found.append((item["sk"]["S"], weights, item.get("t", {}).get("S")))
-            if limit is not None or "LastEvaluatedKey" not in answer:
-                return found
-            request["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
-
-    def _reapable(self, pool: str, now: int) -> list[_Expired]:
-        """Up to REAP_BATCH expired leases, picked at random among the oldest few batches:
-        after a mass crash, instances reaping at once mostly pick different leases, rather
-        than all but one having their pass cancelled over the same oldest ones."""
-        found = self._expired(pool, now, REAP_BATCH * REAP_SPREAD)
-        if len(found) <= REAP_BATCH:
-            return found
-        return sorted(random.sample(found, REAP_BATCH))
-
-    def _has_expired(self, pool: str) -> bool:
-        """Whether some lease of `pool` has expired (a crashed holder's). A "no" is trusted
-        for NO_EXPIRED_S: full pools are refused often, and each look is a query."""
-        now_ms = self._now_ms()
-        if self._no_expired_until.get(pool, -1) > now_ms:
-            return False
-        # The lease that expires first (the partition sorts by expiry), expired or not: none
-        # can have expired before it does, except one admitted after this read.
-        first = self._table.query(
-            KeyConditionExpression="pk = :pk",
-            ExpressionAttributeValues={":pk": s(f"{pool}#lease")},
-            ProjectionExpression="sk",
-            ConsistentRead=True,
-            Limit=1,
-        ).get("Items", [])
-        expiry = int(first[0]["sk"]["S"].split("#", 1)[0]) if first else None
-        if expiry is not None and expiry < now_ms:
-            return True
-        trust_until = now_ms + int(NO_EXPIRED_S * 1000)
-        self._no_expired_until[pool] = trust_until if expiry is None else min(expiry, trust_until)
-        return False
+    def _has_expired(self, state: dict[str, Any]) -> bool:
+        """Whether the state item holds leases that have expired (a crashed holder's)."""
+        return any(not bucket.empty for bucket in _expired(state, self._now_ms()))
 
     # -- reading -------------------------------------------------------------------------
 
     def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
         """Per pool, the weight that unexpired leases hold on each counter: the state item's
-        counters (one BatchGetItem per 100 pools) less the expired leases not yet reaped
-        (one Query per pool that holds anything, usually empty)."""
+        counters less its expired buckets not yet reaped (one BatchGetItem per 100 pools)."""
         unique = list(dict.fromkeys(pools))
         found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
         try:
@@ -957,20 +954,29 @@ class Limiter:
             raise LimiterUnavailable(
                 f"the lease table is busy ({busy.code}); retry later"
             ) from None
-        for item in states:
-            found[item["pk"]["S"]] = counters_of(item)
         now = self._now_ms()
-        for pool in unique:
-            totals = found[pool]
-            if not any(count > 0 for count in totals.values()):
-                found[pool] = {}  # counters = the weights of its lease items: it has none
-                continue
-            for _, weights, _ in self._expired(pool, now, None):
-                for name, weight in weights.items():
+        for item in states:
+            totals = counters_of(item)
+            for bucket in _expired(item, now):
+                for name, weight in bucket.weights.items():
                     totals[name] = totals.get(name, 0) - weight
-            found[pool] = {name: count for name, count in totals.items() if count > 0}
+            found[item["pk"]["S"]] = {name: count for name, count in totals.items() if count > 0}
         return found
 
     def waiting(self, pool: str) -> int:
         """Requests waiting in the pool's queue (including lapsed entries not yet dropped)."""
         return value(self._table.get(pool, STATE_SK, consistent=True) or {}, WAITING)
+
+
+def _holds(state: dict[str, Any], lease: Lease) -> bool:
+    """Whether the state item holds `lease` (its id is in its bucket)."""
+    return lease.lease_id in buckets_of(state).get(lease.bucket, Bucket(0)).ids
+
+
+def _expired(state: dict[str, Any], now_ms: int) -> list[Bucket]:
+    """The state item's buckets whose end has passed (their leases have all expired), oldest
+    first."""
+    return sorted(
+        (bucket for bucket in buckets_of(state).values() if bucket.expired(now_ms)),
+        key=lambda bucket: bucket.end,
+    )

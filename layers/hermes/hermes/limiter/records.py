@@ -1,19 +1,25 @@
 """The lease table's items, as the limiter reads and writes them (pk S + sk S).
 
   pk                 sk                          holds
-  <pool>             state                       counters, q_waiting, q_blocked
-  <pool>#lease       <expiry ms:013d>#<id>       a live lease: its weights (+ ticket id)
+  <pool>             state                       counters, q_waiting, q_blocked, leases
   <pool>#queue       w#<order>#<seq>#<ticket>    a waiting request: counters, deadlines
   <pool>#seq         seq                         the ticket counter
   grant#<ticket id>  grant                       the notice that hands a lease to a waiter
 
-Every item stays under 1 KB whatever the number of leases or waiters: a lease, a waiter and
-a grant are items of their own. A lease's sort key *starts with its expiry*, so expired
-leases are one range query away and a reap is conditional on the very key that says when.
+Leases live in the state item, grouped by when they expire: bucket `b` (the end of a
+BUCKET_MS slice of time) holds `@<b>#<counter>` = the weight its leases hold on each counter
+and `@<b>` = the string set of their ids. So a direct admission and a release are one
+single-item conditional write each (a transaction would hold the item for its commit and
+cancel every other write to it: docs/design/conflicts.md), and a crashed holder's weights are
+found by time: a bucket whose end has passed holds only expired leases and is reaped whole.
+The item grows with the leases alive: about 17 bytes per lease (its id) plus ~25 per counter
+of each live bucket (README "How the limits hold" gives the cost).
 """
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +29,13 @@ STATE_SK = "state"
 WAITING, BLOCKED = "q_waiting", "q_blocked"  # state attributes, not counters
 ANY = "*"  # in q_blocked: the queue is longer than one grant pass reads; every counter waits
 NOT_COUNTERS = (WAITING,)
+# Leases are grouped by expiry into buckets of BUCKET_MS, or of the power of two times it
+# nearest below lease / BUCKETS_PER_LEASE for longer leases: a crashed holder's capacity comes
+# back at most one bucket (≤ 1/16 of its lease, or 1 s) after its expiry, and a model's live
+# leases fill at most ~16 buckets, each costing the state item one attribute per counter.
+BUCKET_MS = 1000
+BUCKETS_PER_LEASE = 16
+BUCKET_PREFIX = "@"  # counters are never named so (placement: "memory", "inflight_<model>")
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # Priority with aging, in tickets: a request of rank r (high 0, normal 1, low 2) is ordered as
 # if it had arrived r * AGING_TICKETS tickets later. So a normal request is passed by at most
@@ -51,17 +64,19 @@ class Lease:
     lease_id: str
     pool: str
     counters: tuple[Counter, ...]
-    # The expiry DynamoDB holds (it is in the key): the holder stops before it (`time_left`).
+    # The expiry written: the holder stops before it (`time_left`).
     expires_at_ms: int
-    # Handed over from the queue: its grant notice goes with it on release.
+    # The expiry bucket that holds its id and weights (0: the 1 s one its expiry falls in;
+    # admissions and grants choose by lease length, never one that ends before the expiry).
+    bucket: int = 0
+    # Handed over from the queue: its grant notice goes when it is released.
     granted: bool = False
-    # Each counter's value right after a grant (for in-flight metrics); a direct admission is
-    # a transaction, which returns no values, so it leaves this empty.
+    # Each counter's value right after the admission or grant (for in-flight metrics).
     counts: dict[str, int] = field(default_factory=dict, compare=False)
 
-    @property
-    def sk(self) -> str:
-        return f"{self.expires_at_ms:013d}#{self.lease_id}"
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            object.__setattr__(self, "bucket", bucket_of(self.expires_at_ms))
 
 
 @dataclass
@@ -150,6 +165,68 @@ class Refusal:
         return counter.busy(message, retry_after=retry_after_s)
 
 
+def new_id() -> str:
+    """A lease or ticket id: 64 random bits (the state item holds one per live lease)."""
+    return uuid.uuid4().hex[:16]
+
+
+def bucket_of(expires_at_ms: int, lease_ms: int = 0) -> int:
+    """The bucket a lease of `lease_ms` expiring then goes in: the first end at or after it
+    of buckets as long as the lease length calls for; a bucket is named by its end, in
+    BUCKET_MS units."""
+    width = 1
+    while width * 2 * BUCKET_MS * BUCKETS_PER_LEASE <= lease_ms:
+        width *= 2
+    return -(-expires_at_ms // (width * BUCKET_MS)) * width
+
+
+def ids_attr(bucket: int) -> str:
+    return f"{BUCKET_PREFIX}{bucket}"
+
+
+def weight_attr(bucket: int, counter: str) -> str:
+    """A bucket's weight on `counter`, named by a short digest of the counter's name (names
+    run to 100+ characters; the state item carries one of these per live bucket)."""
+    return f"{BUCKET_PREFIX}{bucket}#{digest(counter)}"
+
+
+def digest(counter: str) -> str:
+    return hashlib.blake2b(counter.encode(), digest_size=4).hexdigest()
+
+
+@dataclass
+class Bucket:
+    """What the leases of one expiry bucket hold, as the state item says."""
+
+    end: int  # bucket number: its leases expire by end * BUCKET_MS
+    ids: set[str] = field(default_factory=set)
+    weights: dict[str, int] = field(default_factory=dict)
+
+    def expired(self, now_ms: int) -> bool:
+        return self.end * BUCKET_MS < now_ms
+
+    @property
+    def empty(self) -> bool:
+        return not self.ids and not any(self.weights.values())
+
+
+def buckets_of(state: dict[str, Any]) -> dict[int, Bucket]:
+    """The state item's lease buckets, by bucket number (weights by counter name: a bucket
+    weighs only on counters the item holds)."""
+    names = {digest(counter): counter for counter in counters_of(state)}
+    found: dict[int, Bucket] = {}
+    for name, attr in state.items():
+        if not name.startswith(BUCKET_PREFIX):
+            continue
+        number, _, short = name[len(BUCKET_PREFIX) :].partition("#")
+        bucket = found.setdefault(int(number), Bucket(int(number)))
+        if short:
+            bucket.weights[names.get(short, short)] = int(attr["N"])
+        else:
+            bucket.ids = set(attr.get("SS", []))
+    return found
+
+
 def key(pk: str, sk: str) -> dict[str, Any]:
     return {"pk": s(pk), "sk": s(sk)}
 
@@ -167,7 +244,11 @@ def value(item: dict[str, Any], name: str) -> int:
 
 
 def counters_of(state: dict[str, Any]) -> dict[str, int]:
-    return {k: int(v["N"]) for k, v in state.items() if "N" in v and k not in NOT_COUNTERS}
+    return {
+        k: int(v["N"])
+        for k, v in state.items()
+        if "N" in v and k not in NOT_COUNTERS and not k.startswith(BUCKET_PREFIX)
+    }
 
 
 def lease_table_definition(name: str) -> dict[str, Any]:

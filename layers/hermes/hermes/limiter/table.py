@@ -160,6 +160,34 @@ class Table:
         log.error("DynamoDB TransactWriteItems stayed in progress")
         raise unavailable("TransactionInProgressException")
 
+    def update(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One conditional UpdateItem; its returned attributes. A failed condition is
+        `Cancelled` with one reason, whose item is the state before (ALL_OLD, or read
+        afresh where the store does not return it). A retry of an update whose answer was
+        lost meets its own write: the conditions make that visible (writes.py)."""
+        try:
+            with self._timed():
+                answer: dict[str, Any] = self.client.update_item(**request)
+            return dict(answer.get("Attributes") or {})
+        except ClientError as exc:
+            response: dict[str, Any] = dict(exc.response)
+            code = response.get("Error", {}).get("Code", "")
+            if code != "ConditionalCheckFailedException":
+                if code in CONTENDED_CODES:
+                    raise Contended(code) from None
+                log.error("DynamoDB UpdateItem failed: %s", code)
+                raise unavailable(code) from None
+            old = response.get("Item")
+        except BotoCoreError as exc:
+            log.error("DynamoDB UpdateItem failed: %s", exc)
+            raise unavailable("") from None
+        if old is None:
+            found = self.read(
+                "get_item", TableName=self.name, Key=request["Key"], ConsistentRead=True
+            )
+            old = found.get("Item") or {}
+        raise Cancelled([{"Code": "ConditionalCheckFailed", "Item": old}])
+
     def call(self, operation: str, **kwargs: Any) -> Any:
         """One request; Contended when DynamoDB throttled it (after botocore's own retries)
         or a transaction holds its item, LimiterUnavailable for anything else."""
