@@ -15,6 +15,7 @@ import boto3
 import pytest
 
 from hermes.service import get_service, host_pool
+from local import runner
 from local.process import free_port
 from local.template import ROOT
 from tests.support.ollama_emulator import OllamaEmulator
@@ -141,3 +142,22 @@ def test_an_open_circuit_takes_its_host_out_and_a_half_open_one_keeps_it(
     assert [h["name"] for h in body["failing"]["hosts"]] == ["gpu2", "gpu3"]
     models = by_name(body["models"])
     assert (models["llama3"]["state"], models["mistral"]["state"]) == ("no_backend", "degraded")
+
+
+def test_the_runner_names_at_start_the_models_without_a_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down_url: str
+) -> None:
+    # Given `make run` without Ollama: gemma on the embedded model's host, the others on the
+    # default host, where nothing answers
+    models_file(tmp_path, monkeypatch, {"embedded": os.environ["OLLAMA_URL"]}, gemma=["embedded"])
+    monkeypatch.setenv("OLLAMA_URL", down_url)
+    # When the runner checks its backends at start
+    line = runner.backends_line()
+    # Then one line names llama3 and mistral and why, and not gemma
+    assert line is not None and "\n" not in line
+    assert "llama3, mistral" in line and "gemma" not in line
+    assert f"host default: Ollama is unreachable at {down_url}" in line
+
+
+def test_the_runner_says_nothing_at_start_when_every_model_has_a_backend() -> None:
+    assert runner.backends_line() is None
