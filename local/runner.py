@@ -8,6 +8,7 @@ several runners can share one store (as Lambda instances share one table).
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import hmac
@@ -347,6 +348,28 @@ def describe(port: int, host: str) -> str:
     return "\n".join(lines)
 
 
+def backends_line() -> str | None:
+    """One line naming the models that no backend can serve now, from /v1/status's own
+    probes (`make run` without Ollama: llama3 and mistral, while gemma runs on the embedded
+    model); None when every model has one."""
+    from hermes.service import get_service
+    from hermes.status import render_status
+
+    _, body = asyncio.run(render_status(get_service()))
+    missing = body["failing"]["models"]
+    if not missing:
+        return None
+    theirs = {h for m in body["models"] if m["name"] in missing for h in m["failing_hosts"]}
+    why = "; ".join(
+        f"host {h['name']}: {h['error']}" for h in body["failing"]["hosts"] if h["name"] in theirs
+    )
+    return (
+        f"hermes: no backend for {', '.join(missing)} ({len(missing)} of "
+        f"{len(body['models'])} models) - {why}; their requests answer 503 "
+        "upstream_unavailable until a backend answers, and /v1/status shows them as no_backend"
+    )
+
+
 def main() -> None:
     import uvicorn
 
@@ -358,6 +381,9 @@ def main() -> None:
     try:
         app = build_app()
         print(describe(port, host), flush=True)
+        missing = backends_line()
+        if missing:
+            print(missing, flush=True)
     except ConfigError as exc:
         sys.exit(f"hermes: configuration error: {exc}")
     uvicorn.run(

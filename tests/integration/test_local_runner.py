@@ -151,8 +151,10 @@ def test_ollama_down_is_503_upstream_unavailable(shared_env: dict[str, str]) -> 
         response = post(runner.url, "gemma", {"prompt": "hi"})
         assert (response.status_code, response.json()["code"]) == (503, "upstream_unavailable")
         assert in_flight(runner.url, "gemma") == 0
+        # Ollama is the one host of every model: nothing can be served.
         status = httpx.get(f"{runner.url}/v1/status", timeout=5)
         assert (status.status_code, status.json()["checks"]["ollama"]["status"]) == (503, "error")
+        assert status.json()["status"] == "unhealthy"
 
 
 def test_dynamodb_down_fails_closed_with_503(

@@ -205,13 +205,18 @@ def test_status_reports_models_usage_and_health() -> None:
         "hosts": ["default"],
         "max_concurrency_total": None,
         "queue_timeout_ms": 0,
+        "state": "ok",
+        "failing_hosts": [],
     }
+    assert body["failing"] == {"hosts": [], "models": []}
     assert body["hosts"] == [
         {
             "name": "default",
             "kind": "ollama",
             "url": body["hosts"][0]["url"],
             "status": "ok",
+            "available": True,
+            "error": None,
             "memory_budget": 8,
             "memory_in_use": 0,
             "in_flight": {"gemma": 0, "llama3": 0, "mistral": 0},
@@ -227,13 +232,15 @@ def test_status_reports_models_usage_and_health() -> None:
 
 
 def test_status_is_503_naming_ollama_when_it_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ollama is the one host of every model: nothing can be served.
     monkeypatch.setenv("OLLAMA_URL", "http://127.0.0.1:9")
     status, body, _ = invoke("status", "status.json")
     assert (status, body["status"], body["checks"]["ollama"]["status"]) == (
         503,
-        "degraded",
+        "unhealthy",
         "error",
     )
+    assert [h["name"] for h in body["failing"]["hosts"]] == ["default"]
 
 
 def write_models(

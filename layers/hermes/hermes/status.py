@@ -1,6 +1,13 @@
 """GET /v1/status: health and live usage, every probe bounded so it answers within ~2 s.
 
 Reads what the service knows (settings, backends, the limiter's usage); decides nothing.
+
+Health does not cascade: a load balancer or a readiness probe that reads a 503 takes the whole
+sidecar out of service, so one backend of several being down must not answer 503. The answer
+is 200 while Hermes can admit requests (the lease table answers) and at least one model has a
+backend able to serve it: `healthy`, or `degraded` with the failing hosts and the models left
+without a backend named in `failing`. 503 `unhealthy` only when nothing can be admitted: the
+lease table fails, or no model has a backend.
 """
 
 from __future__ import annotations
@@ -8,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from hermes import __version__
@@ -36,17 +44,23 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
     *host_results, (usage, dynamodb_check), (views, _) = await asyncio.gather(*probes)
     now_ms = int(time.time() * 1000)
     ollama_check = _combine([check for _, check in host_results])
-    if dynamodb_check["status"] != "ok":
-        state = "unhealthy"
-    elif ollama_check["status"] != "ok" or any(
-        _circuit(v, now_ms) != "closed" for v in (views or {}).values()
-    ):
+    health = {
+        host: _host_health(check, views.get(host) if views else None, now_ms)
+        for host, (_, check) in zip(hosts, host_results, strict=True)
+    }
+    served = {name: _model_health(service.settings.models[name].pool, health) for name in names}
+    no_backend = [name for name in names if served[name].state == "no_backend"]
+    failing_hosts = [{"name": h, "error": health[h].error} for h in hosts if health[h].error]
+    if dynamodb_check["status"] != "ok" or len(no_backend) == len(names):
+        state = "unhealthy"  # nothing can be admitted
+    elif failing_hosts:
         state = "degraded"
     else:
         state = "healthy"
     body = {
         "status": state,
         "checks": {"ollama": ollama_check, "dynamodb": dynamodb_check},
+        "failing": {"hosts": failing_hosts, "models": no_backend},
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - STARTED_AT, 1),
         "models": [
@@ -68,6 +82,8 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
                 "host": service.settings.models[name].host,
                 "queue_timeout_ms": service.settings.models[name].queue_timeout_ms,
                 "timeout_ms": service.settings.models[name].timeout,
+                "state": served[name].state,
+                "failing_hosts": list(served[name].failing_hosts),
             }
             for name in names
         ],
@@ -77,6 +93,8 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
                 "kind": service.settings.hosts[host].kind,
                 "url": public_url(service.backends[host].base_url),
                 "status": check["status"],
+                "available": health[host].available,
+                "error": health[host].error,
                 "memory_budget": service.settings.hosts[host].memory_budget,
                 "memory_in_use": (
                     usage[host_pool(host)].get(MEMORY_COUNTER, 0) if usage is not None else None
@@ -105,7 +123,46 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
         },
         "process": _process_memory(),
     }
-    return (200 if state == "healthy" else 503), body
+    return (503 if state == "unhealthy" else 200), body
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    available: bool  # requests may be placed there (at once, or after one probe)
+    error: str | None  # why the host counts as failing; None when it is fine
+
+
+ModelState = Literal["ok", "degraded", "no_backend"]
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    state: ModelState  # ok; degraded (some hosts of its pool fail); no_backend (all do)
+    failing_hosts: tuple[str, ...]
+
+
+def _host_health(check: dict[str, Any], view: HostView | None, now_ms: int) -> HostHealth:
+    """A host fails when its probe fails or its circuit is not closed. It stays available
+    while half-open: the next request probes it, and this status probe has just had an
+    answer. Counting it out would be a trap: a balancer that takes Hermes out of service
+    sends no request, and without one the circuit never closes. (`view` is None when the
+    lease table did not answer: the probe alone decides.)"""
+    if check["status"] != "ok":
+        return HostHealth(False, check.get("error") or "its probe failed")
+    circuit = _circuit(view, now_ms) if view is not None else "closed"
+    if circuit == "open" and view is not None:
+        seconds = (view.open_until - now_ms) / 1000
+        return HostHealth(False, f"its circuit is open for {seconds:.1f} s more: a call failed")
+    if circuit == "half_open":
+        return HostHealth(True, "its circuit is half-open: the next request probes it")
+    return HostHealth(True, None)
+
+
+def _model_health(pool: tuple[str, ...], health: dict[str, HostHealth]) -> ModelHealth:
+    failing = tuple(h for h in pool if health[h].error)
+    if not any(health[h].available for h in pool):
+        return ModelHealth("no_backend", failing)
+    return ModelHealth("degraded" if failing else "ok", failing)
 
 
 def _circuit(view: HostView, now_ms: int) -> str:
