@@ -16,6 +16,7 @@ from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import Counter, Limiter
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.conflict_store import ConflictingDynamoDB
+from tests.support.lease_state import held_lease_ids
 
 
 @pytest.fixture(params=["conflicts", "dynamodb-local"])
@@ -60,15 +61,9 @@ def race(
 
 
 def assert_nothing_left(dynamodb_local: DynamoDBLocal) -> None:
-    """Every lease item was deleted with its release, and every counter is back to zero."""
+    """Every lease left the state item with its release, and every counter is back to zero."""
     client = dynamodb_local.client()
-    leases = client.query(
-        TableName="LeaseTable",
-        KeyConditionExpression="pk = :pk",
-        ExpressionAttributeValues={":pk": {"S": "host#gpu#lease"}},
-        ConsistentRead=True,
-    )["Items"]
-    assert leases == []
+    assert held_lease_ids(client) == []
     state = client.get_item(
         TableName="LeaseTable",
         Key={"pk": {"S": "host#gpu"}, "sk": {"S": "state"}},

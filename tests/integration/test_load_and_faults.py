@@ -18,6 +18,7 @@ import pytest
 from local.dynamodb_local import DynamoDBLocal, free_port
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
+from tests.support.lease_state import held_lease_ids
 
 LIMITS = {"gemma": 2, "llama3": 1, "mistral": 2}
 TAGS = {"gemma": "gemma3:1b", "llama3": "llama3:8b", "mistral": "mistral:7b"}
@@ -97,9 +98,8 @@ def fire(urls: list[str], requests: int, clients: int, seed: int) -> list[tuple[
 
 
 def leases_left(store: DynamoDBLocal) -> list[str]:
-    """Lease items still held (one per lease, under `<pool>#lease`)."""
-    items = store.client().scan(TableName="LeaseTable", ConsistentRead=True)["Items"]
-    return [item["sk"]["S"] for item in items if item["pk"]["S"].endswith("#lease")]
+    """Leases still held (their ids in the state items)."""
+    return held_lease_ids(store.client())
 
 
 def assert_limits_held(stats: dict) -> None:

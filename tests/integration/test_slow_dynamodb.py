@@ -30,6 +30,7 @@ from local.dynamodb_local import DynamoDBLocal
 from tests.support.delaying_proxy import DelayingProxy
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
+from tests.support.lease_state import held_lease_ids
 
 TIMEOUT_MS = 2000
 MARGIN_MS = 500
@@ -50,6 +51,7 @@ MODELS = {
         },
     }
 }
+WRITES = ("UpdateItem", "TransactWriteItems")  # what the limiter writes with
 DOCUMENTED = {
     (429, "model_busy"),
     (503, "limiter_unavailable"),
@@ -79,9 +81,8 @@ class Cluster:
         )
 
     def leases(self) -> list[str]:
-        """The lease items held (one per lease, under `<pool>#lease`), expired or not."""
-        items = self.store.client().scan(TableName="LeaseTable", ConsistentRead=True)["Items"]
-        return [item["sk"]["S"] for item in items if item["pk"]["S"].endswith("#lease")]
+        """The ids of the leases the state items hold, expired or not."""
+        return held_lease_ids(self.store.client())
 
     def figures(self) -> dict[str, Any]:
         """What the runners logged: leases reaped by the next caller, holders that found
@@ -142,7 +143,7 @@ def test_a_holder_whose_admission_answered_late_stops_before_its_lease_can_be_ta
     # left, so A may run ~1 s. Before: A ran the model's full 2 s from the late answer,
     # 0.5 s past its lease, and B or C reaped it and called the model alongside.
     fresh.emulator.set_behaviour("llama3:8b", "hang")
-    fresh.slow.slow("TransactWriteItems", after_s=1.0)
+    fresh.slow.slow("UpdateItem", after_s=1.0)
     a, b, c = fresh.runners
     answers: dict[str, tuple[int, dict[str, Any], float]] = {}
     holder = threading.Thread(target=lambda: answers.setdefault("a", post(a, "solo")))
@@ -191,12 +192,12 @@ def test_an_admission_whose_answers_were_all_lost_gives_its_slot_back_at_once(
     # A's admitting write lands, then its answer and both retries' answers are lost
     # (connection closed): botocore gives up, A answers 503, and removes its lease at once
     # instead of leaving `patient` busy for the lease's 10.75 s.
-    fresh.slow.drop("TransactWriteItems", count=3)
+    fresh.slow.drop("UpdateItem", count=3)
     a, b, _ = fresh.runners
     started = time.monotonic()
     status, body, _ = post(a, "patient")
     assert (status, body.get("code")) == (503, "limiter_unavailable"), body
-    assert fresh.slow.dropped["TransactWriteItems"] == 3
+    assert fresh.slow.dropped["UpdateItem"] == 3
     assert fresh.leases() == []
     status, body, _ = post(b, "patient")
     freed_after = time.monotonic() - started
@@ -214,7 +215,8 @@ def test_random_slow_writes_never_put_more_calls_in_flight_than_the_limit(
     # each answer 3 s, longer than the model's 2 s timeout. Six clients, two per runner.
     fresh.emulator.set_behaviour("llama3:8b", "ok", delay_ms=3000)
     for proxy in (fresh.slow, fresh.other):
-        proxy.slow("TransactWriteItems", before_s=(0.0, 1.0), after_s=(2.0, 6.0), share=0.5)
+        for operation in WRITES:
+            proxy.slow(operation, before_s=(0.0, 1.0), after_s=(2.0, 6.0), share=0.5)
     outcomes: Counter[tuple[int, str]] = Counter()
     lock = threading.Lock()
     started = time.monotonic()
@@ -235,12 +237,12 @@ def test_random_slow_writes_never_put_more_calls_in_flight_than_the_limit(
 
     stats = fresh.emulator.stats()
     figures = fresh.figures()
-    slowed = fresh.slow.slowed["TransactWriteItems"] + fresh.other.slowed["TransactWriteItems"]
-    writes = fresh.slow.calls["TransactWriteItems"] + fresh.other.calls["TransactWriteItems"]
+    slowed = sum(proxy.slowed[op] for proxy in (fresh.slow, fresh.other) for op in WRITES)
+    writes = sum(proxy.calls[op] for proxy in (fresh.slow, fresh.other) for op in WRITES)
     print(
         f"\nrandom slow writes: peak in flight {stats['peak_in_flight'].get('llama3:8b')} "
         f"(limit 1), model calls {stats['requests'].get('llama3:8b')}, "
-        f"TransactWriteItems {writes} ({slowed} slowed), outcomes {dict(outcomes)}, {figures}"
+        f"writes {writes} ({slowed} slowed), outcomes {dict(outcomes)}, {figures}"
     )
     assert stats["peak_in_flight"]["llama3:8b"] <= 1
     assert set(outcomes) <= DOCUMENTED, outcomes

@@ -20,7 +20,6 @@ from hermes import ollama_api, openai_api
 from hermes.config import MAX_MODEL_NAME_CHARS, MAX_MODELS_PER_HOST, ConfigError, load_config
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy, UpstreamTimeout
 from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
-from hermes.limiter.limiter import MAX_TRANSACT_ITEMS
 from hermes.limiter.records import BUCKET_MS, buckets_of
 from hermes.service import get_service, host_pool
 from tests.support.dynamodb_limits import (

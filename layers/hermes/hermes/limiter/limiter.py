@@ -286,7 +286,7 @@ class Limiter:
         if refusal.full and self._has_expired(state):
             # Reap them. A pass that collided with another instance's reap is no loss:
             # capacity came back either way, so the next round may fit.
-            self._grant_pass(pool, until_ms=until_ms)
+            self._grant_pass(pool, state, until_ms=until_ms)
             return Refusal(refusal.counter, False, state)
         return refusal
 
@@ -667,15 +667,19 @@ class Limiter:
 
     def _tidy(self, lease: Lease, state: dict[str, Any] | None, backoff: Backoff) -> None:
         """After a release, with time to spare: its grant notice goes (if it was granted),
-        and past buckets left empty in `state` (the state after the release) are removed. Both
-        are housekeeping: a failure leaves the notice to the table's TTL and the buckets to
-        the next release or grant pass."""
+        and past buckets left empty in `state` (the state after the release) are removed.
+        Both are housekeeping: what does not fit in the time left is left to the table's
+        TTL (the notice) and to the next release or grant pass (the buckets)."""
         spare_ms = 2 * (TIDY_REQUESTS + 1) * self._table.latency_s * 1000
         try:
-            if lease.granted and backoff.left_ms() > spare_ms:
-                self._table.call(
-                    "delete_item", **writes.delete_notice(self._table.name, lease.lease_id)
-                )
+            while lease.granted and backoff.left_ms() > spare_ms:
+                try:
+                    notice = writes.delete_notice(self._table.name, lease.lease_id)
+                    self._table.call("delete_item", **notice)
+                    break
+                except Contended:  # its grant's transaction may still hold it
+                    if not backoff.wait():
+                        break
             # Only past buckets: no admission goes there any more, so one tidy is final (a
             # current bucket emptied by this release may fill again within BUCKET_MS).
             empty = [b for b in _expired(state or {}, self._now_ms()) if b.empty]
