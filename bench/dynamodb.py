@@ -164,7 +164,8 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     infra.dynamodb.reset_tables()
     emulator = infra.emulator
     emulator.reset()
-    ddb = dynamodb_client(infra.dynamodb.url)
+    store = infra.strict_dynamodb  # as strict as DynamoDB: overlapping transactions cancelled
+    ddb = dynamodb_client(store.url)
     counter = CallCounter(ddb)
     models_file = write_models_file(infra.tmp, "dynamodb-models.json", MODELS)
     service = build_service(ddb, models_file, emulator.url)
@@ -191,7 +192,7 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
     _contended_rows(section, "contended, queue_timeout_ms 5000", tally, counter)
 
     with muted_stdout():
-        took = waiting_through_service(service, counter, infra.dynamodb.url)
+        took = waiting_through_service(service, counter, store.url)
     writes = sum(n for op, n in counter.calls.items() if op in lease_cost.WRITES)
     reads = sum(n for op, n in counter.calls.items() if op in lease_cost.READS)
     section.add(
@@ -205,7 +206,7 @@ def run(infra: Infra, scale: Scale, _: MemoryLog) -> Section:
         f"reads per waiting request through HermesService, {lease_cost.WAIT_S:g} s of waiting",
         f"{reads} ({reads / took:.0f}/s)",
     )
-    lease_cost.run(section, infra.dynamodb.url)
+    lease_cost.run(section, store.url)
 
     section.note(
         "Every DynamoDB API call of the service's boto3 client is counted with a botocore "

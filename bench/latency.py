@@ -2,7 +2,7 @@
 
 The emulator answers instantly, so the difference between going to it directly and
 going through Hermes is Hermes' own cost: HTTP parsing, FastAPI, two DynamoDB requests
-(admit and release, one TransactWriteItems each) and the call to the backend. The DynamoDB
+(admit and release, one conditional UpdateItem each) and the call to the backend. The DynamoDB
 round trips are measured apart, on the limiter, and taken out to give Hermes' own part."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ DIRECT_BODY = json.dumps({"model": "gemma3:1b", "prompt": "hi", "stream": False}
 HERMES_BODY = json.dumps({"prompt": "hi"}).encode()
 TARGET_ADDED_P50_S = 0.004
 TARGET_OWN_P50_S = 0.001  # the added latency outside DynamoDB's round trips
-ADMISSION_OP = RELEASE_OP = "TransactWriteItems"  # uncontended: one request each
+ADMISSION_OP = RELEASE_OP = "UpdateItem"  # uncontended: one request each
 
 
 def time_requests(url: str, body: bytes, warmup: int, count: int) -> list[float]:
@@ -55,8 +55,8 @@ def _through_runner(
 def limiter_timings(infra: Infra, scale: Scale) -> dict[str, list[float]]:
     """acquire/release pairs in this process against DynamoDB Local, with the time spent on
     the wire (request sent → response read, botocore's before-send → before-parse) apart.
-    Uncontended, each is one TransactWriteItems (admission: state item + lease item;
-    release: the mirror); a pair that made any other request is an error."""
+    Uncontended, each is one UpdateItem of the host's state item (admission: weights and
+    lease id in; release: the mirror); a pair that made any other request is an error."""
     ddb = dynamodb_client(infra.dynamodb.url)
     service = build_service(ddb, _default_models_file(), infra.emulator.url)
     config = service.model("gemma")

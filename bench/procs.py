@@ -20,6 +20,7 @@ import httpx
 from local.dynamodb_local import DynamoDBLocal
 from local.process import ChildProcess
 from local.template import ROOT
+from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
 
@@ -85,6 +86,14 @@ class Infra:
         self._stack.callback(server.stop)
         server.create_tables()
         return server
+
+    @cached_property
+    def strict_dynamodb(self) -> ConflictingDynamoDB:
+        """DynamoDB Local behind the conflict-faithful store (tests/support/conflict_store.py):
+        overlapping transactions cancelled as on real DynamoDB. Sections that measure the
+        limiter's own traffic run on it."""
+        print("  starting the conflict-faithful store in front of DynamoDB Local", flush=True)
+        return self._stack.enter_context(ConflictingDynamoDB(self.dynamodb.url))
 
     @cached_property
     def tmp(self) -> Path:

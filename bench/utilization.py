@@ -263,7 +263,7 @@ def run(infra: Infra, scale: Scale, memory: MemoryLog) -> Section:
     models_file = write_models_file(infra.tmp, "utilization-models.json", MODELS)
     env = {
         "OLLAMA_URL": infra.emulator.url,
-        "AWS_ENDPOINT_URL_DYNAMODB": infra.dynamodb.url,
+        "AWS_ENDPOINT_URL_DYNAMODB": infra.strict_dynamodb.url,  # conflicts as on DynamoDB
         "HERMES_MODELS_FILE": str(models_file),
     }
     with ExitStack() as stack:
