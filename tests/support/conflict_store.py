@@ -112,12 +112,17 @@ class ConflictingDynamoDB(DelayingProxy):
         *,
         seed: int = 1,
         key_schema: Mapping[str, Sequence[str]] | None = None,
+        cancels: bool = True,
     ) -> None:
         """`commit_s`: how long a transaction holds its items from its arrival (may be
         changed at any time). `key_schema`: each table's key attributes, by default
-        those of template.yaml's tables; for another table a Put's key is its `pk` and `sk`."""
+        those of template.yaml's tables; for another table a Put's key is its `pk` and `sk`.
+        `cancels=False`: the same store with nothing cancelled or failed for overlapping (a
+        transaction still answers after its commit time): the baseline that isolates what
+        cancellations cost."""
         super().__init__(upstream, seed=seed)
         self.commit_s = commit_s
+        self.cancels = cancels
         self.key_schema = dict(key_schema) if key_schema is not None else _template_keys()
         self.holds: dict[ItemId, _Transaction] = {}
         self.throttles: dict[str, _Throttle] = {}
@@ -229,13 +234,16 @@ class ConflictingDynamoDB(DelayingProxy):
 
     def _holder(self, item: ItemId) -> _Transaction | None:
         """The transaction holding `item` now, if any (call with the lock held)."""
+        return self._committing(item) if self.cancels else None
+
+    def _committing(self, item: ItemId) -> _Transaction | None:
         holder = self.holds.get(item)
         return holder if holder is not None and holder.until > time.monotonic() else None
 
     def held(self) -> list[tuple[str, dict[str, Any]]]:
-        """The items held by transactions under way, as (table, key)."""
+        """The items of transactions still in their commit time, as (table, key)."""
         with self.lock:
-            return [(t, json.loads(k)) for t, k in self.holds if self._holder((t, k))]
+            return [(t, json.loads(k)) for t, k in self.holds if self._committing((t, k))]
 
     # -- one request -----------------------------------------------------------------------
 

@@ -169,6 +169,25 @@ def test_overlapping_transaction_is_cancelled_and_not_applied(store: Conflicting
     assert store.held() == []
 
 
+def test_without_cancelling_overlaps_both_apply_after_their_commit_time(
+    store: ConflictingDynamoDB,
+) -> None:
+    """The baseline mode (cancels=False): the same commit time, nothing cancelled."""
+    store.cancels = False
+    try:
+        dynamodb = client(store)
+        hot = fresh()
+        first, out = in_background(lambda: dynamodb.transact_write_items(TransactItems=[add(hot)]))
+        wait_held(store, hot)
+        dynamodb.transact_write_items(TransactItems=[add(hot, 10)])
+        first.join()
+        assert "error" not in out and out["elapsed"] >= HOLD_S
+        assert counter(dynamodb, hot) == 11
+        assert store.conflicts == {}
+    finally:
+        store.cancels = True
+
+
 def test_racing_transactions_on_one_item_never_both_apply(store: ConflictingDynamoDB) -> None:
     """Many threads at once: every transaction either committed (and counted) or was cancelled
     with a conflict, and the item's counter equals the commits."""

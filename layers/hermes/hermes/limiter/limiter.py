@@ -38,7 +38,14 @@ from hermes.limiter.records import (
     s,
     value,
 )
-from hermes.limiter.table import Backoff, Cancelled, Contended, Table
+from hermes.limiter.table import (
+    RELEASE_BACKOFF_BASE_S,
+    RELEASE_BACKOFF_CAP_S,
+    Backoff,
+    Cancelled,
+    Contended,
+    Table,
+)
 
 log = logging.getLogger("hermes.limiter")
 
@@ -617,7 +624,12 @@ class Limiter:
         whole lease. Close to the deadline it frees the capacity in one transaction and
         leaves the handoff to the waiters' checks. False when the lease was already gone
         (expired and reaped), or DynamoDB failed or stayed busy: then it simply expires."""
-        backoff = Backoff(lease.expires_at_ms if until_ms is None else until_ms, self._clock)
+        backoff = Backoff(
+            lease.expires_at_ms if until_ms is None else until_ms,
+            self._clock,
+            RELEASE_BACKOFF_BASE_S,
+            RELEASE_BACKOFF_CAP_S,
+        )
         # Waiters are likely: hand over at once, with no write bound to fail first.
         mode = "handoff" if lease.granted or self._contended(lease.pool) else "if-nobody-waits"
         state: dict[str, Any] | None = None

@@ -47,6 +47,10 @@ _CANCEL_CODES = {"None", "ConditionalCheckFailed", None}
 # fraction of a model's answer time.
 BACKOFF_BASE_S = 0.01
 BACKOFF_CAP_S = 0.25
+# A release or handoff retries sooner and never pauses long: while it backs off, its slot is
+# idle and the waiters behind it wait; an admission or a queue entry backing off idles nothing.
+RELEASE_BACKOFF_BASE_S = 0.004
+RELEASE_BACKOFF_CAP_S = 0.04
 # How long a read (BatchGetItem's unprocessed keys, a throttled query) is retried when its
 # caller set no deadline of its own.
 READ_PATIENCE_S = 2.0
@@ -85,12 +89,19 @@ class Backoff:
     False instead once that sleep would end past the deadline. The deadline is kept on the
     monotonic clock (a limiter's clock may be a test's, which does not move by itself)."""
 
-    def __init__(self, until_ms: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        until_ms: int,
+        clock: Callable[[], float] = time.time,
+        base_s: float = BACKOFF_BASE_S,
+        cap_s: float = BACKOFF_CAP_S,
+    ) -> None:
         self._deadline = time.monotonic() + (until_ms - clock() * 1000) / 1000
+        self._base_s, self._cap_s = base_s, cap_s
         self.tries = 0
 
     def wait(self) -> bool:
-        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**self.tries)
+        ceiling = min(self._cap_s, self._base_s * 2**self.tries)
         delay = random.uniform(ceiling / 4, ceiling)
         if time.monotonic() + delay >= self._deadline:
             return False
