@@ -197,6 +197,7 @@ def lease_ids(limiter: Limiter, pool: str = POOL) -> list[str]:
 def test_a_lease_carries_the_expiry_dynamodb_holds(limiter: Limiter, clock: Clock) -> None:
     lease = limiter.acquire(POOL, gemma(), 5_000)
     assert lease.expires_at_ms == int(clock.now * 1000) + 5_000
+    assert lease.counts == {"inflight_gemma": 1}  # the count its write returned (metrics)
     # Its id is kept in the bucket its expiry falls in: reaped once that bucket has ended.
     (bucket,) = buckets_of(state_item(limiter)).values()
     assert bucket.ids == {lease.lease_id} and bucket.weights == {"inflight_gemma": 1}

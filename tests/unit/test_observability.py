@@ -82,7 +82,8 @@ def test_metrics_are_emitted_as_emf(
 def test_a_grant_from_the_queue_reports_in_flight_and_utilization(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A direct admission is a transaction (no values returned); a grant knows the count."""
+    """An admission that knows no count reports none; one that knows it (its write returned
+    it) reports in flight and utilization."""
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     observability.admitted("gemma", None, 2, 3.0)
     assert '"InFlight"' not in capsys.readouterr().out

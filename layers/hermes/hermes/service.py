@@ -310,7 +310,7 @@ class HermesService:
             )
         observability.admitted(
             name,
-            lease.counts.get(model_counter(name)),  # None for a direct admission
+            lease.counts.get(model_counter(name)),  # the count its admission or grant wrote
             config.max_concurrency,
             (granted_at - asked_at) * 1000,
             host=host,
