@@ -1,5 +1,6 @@
 """Scale (issue 12, item 5): one model with max_concurrency 1,000 on one host, 1,000
-concurrent requests over three runners (Lambda instances) sharing one DynamoDB Local, the
+concurrent requests over three runners (Lambda instances) sharing one DynamoDB Local behind
+the conflict-faithful store (overlapping transactions cancelled, as on real DynamoDB), the
 answers held open by the Ollama emulator. The emulator runs in its own process (as Ollama
 does) and counts what really reached the "GPU".
 
@@ -9,7 +10,8 @@ does) and counts what really reached the "GPU".
 2. Crash at scale: then every runner holding them is SIGKILLed (no release runs, as in a
    Lambda that timed out). A runner that never served them finds the capacity held (429
    model_busy) before the leases can expire, and is admitted again only after they have.
-3. All capacity back: once every lease of phase 1 has expired, three runners that never
+3. All capacity back: once every lease of phase 1 has expired (and its expiry bucket ended,
+   at most one bucket later), three runners that never
    served phase 1 admit 1,000 concurrent requests again, and not one more; all 1,000 answer
    200 and /v1/status shows nothing in flight at the end.
 
@@ -40,7 +42,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from hermes.limiter.records import BUCKET_MS, bucket_of
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
 
@@ -210,15 +214,20 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(
-    dynamodb_local: DynamoDBLocal, tmp_path_factory: pytest.TempPathFactory
+    dynamodb_local: DynamoDBLocal,
+    conflict_store: ConflictingDynamoDB,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
+    """Six runners on the conflict-faithful store (overlapping transactions cancelled, as on
+    DynamoDB)."""
     models = tmp_path_factory.mktemp("scale") / "models.json"
     models.write_text(json.dumps(MODELS))
     dynamodb_local.reset_tables()
+    conflict_store.reset()
     with ExitStack() as stack:
         emulator = stack.enter_context(EmulatorProcess())
         env = {
-            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_local.url,
+            "AWS_ENDPOINT_URL_DYNAMODB": conflict_store.url,
             "OLLAMA_URL": emulator.url,
             "HERMES_MODELS_FILE": str(models),
             "HERMES_LEASE_MARGIN_MS": str(MARGIN_MS),
@@ -284,8 +293,10 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
         f"before), {time.monotonic() - all_in_at:.1f} s after the last was granted"
     )
 
-    # Phase 3: once the last lease of phase 1 has expired, all 1,000 slots are back.
-    time.sleep(max(0.0, all_in_at + LEASE_S + 0.1 - time.monotonic()))
+    # Phase 3: once the last lease of phase 1 has expired and its expiry bucket ended (at
+    # most one bucket later), all 1,000 slots are back.
+    bucket_s = bucket_of(1, int(LEASE_S * 1000)) * BUCKET_MS / 1000
+    time.sleep(max(0.0, all_in_at + LEASE_S + bucket_s + 0.1 - time.monotonic()))
     emulator.reset()
     emulator.set_behaviour(TAG, "hold")  # until released below
     burst = Burst([r.url for r in fresh], CAPACITY).start()
