@@ -1,6 +1,7 @@
 """Section 8: admission on a store as strict as real DynamoDB (tests/support/conflict_store.py:
 a transaction holds its items for its commit, 10 ms, and overlapping ones are cancelled),
-against the same load on plain DynamoDB Local, which serializes transactions.
+against the same store with nothing cancelled and against plain DynamoDB Local, which
+serializes transactions.
 
 1. Saturation (issue 18, item 2): 3 runners, one host, two models with max_concurrency 6
    each, 300 ms answers, 30 closed-loop clients with waiting on: every answer's status, the
