@@ -210,7 +210,7 @@ def run(section: Section, endpoint_url: str) -> None:
         "of the host's state item each, which holds the live leases' ids (16 characters each) "
         "in their expiry buckets, so 2 x ceil(state/1 KB); the state item's size by "
         "DynamoDB's documented rules, read back after each write. The cost grows by 1 WCU per "
-        "~60 live leases on one host: 2 WCU per request up to ~50, 36 at 1,000 (the price of "
+        "~60 live leases on one host: 2 WCU per request up to ~50, 32 at 1,000 (the price of "
         "single-item writes, which no transaction cancels: docs/design/conflicts.md)."
     )
 
