@@ -41,6 +41,8 @@ TARGET_RATIO = 0.9  # utilization with conflicts / without
 CEILING_CALLERS = (1, 10, 100)
 CEILING_TARGET = 100  # admissions per second per host
 PLOT = "conflicts.png"
+SETTLE_S = 1.0  # after a window's setting changes, before it is measured
+ROUNDS = 4  # alternating windows with and without cancellations, each
 
 
 def _model(tag: str) -> dict[str, object]:
@@ -74,8 +76,21 @@ class Load:
 
 
 def saturate(infra: Infra, store_url: str, seconds: float, runners: int = 3) -> Load:
+    """One saturation run of `seconds` on `store_url` (see `saturate_windows`)."""
+    return saturate_windows(infra, store_url, [("run", seconds, None)], runners)["run"]
+
+
+Window = tuple[str, float, Callable[[], None] | None]  # label, seconds, what to set first
+
+
+def saturate_windows(
+    infra: Infra, store_url: str, windows: list[Window], runners: int = 3
+) -> dict[str, Load]:
     """Start `runners` on `store_url`, warm them up, run CLIENTS closed-loop clients (half on
-    each model, spread over the runners) for `seconds`, and read the emulator meanwhile."""
+    each model, spread over the runners), and measure each window in turn: its setup is
+    called, the load settles for SETTLE_S, then the emulator's busy time over the window
+    gives its utilization. Windows with the same label add up, so alternating two settings
+    lets the machine's drift fall on both alike."""
     infra.dynamodb.reset_tables()
     models_file = write_models_file(infra.tmp, "conflicts-models.json", MODELS)
     env = {
@@ -83,7 +98,9 @@ def saturate(infra: Infra, store_url: str, seconds: float, runners: int = 3) -> 
         "AWS_ENDPOINT_URL_DYNAMODB": store_url,
         "HERMES_MODELS_FILE": str(models_file),
     }
-    load = Load()
+    loads = {label: Load() for label, _, _ in windows}
+    busy = {label: 0.0 for label in loads}
+    current: list[Load | None] = [None]  # where answers are counted (None: settling)
     with ExitStack() as stack:
         started = [Runner(env) for _ in range(runners)]
         for runner in started:
@@ -109,6 +126,9 @@ def saturate(infra: Infra, store_url: str, seconds: float, runners: int = 3) -> 
                 while not stop.is_set():
                     response = client.post(url, json={"prompt": "hi"})
                     with lock:
+                        load = current[0]
+                        if load is None:
+                            continue
                         load.statuses[response.status_code] += 1
                         if response.status_code != 200:
                             load.errors[response.json().get("error", "")[:80]] += 1
@@ -116,17 +136,34 @@ def saturate(infra: Infra, store_url: str, seconds: float, runners: int = 3) -> 
         threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(CLIENTS)]
         for thread in threads:
             thread.start()
-        time.sleep(seconds)
+        for label, seconds, setup in windows:
+            with lock:
+                current[0] = None
+            if setup is not None:
+                setup()
+            time.sleep(SETTLE_S)
+            before = emulator.stats()
+            with lock:
+                current[0] = loads[label]
+            time.sleep(seconds)
+            after = emulator.stats()
+            loads[label].window_s += after["elapsed_s"] - before["elapsed_s"]
+            busy[label] += sum(
+                after["busy_time_s"].get(tag, 0.0) - before["busy_time_s"].get(tag, 0.0)
+                for tag in TAGS.values()
+            )
+        with lock:
+            current[0] = None
         stats = emulator.stats()
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
-    load.window_s = stats["elapsed_s"]
-    busy = sum(stats["busy_time_s"].get(tag, 0.0) for tag in TAGS.values())
-    load.utilization = busy / (SLOTS * len(TAGS) * load.window_s)
-    load.peak = {model: stats["peak_in_flight"].get(tag, 0) for model, tag in TAGS.items()}
-    load.answered = load.statuses[200]
-    return load
+    for label, load in loads.items():
+        load.utilization = busy[label] / (SLOTS * len(TAGS) * load.window_s)
+        # The peak over the whole run: every window's is at most this.
+        load.peak = {model: stats["peak_in_flight"].get(tag, 0) for model, tag in TAGS.items()}
+        load.answered = load.statuses[200]
+    return loads
 
 
 @dataclass
@@ -228,16 +265,38 @@ def run(infra: Infra, scale: Scale, _: Any) -> Section:
     section = Section(8, "Admission under transaction conflicts (a store as strict as DynamoDB)")
     seconds = 20.0 if scale.saturation_s >= 10 else 8.0
     with ConflictingDynamoDB(infra.dynamodb.url, commit_s=COMMIT_S) as store:
-        print(f"  saturation, {CLIENTS} clients for {seconds:g} s: conflicting store", flush=True)
-        strict = saturate(infra, store.url, seconds)
-        strict.transactions = store.transactions_forwarded
-        strict.conflicts = sum(store.conflicts.values())
-        print("  saturation: the same store, overlaps not cancelled", flush=True)
-        store.cancels = False
-        same = saturate(infra, store.url, seconds)
-        store.cancels = True
+        print(
+            f"  saturation, {CLIENTS} clients: {ROUNDS} x {seconds / ROUNDS:g} s with "
+            "cancellations and without, alternating, on the conflict-faithful store",
+            flush=True,
+        )
+        # Transactions forwarded while cancellations were on (store counters are cumulative).
+        marks = {"at": 0, "strict": 0}
+
+        def setting(cancels: bool) -> Callable[[], None]:
+            def apply() -> None:
+                now = store.transactions_forwarded
+                if store.cancels:
+                    marks["strict"] += now - marks["at"]
+                marks["at"] = now
+                store.cancels = cancels
+
+            return apply
+
+        windows: list[Window] = []
+        for _ in range(ROUNDS):
+            windows += [
+                ("conflicts", seconds / ROUNDS, setting(True)),
+                ("no cancellations", seconds / ROUNDS, setting(False)),
+            ]
+        store.reset()
+        loads = saturate_windows(infra, store.url, windows)
+        setting(True)()
+        strict, same = loads["conflicts"], loads["no cancellations"]
+        strict.transactions = marks["strict"]
+        strict.conflicts = sum(store.conflicts.values())  # none while cancellations are off
         print("  saturation: plain DynamoDB Local", flush=True)
-        plain = saturate(infra, infra.dynamodb.url, seconds)
+        plain = saturate(infra, infra.dynamodb.url, seconds / 2)
         _report_saturation(section, strict, same, plain)
         series: dict[str, list[float]] = {
             "Limiter, strict store": [],
@@ -277,8 +336,12 @@ def run(infra: Infra, scale: Scale, _: Any) -> Section:
     section.note(
         f"Saturation: 3 runner processes (Lambda instances) on one host; gemma and mistral with "
         f"max_concurrency {SLOTS} each, queue_timeout_ms 10000; the emulator answers in "
-        f"{SERVICE_MS} ms; {CLIENTS} closed-loop clients (15 per model) POST /v1/llm for "
-        f"{seconds:g} s. Utilization = the emulator's busy time of both models / "
+        f"{SERVICE_MS} ms; {CLIENTS} closed-loop clients (15 per model) POST /v1/llm. On the "
+        f"conflict-faithful store, {ROUNDS} windows of {seconds / ROUNDS:g} s with "
+        f"cancellations alternate with {ROUNDS} without (the same runners and clients "
+        f"throughout, {SETTLE_S:g} s to settle after each switch, answers counted per window), "
+        "so the machine's drift falls on both alike; plain DynamoDB Local gets one run of "
+        f"{seconds / 2:g} s. Utilization = the emulator's busy time of both models / "
         f"({2 * SLOTS} slots x the window). The conflicting store holds a transaction's items "
         f"for its {COMMIT_S * 1000:.0f} ms commit from its arrival and cancels overlapping "
         "transactions (TransactionConflict), as DynamoDB does. 'No cancellations' is the same "
