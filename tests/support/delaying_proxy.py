@@ -54,7 +54,7 @@ class DelayingProxy:
         self.slowed: collections.Counter[str] = collections.Counter()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.violations: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.proxy = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -132,6 +132,12 @@ class DelayingProxy:
 
 def _range(value: float | tuple[float, float]) -> tuple[float, float]:
     return value if isinstance(value, tuple) else (value, value)
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a hundred clients connecting at once would have
+    # their SYNs dropped and meet botocore's 1 s connect timeout, which DynamoDB never causes.
+    request_queue_size = 1024
 
 
 class _Handler(BaseHTTPRequestHandler):
