@@ -478,6 +478,33 @@ def test_reaping_stops_where_another_instance_reaped_first(limiter: Limiter, clo
     assert in_use(limiter) == 0
 
 
+def test_emptied_buckets_go_at_most_reap_batch_at_a_time(
+    limiter: Limiter, clock: Clock, dynamodb_limits: ExpressionWatch
+) -> None:
+    """30 leases in 30 one-second buckets, all released while their buckets were still
+    ahead: once the buckets are past, each later release removes REAP_BATCH of the empty
+    ones (an update naming hundreds would pass moto and break DynamoDB's 4 KB limit)."""
+    leases = [limiter.acquire(POOL, gemma(40), 1_000 * (i + 1)) for i in range(30)]
+    for lease in leases:
+        assert limiter.release(lease)
+    assert len(buckets_of(state_item(limiter))) == 30
+    clock.now += 100
+    left = []
+    for _ in range(6):
+        limiter.release(limiter.acquire(POOL, gemma(40), 1_000))
+        left.append(
+            len(
+                [
+                    b
+                    for b in buckets_of(state_item(limiter)).values()
+                    if b.end * 1000 < clock.now * 1000
+                ]
+            )
+        )
+    assert left == [22, 14, 6, 0, 0, 0]
+    assert dynamodb_limits.found == []
+
+
 def test_usage_reads_any_number_of_pools_100_keys_at_a_time(limiter: Limiter) -> None:
     pools = [f"host#h{i}" for i in range(250)]
     limiter.acquire(pools[-1], gemma(), 10_000)

@@ -694,7 +694,7 @@ class Limiter:
                         break
             # Only past buckets: no admission goes there any more, so one tidy is final (a
             # current bucket emptied by this release may fill again within BUCKET_MS).
-            empty = [b for b in _expired(state or {}, self._now_ms()) if b.empty]
+            empty = [b for b in _expired(state or {}, self._now_ms()) if b.empty][:REAP_BATCH]
             if empty and backoff.left_ms() > spare_ms:
                 self._table.update(writes.tidy(self._table.name, lease.pool, empty))
         except (Cancelled, Contended, LimiterUnavailable):
