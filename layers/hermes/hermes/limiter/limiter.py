@@ -57,13 +57,13 @@ MAX_ROUNDS = 4
 ADMIT_PATIENCE_S = 2.0
 # A release hands over only with this much time left before its deadline, and at least
 # HANDOFF_REQUESTS of DynamoDB's current answer time (a pass-on is 2 requests, and a plain
-# release may follow); closer to it, it frees its capacity in one transaction and the
-# waiters' own checks pick it up.
+# release may follow); closer to it, it frees its capacity in one write and the waiters' own
+# checks pick it up.
 HANDOFF_MIN_S = 1.0
 HANDOFF_REQUESTS = 4
 # What a holder keeps back from an invocation's end for its release (Lambda freezes, or times
 # out, the moment the handler is done: the release must land before). With time that short,
-# a release is one transaction, which DynamoDB answers in milliseconds and botocore gives up
+# a release is one write, which DynamoDB answers in milliseconds and botocore gives up
 # on after its read timeout (hermes.aws: 2 s); the rest is for the answer to go out. A release
 # that does not land by then is left to its lease's expiry, and the answer still goes out.
 RELEASE_RESERVE_S = 3.0
@@ -208,19 +208,19 @@ class Limiter:
         until_ms: int,
         timed_rounds: bool = True,
     ) -> Lease | Refusal:
-        """One transaction; on a full pool with expired leases, a grant pass (which reaps
+        """One admission write; on a full pool with expired leases, a grant pass (which reaps
         them) and another try; contention retried with backoff until `until_ms`, and with
         `timed_rounds` no new round after it either (MAX_ROUNDS bounds them anyway). A
         refusal says why (neither `gated` nor `full`: it stayed contended).
 
         Right after a refusal in this pool, a read comes first: while a pool stays full, the
-        refusals are reads, not cancelled transactions that contend for the state item with
-        the writes that admit and hand over."""
+        refusals are reads, not failed writes that contend for the state item with the
+        writes that admit and hand over."""
         backoff = Backoff(until_ms, self._clock)
         refusal = Refusal(counters[0], False, {})
         rounds = 0
         # After a refusal, or while this process sees waiters there, a read comes first: a
-        # full pool's refusal is then a read, not a cancelled transaction.
+        # full pool's refusal is then a read, not a failed write.
         first = self._refused_until.get(pool, 0.0) > time.monotonic() or self._contended(pool)
         while rounds < MAX_ROUNDS:
             try:
@@ -237,7 +237,7 @@ class Limiter:
                     return Refusal(counters[0], False, refusal.state)
                 # Others were writing the state item: read it before writing again. While it
                 # is full, that is the answer (and a waiter goes to the queue), not another
-                # transaction that contends with the handoffs.
+                # write that contends with the handoffs.
                 first = True
                 continue
             rounds += 1
@@ -621,7 +621,7 @@ class Limiter:
         Conflicts and throttling are retried with backoff until the release lands or
         `until_ms` passes (the invocation's end; by default the lease's expiry, after which
         any instance may reap it): one busy moment of DynamoDB must not hold a slot for a
-        whole lease. Close to the deadline it frees the capacity in one transaction and
+        whole lease. Close to the deadline it frees the capacity in one write and
         leaves the handoff to the waiters' checks. False when the lease was already gone
         (expired and reaped), or DynamoDB failed or stayed busy: then it simply expires."""
         backoff = Backoff(
