@@ -221,7 +221,9 @@ def sse(
                     yield event([choice("", _finish_reason(chunk.get("done_reason")))])
                     if include_usage:
                         yield event([], usage=_usage(chunk))
-                    break
+                    # Not `break`: the stream is read to its end, so the call ends answered.
+                    # Closing it here instead would end it as a client that left (499).
+                    continue
                 if text or first:
                     yield event([choice(text, None, first)])
                     first = False
