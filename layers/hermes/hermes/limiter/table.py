@@ -177,37 +177,30 @@ class Table:
         afresh where the store does not return it). A retry of an update whose answer was
         lost meets its own write: the conditions make that visible (writes.py)."""
         try:
-            with self._timed():
-                answer: dict[str, Any] = self.client.update_item(**request)
-            return dict(answer.get("Attributes") or {})
-        except ClientError as exc:
-            response: dict[str, Any] = dict(exc.response)
-            code = response.get("Error", {}).get("Code", "")
-            if code != "ConditionalCheckFailedException":
-                if code in CONTENDED_CODES:
-                    raise Contended(code) from None
-                log.error("DynamoDB UpdateItem failed: %s", code)
-                raise unavailable(code) from None
-            old = response.get("Item")
-        except BotoCoreError as exc:
-            log.error("DynamoDB UpdateItem failed: %s", exc)
-            raise unavailable("") from None
-        if old is None:
+            answer = self.call("update_item", **request)
+        except Cancelled as cancelled:
+            if cancelled.reasons[0].get("Item") is not None:
+                raise
             found = self.read(
                 "get_item", TableName=self.name, Key=request["Key"], ConsistentRead=True
             )
             old = found.get("Item") or {}
-        raise Cancelled([{"Code": "ConditionalCheckFailed", "Item": old}])
+            raise Cancelled([{"Code": "ConditionalCheckFailed", "Item": old}]) from None
+        return dict(answer.get("Attributes") or {})
 
     def call(self, operation: str, **kwargs: Any) -> Any:
-        """One request; Contended when DynamoDB throttled it (after botocore's own retries)
-        or a transaction holds its item, LimiterUnavailable for anything else."""
+        """One request; Cancelled when its condition failed (with the item before, if it
+        asked for ALL_OLD), Contended when DynamoDB throttled it (after botocore's own
+        retries) or a transaction holds its item, LimiterUnavailable for anything else."""
         try:
             with self._timed():
                 return getattr(self.client, operation)(**kwargs)
         except ClientError as exc:
             response: dict[str, Any] = dict(exc.response)  # loosen botocore's TypedDict
             code = response.get("Error", {}).get("Code", "")
+            if code == "ConditionalCheckFailedException":
+                reason = {"Code": "ConditionalCheckFailed", "Item": response.get("Item")}
+                raise Cancelled([reason]) from None
             if code in CONTENDED_CODES:
                 raise Contended(code) from None
             log.error("DynamoDB %s failed: %s", operation, code)
