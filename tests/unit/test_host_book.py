@@ -71,12 +71,36 @@ def test_a_circuit_opens_once_then_one_probe_decides(
     assert not hosts.claim_probe(POOL, T + 5_000, T + 15_000)  # still cooling down
     assert hosts.claim_probe(POOL, T + 10_000, T + 20_000)
     assert not hosts.claim_probe(POOL, T + 10_001, T + 20_001)  # one probe at a time
-    assert hosts.open_circuit(POOL, T + 10_500, T + 20_500)  # the probe failed: open again
+    # The probe failed: it opens the circuit again.
+    assert hosts.open_circuit(POOL, T + 10_500, T + 20_500, probe=T + 20_000)
     assert hosts.views({"gpu1": POOL})["gpu1"].probe_until == 0
     assert hosts.claim_probe(POOL, T + 20_500, T + 30_500)
-    hosts.close_circuit(POOL)
+    assert hosts.close_circuit(POOL, probe=T + 30_500)
     view = hosts.views({"gpu1": POOL})["gpu1"]
     assert view.open_until == 0 and view.probe_until == 0
+
+
+def test_a_stale_probe_changes_nothing(aws: None, dynamodb_limits: ExpressionWatch) -> None:
+    """A probe whose sandbox froze mid-call and thawed later: its claim lapsed and another
+    probe took over, or the circuit closed, or it reopened for a newer failure. Its verdict,
+    success or failure, lands only while its own claim is the current one."""
+    hosts = book(dynamodb_limits)
+    hosts.open_circuit(POOL, T, T + 10_000)
+    stale = T + 20_000
+    assert hosts.claim_probe(POOL, T + 10_000, stale)
+    assert hosts.claim_probe(POOL, T + 20_000, T + 30_000)  # the stale claim lapsed
+    assert not hosts.close_circuit(POOL, probe=stale)
+    assert not hosts.open_circuit(POOL, T + 21_000, T + 31_000, probe=stale)
+    assert hosts.views({"gpu1": POOL})["gpu1"].probe_until == T + 30_000
+    assert hosts.close_circuit(POOL, probe=T + 30_000)  # the current probe decides
+    # Closed now (the host is healthy): the stale probe's timeout, firing on thaw, does not
+    # reopen it.
+    assert not hosts.open_circuit(POOL, T + 40_000, T + 50_000, probe=stale)
+    assert hosts.views({"gpu1": POOL})["gpu1"].open_until == 0
+    # Reopened for a newer failure: a stale success does not close it.
+    assert hosts.open_circuit(POOL, T + 41_000, T + 51_000)
+    assert not hosts.close_circuit(POOL, probe=stale)
+    assert hosts.views({"gpu1": POOL})["gpu1"].open_until == T + 51_000
 
 
 def test_views_read_counters_and_records_of_every_host_in_one_request(

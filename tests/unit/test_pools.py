@@ -134,6 +134,39 @@ def test_every_circuit_open_answers_503_with_retry_after(
     nothing_held(service)
 
 
+def test_the_request_after_the_cooldown_probes_in_itself_and_is_served(
+    service: HermesService, emulators: dict[str, OllamaEmulator]
+) -> None:
+    """Lambda freezes a sandbox when its handler returns: a probe left running beside a 503
+    would hold the pool at 503 for every sandbox until its claim lapsed. The request that
+    claims the probe runs it before it is placed, and is served by the host it reopened."""
+    now = int(time.time() * 1000)
+    for host in HOSTS:
+        service.limiter.hosts.open_circuit(host_pool(host), now - 10_000, now - 1)
+    answer = generate(service)
+    assert answer["result"]
+    assert len(open_hosts(service)) < len(HOSTS)
+    assert sum(requests_per_host(emulators).values()) == 1  # one answer, after the probe(s)
+    nothing_held(service)
+
+
+def test_a_probe_that_fails_inside_the_request_reopens_its_circuit(
+    service: HermesService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(timeout_s: float) -> list[dict[str, Any]]:
+        raise UpstreamUnavailable("connection refused")
+
+    now = int(time.time() * 1000)
+    for host in HOSTS:
+        service.limiter.hosts.open_circuit(host_pool(host), now - 10_000, now - 1)
+        monkeypatch.setattr(service.backends[host], "loaded_models", down)
+    with pytest.raises(UpstreamUnavailable, match="every host of model 'gemma'"):
+        generate(service)
+    views = service.limiter.hosts.views({h: host_pool(h) for h in HOSTS})
+    assert all(v.open_until > now and v.probe_until == 0 for v in views.values())
+    nothing_held(service)
+
+
 def test_the_model_wide_cap_holds_over_all_hosts(service: HermesService) -> None:
     cap = Counter(model_counter("gemma"), 3, 1, ModelBusy, "cap")
     held = [service.limiter.acquire(model_pool("gemma"), [cap], 60_000) for _ in range(3)]

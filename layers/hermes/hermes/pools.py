@@ -10,7 +10,13 @@ The service asks `candidates` where a request may go (hermes.placement ranks), a
 - Circuits: a connection failure or a 5xx opens a host's circuit for the cooldown (every
   instance stops placing there); after it, one instance claims the probe (`/api/ps`), which
   closes the circuit or opens it for another cooldown.
-Those reads and writes of the server run beside requests, never in front of them.
+
+Probes and refreshes run inside the request that claimed them, before it is placed (bounded
+by HERMES_PROBE_TIMEOUT_S): Lambda freezes a sandbox the moment its handler returns, so work
+left running beside the answer would stall, with its claim, until that sandbox's next invoke,
+if any. A claim still lapses (PROBE_CLAIM_S) should its instance die mid-probe, and a probe
+ends its circuit only while its own claim holds (the claim is the circuit's epoch), so a
+late one changes nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ T = TypeVar("T")
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 
 RESIDENCY_STALE_S = 30
-PROBE_CLAIM_S = 10  # a probe that never reports (its instance froze) is retried after this
+PROBE_CLAIM_S = 10  # a probe that never reports (its instance died mid-probe) is retried after this
 # A cold load is claimed for the model's whole timeout at most: a call that never reports
 # (its instance died) frees the host for another load after that.
 CALL_S_SMOOTHING = 0.2  # weight of the newest call in a model's moving average call time
@@ -88,7 +94,6 @@ class HostPools:
         self.blocking = blocking
         self.strategy = strategy
         self._call_s: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -110,18 +115,11 @@ class HostPools:
                 f"model '{name}': the lease table is busy; retry later", retry_after=1
             ) from None
         now = self._now_ms()
-        usable = []
-        for host in config.pool:
-            view = views[host]
-            if host in exclude:
-                continue
-            if view.open_until:
-                if view.open_until <= now and view.probe_until <= now:
-                    self._beside(self._probe(host))
-                continue
-            if now - view.ps_at > RESIDENCY_STALE_S * 1000:
-                self._beside(self._refresh(host))
-            usable.append(view)
+        due = [h for h in config.pool if h not in exclude and self._due(views[h], now)]
+        if due:  # in this request, before placing it: nothing is left to run after it
+            checked = await asyncio.gather(*(self._check(views[h], now) for h in due))
+            views = views | {view.host: view for view in checked}
+        usable = [views[h] for h in config.pool if h not in exclude and not views[h].open_until]
         demand = Demand(
             model=name,
             counter=model_counter(name),
@@ -206,50 +204,61 @@ class HostPools:
     async def release_claim(self, host: str, name: str) -> None:
         await self.blocking(lambda: self.book.end_load(host_pool(host), name))
 
-    async def failed(self, host: str, error: HermesError) -> None:
-        """The host failed a call: open its circuit for every instance."""
+    async def failed(self, host: str, error: HermesError, probe: int | None = None) -> None:
+        """The host failed a call: open its circuit for every instance. `probe`: the failed
+        call was the probe holding this claim, which reopens the circuit only while it holds."""
         now = self._now_ms()
         until = now + self.settings.circuit_cooldown_s * 1000
-        opened = await self.blocking(lambda: self.book.open_circuit(host_pool(host), now, until))
+        opened = await self.blocking(
+            lambda: self.book.open_circuit(host_pool(host), now, until, probe=probe)
+        )
         if opened:
             observability.circuit_opened(host, error.message)
 
-    def _beside(self, work: Awaitable[None]) -> None:
-        """Run `work` next to the request (kept referenced until it ends)."""
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    @staticmethod
+    def _due(view: HostView, now: int) -> bool:
+        """A half-open circuit nobody probes yet, or a closed one whose residency is stale."""
+        if view.open_until:
+            return view.open_until <= now and view.probe_until <= now
+        return now - view.ps_at > RESIDENCY_STALE_S * 1000
 
-    async def _probe(self, host: str) -> None:
-        pool, now = host_pool(host), self._now_ms()
-        claimed = await self.blocking(
-            lambda: self.book.claim_probe(pool, now, now + PROBE_CLAIM_S * 1000)
-        )
-        if not claimed:
-            return  # another instance probes
+    async def _check(self, view: HostView, now: int) -> HostView:
+        """Probe the host, or refresh what it holds, if this instance wins the claim: the
+        view as it stands after."""
+        return await (self._probe if view.open_until else self._refresh)(view, now)
+
+    async def _probe(self, view: HostView, now: int) -> HostView:
+        """The probe of a half-open circuit: closes it when the host answers /api/ps."""
+        host, pool, claim = view.host, host_pool(view.host), now + PROBE_CLAIM_S * 1000
+        if not await self.blocking(lambda: self.book.claim_probe(pool, now, claim)):
+            return view  # another instance probes
         try:
-            await self._resync(host)
+            resident = await self._resync(host)
         except LimiterUnavailable:
-            return  # the lease table failed, not the host: the claim lapses, another probes
-        except HermesError as error:
-            await self.failed(host, error)
-            return
-        except Exception as error:  # anything failing in the probe is its answer
-            await self.failed(host, UpstreamUnavailable(f"probe failed: {error!r}"))
-            return
-        await self.blocking(lambda: self.book.close_circuit(pool))
+            return view  # the lease table failed, not the host: the claim lapses
+        except Exception as exc:  # anything failing in the probe is its answer
+            error = exc if isinstance(exc, HermesError) else UpstreamUnavailable(repr(exc))
+            await self.failed(host, error, probe=claim)
+            return view
+        if not await self.blocking(lambda: self.book.close_circuit(pool, claim)):
+            return view  # the claim lapsed meanwhile: a newer probe decides
         observability.circuit_closed(host)
+        return replace(view, open_until=0, probe_until=0, resident=resident, ps_at=now)
 
-    async def _refresh(self, host: str) -> None:
-        pool, now = host_pool(host), self._now_ms()
-        stale_ms = RESIDENCY_STALE_S * 1000
+    async def _refresh(self, view: HostView, now: int) -> HostView:
+        """Re-read what a host holds, if this instance wins the claim; a host that fails to
+        answer has its circuit opened (and is not placed on)."""
+        pool, stale_ms = host_pool(view.host), RESIDENCY_STALE_S * 1000
         if not await self.blocking(lambda: self.book.claim_refresh(pool, now, stale_ms)):
-            return
+            return view
         try:
-            await self._resync(host)
-        except HermesError as error:
-            if host_failed(error):
-                await self.failed(host, error)
+            return replace(view, resident=await self._resync(view.host), ps_at=now)
+        except Exception as exc:
+            error = exc if isinstance(exc, HermesError) else UpstreamUnavailable(repr(exc))
+            if not host_failed(error):
+                return view  # the lease table failed, not the host
+            await self.failed(view.host, error)
+            return replace(view, open_until=now + self.settings.circuit_cooldown_s * 1000)
 
     async def _resync(self, host: str) -> dict[str, int]:
         """Ask the server what it has loaded (/api/ps, or /v1/models) and write that down, in

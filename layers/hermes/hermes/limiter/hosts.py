@@ -7,7 +7,9 @@
                         loading_until  until when that claim holds (epoch ms)
                         ps_at      when residency was last read from the server itself
                         open_until circuit open until (epoch ms); absent = closed
-                        probe_until the one probe of a half-open circuit, claimed until
+                        probe_until the one probe of a half-open circuit, claimed until;
+                                   the claim is the circuit's epoch: a probe's verdict lands
+                                   only while its own claim is current
 
 Kept apart from the pool's state item (`host#<host>` / `state`), which admissions and
 releases update in transactions: these single-item writes never conflict with them. Every
@@ -157,14 +159,20 @@ class HostBook:
             condition="attribute_not_exists(ps_at) OR ps_at < :old",
         )
 
-    def open_circuit(self, pool: str, now_ms: int, until_ms: int) -> bool:
+    def open_circuit(self, pool: str, now_ms: int, until_ms: int, probe: int | None = None) -> bool:
         """Open the host's circuit until `until_ms`; True when this call opened it (it was
-        closed, or half-open: its probe failed)."""
+        closed, or half-open: its probe failed). `probe`: the failure is that of the probe
+        claimed until `probe`, which reopens the circuit only while its claim is the current
+        one (a probe thawed after its claim lapsed, or after the circuit closed, changes
+        nothing)."""
+        condition = "attribute_not_exists(open_until) OR open_until <= :now"
+        if probe is not None:
+            condition = "probe_until = :probe"
         return self._update(
             pool,
             "SET open_until = :until REMOVE probe_until",
-            {":until": n(until_ms), ":now": n(now_ms)},
-            condition="attribute_not_exists(open_until) OR open_until <= :now",
+            {":until": n(until_ms), ":now": n(now_ms), ":probe": n(probe or 0)},
+            condition=condition,
         )
 
     def claim_probe(self, pool: str, now_ms: int, until_ms: int) -> bool:
@@ -177,8 +185,16 @@ class HostBook:
             "(attribute_not_exists(probe_until) OR probe_until <= :now)",
         )
 
-    def close_circuit(self, pool: str) -> None:
-        self._update(pool, "REMOVE open_until, probe_until", None)
+    def close_circuit(self, pool: str, probe: int) -> bool:
+        """The probe claimed until `probe` succeeded: close the circuit, unless that claim is
+        no longer the current one (it lapsed and another probe decides, or a newer failure
+        reopened the circuit). False when nothing changed."""
+        return self._update(
+            pool,
+            "REMOVE open_until, probe_until",
+            {":probe": n(probe)},
+            condition="probe_until = :probe",
+        )
 
     def _update(
         self,
