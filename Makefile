@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export SAM_CLI_TELEMETRY := 0
 SHELL  := /bin/bash
 
-.PHONY: install run test test-unit format lint build validate bench clean clean-model java
+.PHONY: install run test test-unit format lint build validate bench clean clean-model java concurrency
 
 $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# The LlmReservedConcurrency the models file needs (slots + waiting places), as a parameter
+# override for `sam deploy` (README, "Running under Lambda").
+concurrency: $(VENV)/.installed
+	@$(PY) -m local.reserved_concurrency
 
 validate: $(VENV)/.installed
 	$(VENV)/bin/sam validate --lint

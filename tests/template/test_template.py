@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hermes.config import DEFAULT_MODELS_FILE, load_models
+from hermes.config import DEFAULT_MODELS_FILE, load_models, reserved_concurrency
 from local.template import (
     ROOT,
     functions,
@@ -43,12 +43,58 @@ def test_sam_validate_lint_is_clean() -> None:
     assert "is a valid SAM Template" in result.stdout + result.stderr
 
 
-def test_reserved_concurrency_covers_every_model_slot() -> None:
+def test_reserved_concurrency_is_the_models_slots_plus_their_waiting() -> None:
+    """Each generating function can be sent every request: it needs an instance for every
+    slot and every waiting place of the shipped models file, which `make concurrency`
+    prints; the template's default is exactly that."""
     models = load_models(DEFAULT_MODELS_FILE)
+    derived = sum(len(m.pool) * (m.max_concurrency + m.waiting_limit) for m in models.values())
+    assert reserved_concurrency(models) == derived
     default = load_template()["Parameters"]["LlmReservedConcurrency"]
-    total = sum(m.max_concurrency for m in models.values())
-    assert int(default["Default"]) >= total
-    assert int(default["MinValue"]) >= total
+    assert int(default["Default"]) == derived
+    generating = ["LlmFunction", "OllamaApiFunction", "OpenAiApiFunction"]
+    for name in generating:
+        properties = load_template()["Resources"][name]["Properties"]
+        assert properties["ReservedConcurrentExecutions"] == {"Ref": "LlmReservedConcurrency"}
+    printed = subprocess.run(
+        [sys.executable, "-m", "local.reserved_concurrency"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HERMES_MODELS_FILE": str(DEFAULT_MODELS_FILE)},
+    )
+    assert printed.stdout.strip() == f"LlmReservedConcurrency={derived}", printed.stderr
+
+
+def test_waiting_places_count_toward_reserved_concurrency(tmp_path: Path) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "gemma": {
+                        "max_concurrency": 2,
+                        "memory_cost": "medium",
+                        "timeout": 10_000,
+                        "backend_model": "g",
+                        "queue_timeout_ms": 5_000,
+                        "hosts": ["a", "b"],
+                    },
+                    "llama3": {
+                        "max_concurrency": 1,
+                        "memory_cost": "high",
+                        "timeout": 10_000,
+                        "backend_model": "l",
+                        "max_waiting": 3,
+                        "host": "a",
+                    },
+                },
+                "hosts": {"a": {"memory_budget": 8}, "b": {"memory_budget": 8}},
+            }
+        )
+    )
+    # gemma: 2 hosts x (2 slots + 4 waiting); llama3: 1 slot + 3 waiting.
+    assert reserved_concurrency(load_models(path)) == 2 * (2 + 4) + (1 + 3)
 
 
 def test_llm_function_outlives_the_slowest_model() -> None:
@@ -329,8 +375,9 @@ def test_the_dashboard_s_error_and_429_graphs_name_every_such_code() -> None:
         if name == "Requests"
     ]
     assert {k.code for k in kinds if k.status >= 500} in filters
-    assert {k.code for k in kinds if k.status == 429} == {"model_busy", "host_busy"}
-    assert {"model_busy", "host_busy"} in filters
+    busy = {"model_busy", "host_busy", "queue_full"}
+    assert {k.code for k in kinds if k.status == 429} == busy
+    assert busy in filters
 
 
 def test_the_dashboard_is_named_per_stack_and_region_and_linked_from_the_outputs() -> None:

@@ -6,6 +6,7 @@ Nothing else in Hermes reads `os.environ`; everything asks `get_settings()`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +44,9 @@ class ModelConfig(BaseModel):
     max_concurrency_total: int | None = Field(default=None, ge=1, le=50_000)
     # 0 = answer 429 at once (the seed's behaviour); >0 = retry admission up to this long.
     queue_timeout_ms: int = Field(default=0, ge=0, le=15 * 60 * 1000)
+    # Requests of this model that may wait on each of its hosts at once (each holds a Lambda
+    # instance while it waits); past it, 429 queue_full. None = `waiting_limit`'s default.
+    max_waiting: int | None = Field(default=None, ge=0, le=10_000)
     # memory_cost is only true for a bounded context: a request asking for a larger
     # options.num_ctx gets a 400. None = no cap (the backend's own default applies).
     max_num_ctx: int | None = Field(default=None, ge=1, le=1_048_576)
@@ -59,6 +63,16 @@ class ModelConfig(BaseModel):
                 raise ValueError("'hosts' lists a host twice")
             object.__setattr__(self, "host", self.hosts[0])  # frozen; `host` = the first
         return self
+
+    @property
+    def waiting_limit(self) -> int:
+        """max_waiting, or by default twice what the model's slots serve within the wait if
+        every call took its whole timeout (calls are usually much shorter); 0 without wait."""
+        if self.max_waiting is not None:
+            return self.max_waiting
+        if self.queue_timeout_ms == 0:
+            return 0
+        return 2 * self.max_concurrency * math.ceil(self.queue_timeout_ms / self.timeout)
 
     @property
     def pool(self) -> tuple[str, ...]:
@@ -173,6 +187,20 @@ def check_worker_timeout(settings: Settings) -> None:
                 "finish. Raise the worker's Timeout in template.yaml (and JobsQueue's "
                 "VisibilityTimeout to 6 times it) or lower the model's timeout"
             )
+
+
+def reserved_concurrency(models: dict[str, ModelConfig]) -> int:
+    """Lambda instances one generating function may hold at once: every slot of every model
+    on every host of its pool (at most max_concurrency_total), plus the requests that may
+    wait there (waiting_limit per host). Each waits in an instance of its own; a reserved
+    concurrency below this lets Lambda throttle, and API Gateway answers that with its own
+    5xx instead of Hermes' 429."""
+    total = 0
+    for model in models.values():
+        slots = len(model.pool) * model.max_concurrency
+        total += min(slots, model.max_concurrency_total or slots)
+        total += len(model.pool) * model.waiting_limit
+    return total
 
 
 def load_models(path: Path) -> dict[str, ModelConfig]:

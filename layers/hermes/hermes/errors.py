@@ -58,6 +58,13 @@ class HostBusy(HermesError):
     status, code = 429, "host_busy"
 
 
+class QueueFull(HermesError):
+    """The model's queue holds max_waiting requests already: each would hold a Lambda
+    instance while it waits, beyond what the functions' reserved concurrency covers."""
+
+    status, code = 429, "queue_full"
+
+
 class UpstreamError(HermesError):
     status, code = 502, "upstream_error"
 

@@ -42,6 +42,7 @@ from hermes.errors import (
     JobNotFound,
     ModelBusy,
     PromptTooLarge,
+    QueueFull,
     QueueUnavailable,
     RequestInProgress,
     ResultTooLarge,
@@ -199,7 +200,7 @@ class Jobs:
         try:
             data = {"job_id": job_id, "model": model, "body": _request(item)}
             result = once(lambda d: self._run(d, context), data, key="job_id", context=context)
-        except (ModelBusy, HostBusy) as busy:
+        except (ModelBusy, HostBusy, QueueFull) as busy:
             waited = time.time() - float(item["created_at"]["N"])
             if waited < self.settings.job_max_wait_s:
                 self._update(
@@ -250,13 +251,18 @@ class Jobs:
         return left_s >= job_time_needed_s(model_config)
 
     def _give_up(
-        self, job_id: str, model: str, body: str, busy: ModelBusy | HostBusy, waited: float
+        self,
+        job_id: str,
+        model: str,
+        body: str,
+        busy: ModelBusy | HostBusy | QueueFull,
+        waited: float,
     ) -> None:
         """The job waited past HERMES_JOB_MAX_WAIT_S: failed, and its message dead-lettered
         by the worker itself. Its current message is a fresh one (waiting re-queues), so SQS
         would never count it to maxReceiveCount; the dead-letter copy goes first, so a crash
         in between leaves the job to be given up again, never deleted unrecorded."""
-        what = "a free slot" if isinstance(busy, ModelBusy) else "memory budget on the host"
+        what = "memory budget on the host" if isinstance(busy, HostBusy) else "a free slot"
         message = (
             f"waited {waited:.0f} s for {what} of model '{model}' "
             f"(HERMES_JOB_MAX_WAIT_S={self.settings.job_max_wait_s}); giving up"

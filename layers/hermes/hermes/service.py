@@ -409,6 +409,7 @@ class HermesService:
                 ),
                 priority=priority,
                 retry_after_s=retry_after,
+                max_waiting=config.waiting_limit,
             )
         )
         return got if isinstance(got, Lease) else await self._wait(got, wait_until)

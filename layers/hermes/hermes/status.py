@@ -23,6 +23,7 @@ from hermes import __version__
 from hermes.errors import HermesError
 from hermes.limiter import Contended
 from hermes.limiter.hosts import HostView
+from hermes.limiter.records import waiting_attr
 from hermes.placement import MEMORY_COUNTER, host_pool, model_counter, resident_models
 from hermes.service import HermesService
 
@@ -81,6 +82,15 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
                 "memory_cost": service.settings.models[name].memory_cost,
                 "host": service.settings.models[name].host,
                 "queue_timeout_ms": service.settings.models[name].queue_timeout_ms,
+                "waiting": (
+                    sum(
+                        usage[host_pool(h)].get(waiting_attr(model_counter(name)), 0)
+                        for h in service.settings.models[name].pool
+                    )
+                    if usage is not None
+                    else None
+                ),
+                "max_waiting": service.settings.models[name].waiting_limit,
                 "timeout_ms": service.settings.models[name].timeout,
                 "state": served[name].state,
                 "failing_hosts": list(served[name].failing_hosts),

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from hermes.errors import HermesError, LimiterUnavailable
+from hermes.errors import HermesError, LimiterUnavailable, QueueFull
 from hermes.limiter import writes
 from hermes.limiter.hosts import HostBook
 from hermes.limiter.mailbox import Mailbox
@@ -37,6 +37,7 @@ from hermes.limiter.records import (
     new_id,
     s,
     value,
+    waiting_attr,
 )
 from hermes.limiter.table import (
     RELEASE_BACKOFF_BASE_S,
@@ -327,6 +328,7 @@ class Limiter:
         run_until_ms: int = 0,
         priority: str = "normal",
         retry_after_s: int = 1,
+        max_waiting: int | None = None,
     ) -> Lease | Ticket:
         """Admit now if the pool has room and nobody waits for these counters; otherwise take
         a ticket and a place in the pool's queue. Poll the ticket (`poll`) until it turns
@@ -335,7 +337,9 @@ class Limiter:
         `lease_ms` is the lease a grant gives (run time plus margins), never past
         `run_until_ms` (epoch ms; 0 for none); `wait_until_ms` is when the place lapses.
         Conflicts and throttling are retried with backoff until then; a request that could
-        not even take its place by then gets the busy error (429), as a full pool's would."""
+        not even take its place by then gets the busy error (429), as a full pool's would.
+        `max_waiting`: at most this many wait for the first counter (the model's slot) in
+        this pool; past it, QueueFull (429)."""
         counters = tuple(counters)
         backoff = Backoff(wait_until_ms, self._clock)
         refusal = self._known_refusal(pool, counters)
@@ -344,6 +348,10 @@ class Limiter:
             if isinstance(outcome, Lease):
                 return outcome
             refusal = outcome
+            # The state as the refusal just read it: a full queue needs no ticket. (A state
+            # remembered from an earlier refusal may be stale: the enqueue's condition decides.)
+            if max_waiting is not None and _waiting(refusal.state, counters) >= max_waiting:
+                raise _queue_full(counters, max_waiting, retry_after_s)
         seq = self._retried(self._next_seq, pool, backoff=backoff)
         if seq is None:
             raise refusal.error(retry_after_s)
@@ -369,7 +377,7 @@ class Limiter:
             try:
                 # Conditional on this request still not being admissible: a release that
                 # committed since the refusal saw nobody waiting and handed nothing over.
-                self._table.transact(writes.enqueue(self._table.name, ticket, full))
+                self._table.transact(writes.enqueue(self._table.name, ticket, full, max_waiting))
                 return ticket
             except Contended:  # nothing written: the same place, a little later
                 if backoff.wait():
@@ -378,6 +386,10 @@ class Limiter:
             except Cancelled as cancelled:
                 if cancelled.failed(1):
                     return ticket  # our entry exists: an earlier attempt landed, answer lost
+                seen = cancelled.item(0)
+                if max_waiting is not None and _waiting(seen, counters) >= max_waiting:
+                    self._mailbox.forget(ticket.ticket_id)
+                    raise _queue_full(counters, max_waiting, retry_after_s) from None
             except LimiterUnavailable:
                 # The write may have landed: take the place back (and a lease, had it one).
                 granted = self.abandon(ticket)
@@ -724,13 +736,14 @@ class Limiter:
         # Only the first live entry matters here: a short read is a faster handoff.
         entries, _ = self._head(lease.pool, PASS_ON_WINDOW)
         items: list[dict[str, Any]] = []
-        dropped, head = 0, None
+        dropped: list[Entry] = []
+        head = None
         for entry in entries:
             if entry.wait_until_ms > now and entry.expiry(now) > now:
                 head = entry
                 break
             items.append(writes.drop_entry(self._table.name, lease.pool, entry.sk, now))
-            dropped += 1
+            dropped.append(entry)
         if head is None:
             return None, None  # nobody lives in the head window: the full pass tidies up
         freed = {c.name: c.weight for c in lease.counters}
@@ -882,7 +895,7 @@ class Limiter:
         for gone in reaped:
             for name, weight in gone.weights.items():
                 delta[name] = delta.get(name, 0) - weight
-        removed = 0
+        removed: list[Entry] = []
         blocked: set[str] = set()
         caps: dict[str, int] = {}
         grants: dict[str, tuple[int, int, dict[str, int]]] = {}
@@ -897,7 +910,7 @@ class Limiter:
             if entry.wait_until_ms <= now or expires <= now:
                 if grantable:
                     items.append(writes.drop_entry(table, pool, entry.sk, now))
-                    removed += 1
+                    removed.append(entry)
                     cleaned += entry.wait_until_ms <= now
                 continue
             if any(name in blocked for name, _, _ in entry.counters):
@@ -922,7 +935,7 @@ class Limiter:
             counts = {name: values.get(name, 0) + delta[name] for name, _, _ in entry.counters}
             grants[entry.ticket_id] = (expires, bucket, counts)
             items += writes.grant(table, pool, entry, expires, bucket, counts)
-            removed += 1
+            removed.append(entry)
         if rest is None:
             blocked.add(ANY)  # more waiters than one read holds: every counter waits
         old_blocked = set(state.get(BLOCKED, {}).get("SS", []))
@@ -961,7 +974,8 @@ class Limiter:
 
     def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
         """Per pool, the weight that unexpired leases hold on each counter: the state item's
-        counters less its expired buckets not yet reaped (one BatchGetItem per 100 pools)."""
+        counters less its expired buckets not yet reaped (one BatchGetItem per 100 pools);
+        also, under waiting_attr(counter), how many wait for each counter."""
         unique = list(dict.fromkeys(pools))
         found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
         try:
@@ -976,7 +990,10 @@ class Limiter:
             for bucket in _expired(item, now):
                 for name, weight in bucket.weights.items():
                     totals[name] = totals.get(name, 0) - weight
-            found[item["pk"]["S"]] = {name: count for name, count in totals.items() if count > 0}
+            waiting = {k: value(item, k) for k in item if k.startswith(f"{WAITING}#")}
+            found[item["pk"]["S"]] = {
+                name: count for name, count in (totals | waiting).items() if count > 0
+            }
         return found
 
     def waiting(self, pool: str) -> int:
@@ -995,4 +1012,18 @@ def _expired(state: dict[str, Any], now_ms: int) -> list[Bucket]:
     return sorted(
         (bucket for bucket in buckets_of(state).values() if bucket.expired(now_ms)),
         key=lambda bucket: bucket.end,
+    )
+
+
+def _waiting(state: dict[str, Any], counters: tuple[Counter, ...]) -> int:
+    """How many wait for the first of `counters` (the model's slot) in this pool."""
+    return value(state, waiting_attr(counters[0].name))
+
+
+def _queue_full(counters: tuple[Counter, ...], max_waiting: int, retry_after_s: int) -> QueueFull:
+    label = counters[0].label
+    return QueueFull(
+        f"{label} already has {max_waiting} requests waiting (its max_waiting); retry later",
+        retry_after=retry_after_s,
+        max_waiting=max_waiting,
     )

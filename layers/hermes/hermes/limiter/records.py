@@ -27,6 +27,8 @@ from hermes.errors import HermesError
 
 STATE_SK = "state"
 WAITING, BLOCKED = "q_waiting", "q_blocked"  # state attributes, not counters
+# Waiters per model (by their first counter, the model's slot), "q_waiting#<digest>": bounded
+# by the model's max_waiting when it enqueues, so that the pool's q_waiting is their sum.
 ANY = "*"  # in q_blocked: the queue is longer than one grant pass reads; every counter waits
 NOT_COUNTERS = (WAITING,)
 # Leases are grouped by expiry into buckets of BUCKET_MS, or of the power of two times it
@@ -113,6 +115,11 @@ class Entry:
     wait_until_ms: int
     run_until_ms: int
     lease_ms: int
+
+    @property
+    def waits_for(self) -> str:
+        """Its first counter (the model's slot): the count of waiters it is in."""
+        return self.counters[0][0]
 
     @classmethod
     def of(cls, item: dict[str, Any]) -> Entry:
@@ -247,8 +254,13 @@ def counters_of(state: dict[str, Any]) -> dict[str, int]:
     return {
         k: int(v["N"])
         for k, v in state.items()
-        if "N" in v and k not in NOT_COUNTERS and not k.startswith(BUCKET_PREFIX)
+        if "N" in v and k not in NOT_COUNTERS and not k.startswith((BUCKET_PREFIX, WAITING))
     }
+
+
+def waiting_attr(counter: str) -> str:
+    """The state attribute counting the waiters whose first counter is `counter`."""
+    return f"{WAITING}#{digest(counter)}"
 
 
 def lease_table_definition(name: str) -> dict[str, Any]:

@@ -9,12 +9,15 @@ Invariants every write keeps (docs in README "How the limits hold"):
   the buckets' weights, each lease counted once);
 - every update that *increases* a counter is conditional on the result staying within the
   capacity the writer was configured with (I2);
-- every queue entry put or delete goes with q_waiting ± 1 (I4).
+- every queue entry put or delete goes with q_waiting ± 1, and the same on the count of its
+  model's waiters, q_waiting#<digest of its first counter> (I4).
 Expressions stay far under DynamoDB's 4 KB: about 40 bytes per attribute touched.
 """
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Sequence
 from typing import Any
 
 from hermes.limiter.records import (
@@ -31,6 +34,7 @@ from hermes.limiter.records import (
     key,
     n,
     s,
+    waiting_attr,
     weight_attr,
 )
 
@@ -98,6 +102,12 @@ class Update:
         self.when(
             f"(attribute_not_exists({attr}) OR NOT contains({attr}, {self.value(s(lease_id))}))"
         )
+
+    def unwait(self, waits_for: Sequence[str]) -> None:
+        """Waiters leave the queue: one for each counter in `waits_for` (their first)."""
+        self.add(WAITING, -len(waits_for))
+        for counter, count in collections.Counter(waits_for).items():
+            self.add(waiting_attr(counter), -count)
 
     def nobody_waits(self) -> None:
         attr = self.name(WAITING)
@@ -207,12 +217,22 @@ def delete_notice(table: str, ticket_id: str) -> dict[str, Any]:
     return {"TableName": table, "Key": key(f"grant#{ticket_id}", "grant")}
 
 
-def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]:
+def enqueue(
+    table: str, ticket: Ticket, full: list[str], max_waiting: int | None = None
+) -> list[dict[str, Any]]:
     """Count the waiter and put its queue entry, only if it is still not admissible (waiters
-    hold one of its counters, or one is full: else ALL_OLD says so); `full`: the counters it
-    cannot have now, which newcomers must not take (q_blocked)."""
+    hold one of its counters, or one is full: else ALL_OLD says so) and fewer than
+    `max_waiting` wait for its first counter; `full`: the counters it cannot have now, which
+    newcomers must not take (q_blocked)."""
     update = Update(table, ticket.pool)
     update.add(WAITING, 1)
+    mine = waiting_attr(ticket.counters[0].name)
+    update.add(mine, 1)
+    if max_waiting is not None:
+        update.when(
+            f"(attribute_not_exists({update.name(mine)}) OR "
+            f"{update.name(mine)} < {update.value(n(max_waiting))})"
+        )
     waiting, blocked = update.name(WAITING), update.name(BLOCKED)
     held = [f"contains({blocked}, {update.value(s(ANY))})"]
     busy = []
@@ -223,7 +243,8 @@ def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]
     if full:
         update.adds.append(f"{blocked} {update.value({'SS': full})}")
     zero = update.value(n(0))
-    update.when(" OR ".join([f"({waiting} > {zero} AND ({' OR '.join(held)}))", *busy]))
+    gated = f"({waiting} > {zero} AND ({' OR '.join(held)}))"
+    update.when(f"({' OR '.join([gated, *busy])})")
     entry = {
         **key(f"{ticket.pool}#queue", ticket.sk),
         "t": s(ticket.ticket_id),
@@ -246,7 +267,7 @@ def enqueue(table: str, ticket: Ticket, full: list[str]) -> list[dict[str, Any]]
 
 def abandon(table: str, ticket: Ticket) -> list[dict[str, Any]]:
     update = Update(table, ticket.pool)
-    update.add(WAITING, -1)
+    update.unwait([ticket.counters[0].name])
     return [
         {
             "Delete": {
@@ -313,14 +334,14 @@ def grant_bucket(expires: int, lease_ms: int, taken: int | None) -> int:
 
 
 def pass_on_state(
-    table: str, releasing: Lease, head: Entry, bucket: int, dropped: int
+    table: str, releasing: Lease, head: Entry, bucket: int, dropped: list[Entry]
 ) -> dict[str, Any]:
     """The state update of a pass-on handoff: the releaser's weights and id go, the head's
     come (in `bucket`), conditional on the releaser's id being there and on each of the
     head's counters staying within its capacity (a lowered limit or a full budget stops the
     handoff; ALL_OLD then tells the full pass the state)."""
     update = Update(table, releasing.pool)
-    update.add(WAITING, -(dropped + 1))
+    update.unwait([entry.waits_for for entry in (*dropped, head)])
     freed = {c.name: c.weight for c in releasing.counters}
     for name, capacity, weight in head.counters:
         delta = weight - freed.pop(name, 0)
@@ -347,7 +368,7 @@ def grant_pass_state(
     granted: dict[int, dict[str, Any]],
     delta: dict[str, int],
     caps: dict[str, int],
-    removed: int,
+    removed: list[Entry],
     blocked: set[str],
 ) -> dict[str, Any]:
     """A grant pass's state update: release `releasing` (conditional on its id being
@@ -373,7 +394,7 @@ def grant_pass_state(
         update.add(name, d)
         if name in caps:
             update.within(name, caps[name], d)
-    update.add(WAITING, -removed)
+    update.unwait([entry.waits_for for entry in removed])
     seen = set(state.get(BLOCKED, {}).get("SS", []))
     if blocked != seen:
         attr = update.name(BLOCKED)
