@@ -135,7 +135,7 @@ def test_sixteen_waiting_threads_never_exceed_the_slot_and_the_budget_together(
     then never more than 2 hold at once, every request is served, and nothing is left."""
     client = client_of(dynamodb)
     watch = ExpressionWatch()
-    limiter = Limiter(watch.watch(client), table)
+    limiter = Limiter(watch.watch(client), table, light_reads=False)  # every request watched
     counters = [slot("mistral", 3), budget(4, 2)]
     holders = peak = served = 0
     lock = threading.Lock()
@@ -159,7 +159,8 @@ def test_sixteen_waiting_threads_never_exceed_the_slot_and_the_budget_together(
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(worker, range(16)))
     print(f"\n  race: peak {peak} (limit 2), served {served}, requests checked {watch.checked}")
-    assert peak == 2 and served == 16 * 12
+    # Never more than 2 (both slots in use at once depends on timing: not asserted).
+    assert peak <= 2 and served == 16 * 12
     assert watch.found == []
     assert limiter.usage([POOL]) == {POOL: {}}
     assert_clean(client, table)
@@ -506,7 +507,7 @@ def test_a_mass_crash_is_recovered_within_dynamodb_request_limits(
         biggest = max(biggest, len(params["TransactItems"]))
 
     client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", count_items)
-    limiter = Limiter(client, table, clock=clock)
+    limiter = Limiter(client, table, clock=clock, light_reads=False)  # all watched
     counters = [slot("gemma", 300)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: persist(limiter.acquire, POOL, counters, 2_000), range(300)))

@@ -53,6 +53,7 @@ DOCUMENTED = {
     (200, None),
     (429, "model_busy"),
     (429, "host_busy"),
+    (429, "queue_full"),  # mistral waits: at most max_waiting (2 x 2 slots x 1 = 4) at once
     (502, "upstream_error"),
     (503, "upstream_unavailable"),
     # DynamoDB Local on a loaded machine can take seconds to grant a lease; a lease granted

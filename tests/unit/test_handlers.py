@@ -205,6 +205,8 @@ def test_status_reports_models_usage_and_health() -> None:
         "hosts": ["default"],
         "max_concurrency_total": None,
         "queue_timeout_ms": 0,
+        "waiting": 0,
+        "max_waiting": 0,
         "state": "ok",
         "failing_hosts": [],
     }

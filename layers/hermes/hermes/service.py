@@ -423,6 +423,9 @@ class HermesService:
         self.limiter.notify(ticket, lambda: loop.call_soon_threadsafe(handed.set))
         try:
             while True:
+                # Cleared before looking, never after: a notice that arrives while this
+                # round looks (or polls) must still wake the pause below.
+                handed.clear()
                 lease = self.limiter.take(ticket)  # handed over: no thread hop
                 if lease is not None:
                     return lease
@@ -435,7 +438,6 @@ class HermesService:
                     if lease is not None:
                         return lease  # granted at the last moment: the run-time check decides
                     raise self.limiter.busy(ticket, self.settings.retry_after_s)
-                handed.clear()
                 # A handoff, by this process or seen by its notice poller, wakes us at once.
                 pause = min(self.limiter.next_poll_s(ticket), wait_until - time.monotonic())
                 with contextlib.suppress(TimeoutError):

@@ -37,7 +37,7 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
     hosts = sorted(service.settings.hosts)
     pools = [host_pool(h) for h in hosts]
     probes = [_timed(service.backends[h].loaded_models(timeout), timeout) for h in hosts]
-    probes.append(_timed(asyncio.to_thread(service.limiter.usage, pools), timeout))
+    probes.append(_timed(asyncio.to_thread(service.limiter.usage, pools, True), timeout))
     book = service.limiter.hosts
     pooled = dict(zip(hosts, pools, strict=True))
     # The records only: usage (above) reads the counters, less the leases that expired.

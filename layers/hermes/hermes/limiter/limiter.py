@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from hermes.errors import HermesError, LimiterUnavailable, QueueFull
 from hermes.limiter import writes
 from hermes.limiter.hosts import HostBook
+from hermes.limiter.light_reads import LightReader
 from hermes.limiter.mailbox import Mailbox
 from hermes.limiter.records import (
     AGING_TICKETS,
@@ -84,7 +85,7 @@ MAX_TRANSACT_ITEMS = 100
 # CHECKS_PER_S_PER_POOL times a second; a ticket's own passes are at most WAITER_PASSES.
 HEAD_WINDOW = 8
 AHEAD_PAGES = 8  # pages of 2 * HEAD_WINDOW entries read to count the live ones ahead
-CHECK_S = 0.25
+CHECK_S = 1.0  # through boto3 (~3 ms of CPU each): rarer than the notice polls
 CHECKS_PER_S_PER_POOL = 1000
 WAITER_PASSES = 3
 # A release that hands over tries its grant pass this often, then frees its capacity plainly:
@@ -138,10 +139,12 @@ class Limiter:
         clock: Callable[[], float] = time.time,
         aging_tickets: int = AGING_TICKETS,
         notice_poller: bool | None = None,
+        light_reads: bool | None = None,
     ) -> None:
         """`notice_poller=False`: waiters read their notices in `poll` instead of one poller
         thread per process (for a store that is not thread-safe, such as moto in the unit
-        tests, which turn NOTICE_POLLER off)."""
+        tests, which turn NOTICE_POLLER off). `light_reads` (default: as notice_poller): reads
+        through light_reads rather than boto3."""
         if notice_poller is None:
             notice_poller = self.NOTICE_POLLER
         self._table = Table(client, table, clock)
@@ -149,6 +152,11 @@ class Limiter:
         self._clock = clock
         self._aging = aging_tickets
         self._mailbox = Mailbox(self._notices, background=notice_poller)
+        if notice_poller if light_reads is None else light_reads:
+            # Reads without boto3's CPU (light_reads): a waiting Lambda instance repeats them.
+            # (The unit tests' in-process moto intercepts boto3 only: they read through it,
+            # and so do tests that count calls with boto3's event hooks: light_reads=False.)
+            self._table.light = LightReader(client)
         self._contended_until: dict[str, float] = {}
         self._refused_until: dict[str, float] = {}  # pool -> monotonic s
         self._gate_checked_until: dict[str, float] = {}  # pool -> monotonic s
@@ -972,10 +980,11 @@ class Limiter:
 
     # -- reading -------------------------------------------------------------------------
 
-    def usage(self, pools: Sequence[str]) -> dict[str, dict[str, int]]:
+    def usage(self, pools: Sequence[str], waiting: bool = False) -> dict[str, dict[str, int]]:
         """Per pool, the weight that unexpired leases hold on each counter: the state item's
-        counters less its expired buckets not yet reaped (one BatchGetItem per 100 pools);
-        also, under waiting_attr(counter), how many wait for each counter."""
+        counters less its expired buckets not yet reaped (one BatchGetItem per 100 pools).
+        `waiting`: also, under waiting_attr(counter), how many wait for each counter
+        (lapsed entries not yet dropped included)."""
         unique = list(dict.fromkeys(pools))
         found: dict[str, dict[str, int]] = {pool: {} for pool in unique}
         try:
@@ -990,10 +999,9 @@ class Limiter:
             for bucket in _expired(item, now):
                 for name, weight in bucket.weights.items():
                     totals[name] = totals.get(name, 0) - weight
-            waiting = {k: value(item, k) for k in item if k.startswith(f"{WAITING}#")}
-            found[item["pk"]["S"]] = {
-                name: count for name, count in (totals | waiting).items() if count > 0
-            }
+            if waiting:
+                totals |= {k: value(item, k) for k in item if k.startswith(f"{WAITING}#")}
+            found[item["pk"]["S"]] = {name: count for name, count in totals.items() if count > 0}
         return found
 
     def waiting(self, pool: str) -> int:

@@ -43,11 +43,14 @@ PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 # if it had arrived r * AGING_TICKETS tickets later. So a normal request is passed by at most
 # AGING_TICKETS - 1 later arrivals, a low one by at most 2 * AGING_TICKETS - 1: never starved.
 AGING_TICKETS = 64
-# While waiting, a ticket polls its notice this often near the head of the queue (and behind
-# it). Reads only; a process polls all of its tickets in one BatchGetItem.
-POLL_FAST_S = 0.005
-POLL_NEAR_S = 0.025
-POLL_SLOW_S = 0.1
+# While waiting, a ticket polls its notice this often next in line, near the head, and behind
+# it. Reads only; a process polls all of its tickets in one BatchGetItem. Sized for a waiting
+# Lambda instance (one ticket, ~0.15 vCPU): next in line it makes ~17 reads/s with its checks
+# (a handoff is seen ~35 ms after its commit on average) for ~16 ms of CPU a second
+# (bench/waiting_cost.py; the reads are light_reads', boto3 would cost 3 times that).
+POLL_FAST_S = 0.07
+POLL_NEAR_S = 0.1
+POLL_SLOW_S = 0.25
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from hermes.errors import LimiterUnavailable
+from hermes.limiter.light_reads import OPERATIONS as LIGHT_OPERATIONS
+from hermes.limiter.light_reads import LightReader, LightReadFailed
 from hermes.limiter.records import STATE_SK, key
 
 log = logging.getLogger("hermes.limiter")
@@ -121,6 +123,7 @@ class Table:
         # How long DynamoDB has been taking to answer (a moving average): a release close to
         # its deadline chooses the path that still fits.
         self.latency_s = 0.01
+        self.light: LightReader | None = None  # reads without boto3, when set (light_reads)
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -192,6 +195,12 @@ class Table:
         """One request; Cancelled when its condition failed (with the item before, if it
         asked for ALL_OLD), Contended when DynamoDB throttled it (after botocore's own
         retries) or a transaction holds its item, LimiterUnavailable for anything else."""
+        if self.light is not None and operation in LIGHT_OPERATIONS:
+            try:
+                with self._timed():
+                    return self.light.call(operation, kwargs)
+            except LightReadFailed as failed:  # boto3 reads it: its retries, its errors
+                log.debug("light %s failed, read through boto3: %s", operation, failed)
         try:
             with self._timed():
                 return getattr(self.client, operation)(**kwargs)
