@@ -6,6 +6,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -152,6 +154,8 @@ class Limiter:
         self._clock = clock
         self._aging = aging_tickets
         self._mailbox = Mailbox(self._notices, background=notice_poller)
+        # Reads beside a write of the same request (release): threads start when first used.
+        self._beside = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hermes-beside")
         if notice_poller if light_reads is None else light_reads:
             # Reads without boto3's CPU (light_reads): a waiting Lambda instance repeats them.
             # (The unit tests' in-process moto intercepts boto3 only: they read through it,
@@ -653,13 +657,36 @@ class Limiter:
         # Waiters are likely: hand over at once, with no write bound to fail first.
         mode = "handoff" if lease.granted or self._contended(lease.pool) else "if-nobody-waits"
         state: dict[str, Any] | None = None
+        head = None
+        if mode == "if-nobody-waits" and self._mailbox.background and _filled(lease):
+            # The lease took the last of a counter, so a waiter may have come since: the
+            # queue's head is read beside the conditional release, and a handoff needs one
+            # round trip less (in Lambda the caller's answer waits for this release). Never
+            # with a store that is not thread-safe (moto: no background poller either).
+            head = self._beside.submit(self._head, lease.pool, PASS_ON_WINDOW)
+        try:
+            return self._release(lease, backoff, mode, state, head)
+        finally:
+            if head is not None:
+                # Nothing of a release outlives it (a Lambda sandbox freezes once it answers).
+                wait_futures([head])
+
+    def _release(
+        self,
+        lease: Lease,
+        backoff: Backoff,
+        mode: str,
+        state: dict[str, Any] | None,
+        head: Future[tuple[list[Entry], bool]] | None,
+    ) -> bool:
         while True:
             needs_s = max(HANDOFF_MIN_S, HANDOFF_REQUESTS * self._table.latency_s)
             if mode == "handoff" and backoff.left_ms() < needs_s * 1000:
                 mode = "plainly"
             try:
                 if mode == "handoff":
-                    done = self._hand_over(lease, state)
+                    done = self._hand_over(lease, state, _entries(head))
+                    head = None  # read once: a retry reads the queue afresh
                     if done is not None:
                         if done:
                             self._tidy(lease, None, backoff)
@@ -720,11 +747,14 @@ class Limiter:
         except (Cancelled, Contended, LimiterUnavailable):
             pass
 
-    def _hand_over(self, lease: Lease, state: dict[str, Any] | None) -> bool | None:
+    def _hand_over(
+        self, lease: Lease, state: dict[str, Any] | None, head: list[Entry] | None = None
+    ) -> bool | None:
         """Release `lease` and hand its capacity to the queue: True when done, False when the
         lease was already gone, None when no pass could be written in HANDOFF_ROUNDS (the
-        queue kept changing). Contended propagates: the caller backs off and tries again."""
-        passed_on, seen = self._pass_on(lease)
+        queue kept changing). Contended propagates: the caller backs off and tries again.
+        `head`: the queue's first entries, if already read."""
+        passed_on, seen = self._pass_on(lease, head)
         if passed_on is not None:
             return passed_on
         outcome = self._grant_pass(
@@ -734,7 +764,9 @@ class Limiter:
             return False
         return True if outcome.written else None
 
-    def _pass_on(self, lease: Lease) -> tuple[bool | None, dict[str, Any] | None]:
+    def _pass_on(
+        self, lease: Lease, head_read: list[Entry] | None = None
+    ) -> tuple[bool | None, dict[str, Any] | None]:
         """The common handoff, in two requests (the head of the queue, one transaction): the
         release and the grant to the first live entry, whatever its model, conditional on the
         head's counters fitting once the lease is gone. No read of the state item: the
@@ -742,7 +774,7 @@ class Limiter:
         left meanwhile: then a full grant pass decides."""
         now = self._now_ms()
         # Only the first live entry matters here: a short read is a faster handoff.
-        entries, _ = self._head(lease.pool, PASS_ON_WINDOW)
+        entries = head_read if head_read else self._head(lease.pool, PASS_ON_WINDOW)[0]
         items: list[dict[str, Any]] = []
         dropped: list[Entry] = []
         head = None
@@ -1035,3 +1067,21 @@ def _queue_full(counters: tuple[Counter, ...], max_waiting: int, retry_after_s: 
         retry_after=retry_after_s,
         max_waiting=max_waiting,
     )
+
+
+def _filled(lease: Lease) -> bool:
+    """Whether the admission left some counter without room for another like it."""
+    return bool(lease.counts) and any(
+        lease.counts.get(c.name, 0) + c.weight > c.capacity for c in lease.counters
+    )
+
+
+def _entries(head: Future[tuple[list[Entry], bool]] | None) -> list[Entry] | None:
+    """The prefetched head of the queue, or None when there is none or its read failed (the
+    handoff then reads it itself)."""
+    if head is None:
+        return None
+    try:
+        return head.result()[0]
+    except Exception:  # a failed prefetch is only a round trip lost: read again
+        return None
