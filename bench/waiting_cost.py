@@ -91,7 +91,7 @@ def waiter() -> None:
 
     service = get_service()
     meter = Meter(client("dynamodb"))  # the limiter's own client (cached per process)
-    light = getattr(service.limiter._table, "light", None)  # reads bypassing boto3
+    light = getattr(service.limiter._table, "light", None)  # calls bypassing boto3
     stamp: dict[str, Any] = {}
     admit = service.admit
 
@@ -273,7 +273,7 @@ class Run:
 
     @property
     def writes(self) -> int:
-        return sum(n for op, n in self.ops.items() if op in WRITES)
+        return sum(n for op, n in self.ops.items() if op.split()[0] in WRITES)
 
 
 class Holder:

@@ -81,7 +81,7 @@ def test_a_pool_full_of_300_expired_leases_admits_the_next_request(
     client = watch.watch(dynamodb_local.client())
     ops: list[str] = []
     client.meta.events.register("before-call.dynamodb.*", lambda model, **_: ops.append(model.name))
-    limiter = Limiter(client, "LeaseTable", clock=clock, light_reads=False)  # all seen by ops
+    limiter = Limiter(client, "LeaseTable", clock=clock, light_calls=False)  # all seen by ops
     counters = [
         Counter("inflight_gemma", 300, 1, ModelBusy, "model 'gemma'"),
         Counter("memory", 600, 2, HostBusy, "memory budget"),

@@ -135,7 +135,7 @@ def test_sixteen_waiting_threads_never_exceed_the_slot_and_the_budget_together(
     then never more than 2 hold at once, every request is served, and nothing is left."""
     client = client_of(dynamodb)
     watch = ExpressionWatch()
-    limiter = Limiter(watch.watch(client), table, light_reads=False)  # every request watched
+    limiter = Limiter(watch.watch(client), table, light_calls=False)  # every request watched
     counters = [slot("mistral", 3), budget(4, 2)]
     holders = peak = served = 0
     lock = threading.Lock()
@@ -507,7 +507,7 @@ def test_a_mass_crash_is_recovered_within_dynamodb_request_limits(
         biggest = max(biggest, len(params["TransactItems"]))
 
     client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", count_items)
-    limiter = Limiter(client, table, clock=clock, light_reads=False)  # all watched
+    limiter = Limiter(client, table, clock=clock, light_calls=False)  # all watched
     counters = [slot("gemma", 300)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: persist(limiter.acquire, POOL, counters, 2_000), range(300)))
@@ -618,7 +618,7 @@ def test_an_uncontended_request_is_two_dynamodb_requests(
 ) -> None:
     client = client_of(dynamodb)
     meter = Meter(client)
-    limiter = Limiter(client, table)
+    limiter = Limiter(client, table, light_calls=False)  # every request counted
     lease = limiter.acquire(POOL, [slot("gemma", 2), budget(8, 2)], 10_000)
     assert limiter.release(lease)
     print(f"\n  uncontended: {dict(meter.ops())}")
@@ -721,7 +721,7 @@ def test_a_waiter_writes_a_bounded_number_of_times_however_long_it_waits(
     and its queue entry; polling is reads. (Its release is one more, as for any request.)"""
     client = client_of(dynamodb)
     meter = Meter(client)
-    limiter = Limiter(client, table)
+    limiter = Limiter(client, table, light_calls=False)  # every request counted
     held = limiter.acquire(POOL, [slot()], 60_000)
     result: dict[str, Any] = {}
 

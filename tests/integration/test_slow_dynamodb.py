@@ -189,15 +189,16 @@ def test_a_holder_whose_admission_answered_late_stops_before_its_lease_can_be_ta
 def test_an_admission_whose_answers_were_all_lost_gives_its_slot_back_at_once(
     fresh: Cluster,
 ) -> None:
-    # A's admitting write lands, then its answer and both retries' answers are lost
-    # (connection closed): botocore gives up, A answers 503, and removes its lease at once
-    # instead of leaving `patient` busy for the lease's 10.75 s.
-    fresh.slow.drop("UpdateItem", count=3)
+    # A's admitting write lands, then its answer and every retry's answer are lost
+    # (connection closed): the light client's send, then botocore's three attempts. A answers
+    # 503, and removes its lease at once instead of leaving `patient` busy for the lease's
+    # 10.75 s.
+    fresh.slow.drop("UpdateItem", count=4)
     a, b, _ = fresh.runners
     started = time.monotonic()
     status, body, _ = post(a, "patient")
     assert (status, body.get("code")) == (503, "limiter_unavailable"), body
-    assert fresh.slow.dropped["UpdateItem"] == 3
+    assert fresh.slow.dropped["UpdateItem"] == 4
     assert fresh.leases() == []
     status, body, _ = post(b, "patient")
     freed_after = time.monotonic() - started

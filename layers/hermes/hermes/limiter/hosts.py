@@ -219,7 +219,7 @@ class HostBook:
         if condition:
             kwargs["ConditionExpression"] = condition
         try:
-            self._table.client.update_item(**kwargs)
+            self._table.send("update_item", kwargs)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code == "ConditionalCheckFailedException":

@@ -11,10 +11,12 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from botocore.client import BaseClient
+
 from hermes.errors import HermesError, LimiterUnavailable, QueueFull
 from hermes.limiter import writes
 from hermes.limiter.hosts import HostBook
-from hermes.limiter.light_reads import LightReader
+from hermes.limiter.light_client import LightClient
 from hermes.limiter.mailbox import Mailbox
 from hermes.limiter.records import (
     AGING_TICKETS,
@@ -141,12 +143,12 @@ class Limiter:
         clock: Callable[[], float] = time.time,
         aging_tickets: int = AGING_TICKETS,
         notice_poller: bool | None = None,
-        light_reads: bool | None = None,
+        light_calls: bool | None = None,
     ) -> None:
         """`notice_poller=False`: waiters read their notices in `poll` instead of one poller
         thread per process (for a store that is not thread-safe, such as moto in the unit
-        tests, which turn NOTICE_POLLER off). `light_reads` (default: as notice_poller): reads
-        through light_reads rather than boto3."""
+        tests, which turn NOTICE_POLLER off). `light_calls` (default: as notice_poller): requests
+        through light_client rather than boto3."""
         if notice_poller is None:
             notice_poller = self.NOTICE_POLLER
         self._table = Table(client, table, clock)
@@ -156,11 +158,15 @@ class Limiter:
         self._mailbox = Mailbox(self._notices, background=notice_poller)
         # Reads beside a write of the same request (release): threads start when first used.
         self._beside = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hermes-beside")
-        if notice_poller if light_reads is None else light_reads:
-            # Reads without boto3's CPU (light_reads): a waiting Lambda instance repeats them.
+        if light_calls is None:
+            # Only for boto3's own client: a wrapper (a test's fault injector) sees every call.
+            light_calls = notice_poller and isinstance(client, BaseClient)
+        if light_calls:
+            # Requests without boto3's CPU (light_client): a waiting Lambda instance repeats
+            # its reads, and every answer waits for its release's writes.
             # (The unit tests' in-process moto intercepts boto3 only: they read through it,
-            # and so do tests that count calls with boto3's event hooks: light_reads=False.)
-            self._table.light = LightReader(client)
+            # and so do tests that count calls with boto3's event hooks: light_calls=False.)
+            self._table.light = LightClient(client)
         self._contended_until: dict[str, float] = {}
         self._refused_until: dict[str, float] = {}  # pool -> monotonic s
         self._gate_checked_until: dict[str, float] = {}  # pool -> monotonic s
@@ -580,7 +586,10 @@ class Limiter:
         ticket.next_check_ms = now + int(CHECK_S * spread * random.uniform(800, 1200))
         short = [c.name for c in ticket.counters if value(state, c.name) + c.weight > c.capacity]
         ticket.short = short[0] if short else ticket.short
-        ahead = self._ahead(ticket, now)
+        # At the head, a ticket stays there but for a later arrival of higher priority, and
+        # then it only polls faster than it must: its checks skip the count, a read a second.
+        ahead = 0 if ticket.ahead == 0 else self._ahead(ticket, now)
+        ticket.ahead = ahead
         near = ahead < HEAD_WINDOW
         # Next in line (or nearly): every millisecond between a handoff and its pickup idles a
         # slot. Further back, slower: polls are reads, but they load the table all the same.

@@ -101,6 +101,7 @@ class Ticket:
     next_check_ms: int = 0
     passes_left: int = 3
     short: str | None = None  # the counter it waited for at the last check
+    ahead: int | None = None  # live entries ahead of it at the last check (None: not counted)
 
     @property
     def sk(self) -> str:

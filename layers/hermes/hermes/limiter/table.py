@@ -23,8 +23,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from hermes.errors import LimiterUnavailable
-from hermes.limiter.light_reads import OPERATIONS as LIGHT_OPERATIONS
-from hermes.limiter.light_reads import LightReader, LightReadFailed
+from hermes.limiter.light_client import OPERATIONS as LIGHT_OPERATIONS
+from hermes.limiter.light_client import LightCallFailed, LightClient
 from hermes.limiter.records import STATE_SK, key
 
 log = logging.getLogger("hermes.limiter")
@@ -123,7 +123,7 @@ class Table:
         # How long DynamoDB has been taking to answer (a moving average): a release close to
         # its deadline chooses the path that still fits.
         self.latency_s = 0.01
-        self.light: LightReader | None = None  # reads without boto3, when set (light_reads)
+        self.light: LightClient | None = None  # calls without boto3, when set (light_client)
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -147,7 +147,8 @@ class Table:
         for attempt in range(IN_PROGRESS_TRIES):
             try:
                 with self._timed():
-                    self.client.transact_write_items(TransactItems=items, ClientRequestToken=token)
+                    request = {"TransactItems": items, "ClientRequestToken": token}
+                    self.send("transact_write_items", request)
                 return
             except ClientError as exc:
                 response: dict[str, Any] = dict(exc.response)
@@ -195,15 +196,9 @@ class Table:
         """One request; Cancelled when its condition failed (with the item before, if it
         asked for ALL_OLD), Contended when DynamoDB throttled it (after botocore's own
         retries) or a transaction holds its item, LimiterUnavailable for anything else."""
-        if self.light is not None and operation in LIGHT_OPERATIONS:
-            try:
-                with self._timed():
-                    return self.light.call(operation, kwargs)
-            except LightReadFailed as failed:  # boto3 reads it: its retries, its errors
-                log.debug("light %s failed, read through boto3: %s", operation, failed)
         try:
             with self._timed():
-                return getattr(self.client, operation)(**kwargs)
+                return self.send(operation, kwargs)
         except ClientError as exc:
             response: dict[str, Any] = dict(exc.response)  # loosen botocore's TypedDict
             code = response.get("Error", {}).get("Code", "")
@@ -217,6 +212,16 @@ class Table:
         except BotoCoreError as exc:
             log.error("DynamoDB %s failed: %s", operation, exc)
             raise unavailable("") from None
+
+    def send(self, operation: str, request: dict[str, Any]) -> Any:
+        """The request through the light client when there is one, else (or when it did not
+        get DynamoDB's answer) through boto3. Raises botocore's errors either way."""
+        if self.light is not None and operation in LIGHT_OPERATIONS:
+            try:
+                return self.light.call(operation, request)
+            except LightCallFailed as failed:  # boto3 sends it: its retries, its errors
+                log.debug("light %s failed, sent through boto3: %s", operation, failed)
+        return getattr(self.client, operation)(**request)
 
     def read(self, operation: str, backoff: Backoff | None = None, **kwargs: Any) -> Any:
         """A read, retried with backoff while throttled (until `backoff`'s deadline, by

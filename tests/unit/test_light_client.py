@@ -1,6 +1,6 @@
 """The notice poller's own SigV4 signing must be botocore's, byte for byte: DynamoDB Local
 and moto accept any signature, so only this comparison can catch a mistake before AWS does.
-(Its reads against a real server run in tests/integration/test_light_reads_local.py.)"""
+(Its reads against a real server run in tests/integration/test_light_client_local.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from hermes.limiter.light_reads import sign
+from hermes.limiter.light_client import sign
 
 NOW = datetime.datetime(2026, 12, 2, 21, 30, 5, tzinfo=datetime.UTC)
 BODY = b'{"RequestItems": {"LeaseTable": {"Keys": [{"pk": {"S": "grant#abc"}}]}}}'

@@ -1,18 +1,25 @@
-"""The reads a waiting request repeats, many times a second, without boto3's CPU.
+"""The limiter's DynamoDB requests without boto3's CPU.
 
 A waiting request holds a Lambda instance (256 MB: about 0.15 vCPU) and its notice poller
-reads its grant notice every POLL_FAST_S, its check reads the queue every CHECK_S. boto3
-spends about 3 ms of CPU per call (its event hooks, shape serializers and parsers, then
-http.client; bench/waiting_cost.py measures it), more than that instance's whole CPU share at
-that pace. These reads (GetItem, Query, BatchGetItem) are sent here instead: signed with SigV4
-exactly as botocore signs them (tests/unit/test_light_reads.py compares the two), written as
-one HTTP/1.1 request on a kept-alive socket per thread, for about a fifth of that.
+reads its grant notice every POLL_FAST_S; a release, on the path of every answer, writes
+two or three times. boto3 spends about 3 ms of CPU per call (its event hooks, shape
+serializers and parsers, then http.client), several times that when its code has gone cold
+between calls (bench/waiting_cost.py measures it), more than a waiting instance's whole CPU
+share at the poller's pace and most of a handoff's time. These requests (the reads GetItem,
+Query, BatchGetItem and the writes UpdateItem, PutItem, DeleteItem, TransactWriteItems) are
+sent here instead: signed with SigV4 exactly as botocore signs them
+(tests/unit/test_light_client.py compares the two), written as one HTTP/1.1 request on a
+kept-alive socket per thread, for about a fifth of that.
 
 Endpoint, region and credentials are the boto3 client's, and the request and answer are
-DynamoDB's JSON, the same dicts boto3 takes and returns, so a read here reads exactly what
-boto3 would. Anything but a 200 answer (a throttled read, an error, a broken connection)
-raises LightReadFailed: the caller reads through boto3 instead, with its retries and its
-error mapping.
+DynamoDB's JSON, the same dicts boto3 takes and returns, so a call here does exactly what
+boto3's would. A failed condition (ConditionalCheckFailedException, and
+TransactionCanceledException with its reasons) raises botocore's ClientError with the
+response boto3 would have parsed, so callers map it as they map boto3's. Anything else but a
+200 answer (throttling, another error, a broken connection, a timeout) raises
+LightCallFailed: the caller sends the same request through boto3, with its retries and its
+error mapping. For a write that may have landed unanswered this is botocore's own retry:
+transactions carry a ClientRequestToken and conditional updates recognize their own write.
 """
 
 from __future__ import annotations
@@ -30,16 +37,29 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from botocore.exceptions import ClientError
+
 TIMEOUT_S = 2.0  # as hermes.aws's read timeout
-OPERATIONS = {"get_item": "GetItem", "query": "Query", "batch_get_item": "BatchGetItem"}
+OPERATIONS = {
+    "get_item": "GetItem",
+    "query": "Query",
+    "batch_get_item": "BatchGetItem",
+    "update_item": "UpdateItem",
+    "put_item": "PutItem",
+    "delete_item": "DeleteItem",
+    "transact_write_items": "TransactWriteItems",
+}
+# Errors answered as boto3 answers them (ClientError); any other goes through boto3 again.
+CONDITION_ERRORS = {"ConditionalCheckFailedException", "TransactionCanceledException"}
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
-class LightReadFailed(Exception):
-    """The read did not answer as DynamoDB answers a successful read."""
+class LightCallFailed(Exception):
+    """The call did not answer as DynamoDB answers a successful call or a failed condition:
+    send it through boto3."""
 
 
-class LightReader:
+class LightClient:
     def __init__(self, client: Any) -> None:
         """`client`: the boto3 DynamoDB client whose endpoint, region and credentials to use."""
         import boto3
@@ -51,16 +71,16 @@ class LightReader:
         self._region = client.meta.region_name
         self._credentials = boto3.Session().get_credentials()
         self._local = threading.local()  # one connection per thread
-        # Reads sent, by DynamoDB operation: boto3's event hooks (tests' meters) miss these.
+        # Calls sent, by DynamoDB operation: boto3's event hooks (tests' meters) miss these.
         self.calls: collections.Counter[str] = collections.Counter()
 
     def call(self, operation: str, request: dict[str, Any]) -> dict[str, Any]:
         """`operation` (one of OPERATIONS, boto3's name) with boto3's arguments; its answer."""
         if self._credentials is None:
-            raise LightReadFailed("no AWS credentials")
+            raise LightCallFailed("no AWS credentials")
         frozen = self._credentials.get_frozen_credentials()
         if not (frozen.access_key and frozen.secret_key):
-            raise LightReadFailed("no AWS credentials")
+            raise LightCallFailed("no AWS credentials")
         body = json.dumps(request).encode()
         message = self._signed(frozen, OPERATIONS[operation], body)
         self.calls[OPERATIONS[operation]] += 1
@@ -68,13 +88,15 @@ class LightReader:
             status, data = self._exchange(message)
         except (OSError, ValueError) as error:
             self.close()  # a fresh connection next time
-            raise LightReadFailed(f"{type(error).__name__}: {error}") from None
+            raise LightCallFailed(f"{type(error).__name__}: {error}") from None
         if status != 200:
-            raise LightReadFailed(f"HTTP {status}: {data[:200]!r}")
+            raise condition_failed(operation, status, data) or LightCallFailed(
+                f"HTTP {status}: {data[:200]!r}"
+            )
         try:
             answer: dict[str, Any] = json.loads(data)
         except ValueError:
-            raise LightReadFailed(f"not JSON: {data[:200]!r}") from None
+            raise LightCallFailed(f"not JSON: {data[:200]!r}") from None
         return answer
 
     def _signed(self, frozen: Any, operation: str, body: bytes) -> bytes:
@@ -189,3 +211,22 @@ def signing_key(secret_key: str, day: str, region: str) -> bytes:
     for part in (day, region, "dynamodb", "aws4_request"):
         key = hmac.digest(key, part.encode(), "sha256")
     return key
+
+
+def condition_failed(operation: str, status: int, data: bytes) -> ClientError | None:
+    """botocore's ClientError for an answer that says a condition failed, with what callers
+    read of boto3's (the error's code and message, ALL_OLD's `Item`, a transaction's
+    `CancellationReasons`); None for any other answer."""
+    if status != 400:
+        return None
+    try:
+        answer = json.loads(data)
+        code = str(answer.get("__type", "")).rpartition("#")[2]
+    except (ValueError, AttributeError):
+        return None
+    if code not in CONDITION_ERRORS:
+        return None
+    message = answer.get("message") or answer.get("Message", "")
+    response = {k: answer[k] for k in ("Item", "CancellationReasons") if k in answer}
+    response["Error"] = {"Code": code, "Message": message}
+    return ClientError(response, OPERATIONS.get(operation, operation))  # type: ignore[arg-type]
