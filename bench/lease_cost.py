@@ -77,6 +77,14 @@ def _get(client: Any, table: str, pk: str, sk: str) -> dict[str, Any]:
     return dict(answer.get("Item") or {})
 
 
+def metered(api: Any, client: Any, table: str) -> Any:
+    """A limiter whose every request the Meter sees: boto3's, with no light client."""
+    try:
+        return api.Limiter(client, table, light_calls=False)
+    except TypeError:  # a limiter from before the light client: boto3 only anyway
+        return api.Limiter(client, table)
+
+
 def cost_at(api: Any, make_client: Any, table: str, live: int) -> Cost:
     """Hold `live` leases on one pool, then measure PAIRS acquire + release pairs more."""
     pool = f"host#bench-{live}"
@@ -87,7 +95,7 @@ def cost_at(api: Any, make_client: Any, table: str, live: int) -> Cost:
     reader = make_client()  # unmetered: item sizes
     client = make_client()
     meter = Meter(client)
-    limiter = api.Limiter(client, table)
+    limiter = metered(api, client, table)
     acquire_wcu = release_wcu = 0.0
     acquire_ops: Tally[str] = Tally()
     release_ops: Tally[str] = Tally()
@@ -135,7 +143,7 @@ def waiting_request(api: Any, make_client: Any, table: str) -> Waiting:
     holder = api.Limiter(make_client(), table)
     client = make_client()
     meter = Meter(client)
-    waiter = api.Limiter(client, table)
+    waiter = metered(api, client, table)
     held = holder.acquire(pool, wanted, LEASE_MS)
     found: dict[str, Any] = {}
 
