@@ -20,6 +20,7 @@ from hermes import ollama_api, openai_api
 from hermes.config import MAX_MODEL_NAME_CHARS, MAX_MODELS_PER_HOST, ConfigError, load_config
 from hermes.errors import HostBusy, LimiterUnavailable, ModelBusy, UpstreamTimeout
 from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
+from hermes.limiter.limiter import MAX_ROUNDS
 from hermes.limiter.records import BUCKET_MS, buckets_of
 from hermes.service import get_service, host_pool
 from tests.support.dynamodb_limits import (
@@ -667,3 +668,47 @@ def test_an_admission_retried_after_its_answer_was_lost_is_counted_once(
     assert len(attempts) == 1  # one admission, sent twice by the "retry" above
     assert in_use(limiter) == 1 and lease_ids(limiter) == [lease.lease_id]
     assert limiter.release(lease) and in_use(limiter) == 0
+
+
+class TakesWhatIsFreed:
+    """An instance's DynamoDB client beside which another instance, after each of the
+    instance's first `times` successful writes (its reaping passes: its admissions are
+    refused), takes every slot the write freed, exactly: no more, so it never reaps itself."""
+
+    def __init__(self, client: Any, other: Limiter, times: int, capacity: int) -> None:
+        self._client, self._other, self._times, self._capacity = client, other, times, capacity
+        self.taken = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        answer = self._client.update_item(**kwargs)
+        if self._times > 0:
+            self._times -= 1
+            state = self._client.get_item(
+                TableName="LeaseTable", Key={"pk": {"S": POOL}, "sk": {"S": "state"}}
+            )["Item"]
+            for _ in range(self._capacity - int(state["inflight_gemma"]["N"])):
+                self._other.acquire(POOL, gemma(self._capacity), 60_000)
+                self.taken += 1
+        return answer
+
+
+def test_rounds_that_reap_do_not_use_up_an_admissions_rounds(
+    limiter: Limiter, clock: Clock
+) -> None:
+    """Issue 24: a 120-slot pool full of expired leases (42 buckets: more reaping passes than
+    an admission has rounds), and another instance taking what each of the first passes
+    frees. The last pass's capacity stays free: the request must get it, not answer 'at
+    capacity' because its rounds ran out on passes that each freed capacity."""
+    for _ in range(120):  # crashed holders: 1 s leases over 42 s, all expired 2 s later
+        limiter.acquire(POOL, gemma(120), 1_000)
+        clock.now += 0.35
+    clock.now += 2
+    other = TakesWhatIsFreed(boto3.client("dynamodb"), limiter, MAX_ROUNDS - 1, 120)
+    newcomer = Limiter(other, "LeaseTable", clock=clock)
+    lease = newcomer.acquire(POOL, gemma(120), 1_000)
+    assert other.taken > 0  # the other instance did take what the first passes freed
+    assert lease.pool == POOL
+    assert in_use(limiter) == other.taken + 1

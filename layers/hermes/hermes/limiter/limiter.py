@@ -59,6 +59,8 @@ log = logging.getLogger("hermes.limiter")
 # changed the state item in between). Conflicts and throttling are not rounds: they are
 # retried with backoff until the operation's deadline (table.Backoff).
 MAX_ROUNDS = 4
+# Rounds of an admission whose reaping freed capacity, not counted in MAX_ROUNDS.
+FREEING_ROUNDS = 32
 # A request that may not wait still rides out contention this long (or to its deadline).
 ADMIT_PATIENCE_S = 2.0
 # A release hands over only with this much time left before its deadline, and at least
@@ -237,7 +239,7 @@ class Limiter:
         writes that admit and hand over."""
         backoff = Backoff(until_ms, self._clock)
         refusal = Refusal(counters[0], False, {})
-        rounds = 0
+        rounds = freeing = 0
         # After a refusal, or while this process sees waiters there, a read comes first: a
         # full pool's refusal is then a read, not a failed write.
         first = self._refused_until.get(pool, 0.0) > time.monotonic() or self._contended(pool)
@@ -259,10 +261,18 @@ class Limiter:
                 # write that contends with the handoffs.
                 first = True
                 continue
-            rounds += 1
             if isinstance(outcome, Lease) or outcome.gated or outcome.full:
                 return outcome
             refusal = outcome if outcome.state else refusal
+            # A round that reaped gave capacity back (to whoever took it first): it does
+            # not use up the request's rounds, or a pool of many expired buckets, reaped
+            # REAP_BATCH at a time while others take what each pass frees, would refuse it
+            # with capacity free. Reaping ends (each pass removes expired buckets), and
+            # FREEING_ROUNDS bounds it anyway.
+            if outcome.freed and freeing < FREEING_ROUNDS:
+                freeing += 1
+            else:
+                rounds += 1
         return refusal
 
     def _seen_refusal(self, pool: str, counters: tuple[Counter, ...]) -> Refusal | None:
@@ -313,7 +323,7 @@ class Limiter:
             # Reap them. A pass that collided with another instance's reap is no loss:
             # capacity came back either way, so the next round may fit.
             self._grant_pass(pool, state, until_ms=until_ms)
-            return Refusal(refusal.counter, False, state)
+            return Refusal(refusal.counter, False, state, freed=True)
         return refusal
 
     def _gate_holds(self, pool: str, refusal: Refusal) -> bool:

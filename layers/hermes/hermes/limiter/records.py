@@ -152,6 +152,7 @@ class Refusal:
     gated: bool
     state: dict[str, Any]
     full: bool = False
+    freed: bool = False  # not final: the round reaped expired leases, capacity came back
 
     @classmethod
     def of(cls, state: dict[str, Any], counters: tuple[Counter, ...]) -> Refusal:
