@@ -63,18 +63,29 @@ def path_pattern(path: str) -> re.Pattern[str]:
 class Router:
     """Dispatches like API Gateway's HTTP API: route match, else JSON 404/405."""
 
-    def __init__(self, routes: list[MountedRoute], api_key: str | None = None) -> None:
+    def __init__(self, routes: list[MountedRoute], keys: dict[str, str] | None = None) -> None:
         self.routes = routes
-        # Optional shared secret for a runner reachable by others (HERMES_API_KEY). The
-        # deployed API authenticates through API Gateway (IAM or JWT) instead.
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        # Optional keys for a runner reachable by others ({key: caller}, from HERMES_API_KEYS
+        # and HERMES_API_KEY): each request then names its caller by its key. The deployed
+        # API authenticates through API Gateway (IAM or JWT) instead.
+        self.keys = {f"Bearer {key}".encode(): caller for key, caller in (keys or {}).items()}
+
+    def _caller(self, scope: Scope) -> str | None:
+        """The caller whose key the request sends (every key compared: no timing hint)."""
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        found = None
+        for expected, caller in self.keys.items():
+            if hmac.compare_digest(given, expected):
+                found = caller
+        return found
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # uvicorn runs with lifespan="off"
             return
-        if self.expected is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+        if self.keys:
+            caller = self._caller(scope)
+            scope["hermes.caller"] = caller  # hermes.callers.CallerScope reads it
+            if caller is None:
                 await _json(
                     send,
                     401,
@@ -314,8 +325,19 @@ def build_app() -> Router:
         ]
         # One OpenAPI document for every route above (the runner's own; not an API route).
         + [MountedRoute("GET", path_pattern(OPENAPI_PATH), openapi.DocumentApp(handlers))],
-        api_key=os.environ.get("HERMES_API_KEY") or None,
+        keys=local_keys(),
     )
+
+
+def local_keys() -> dict[str, str]:
+    """{key: caller} from HERMES_API_KEYS and HERMES_API_KEY (hermes.callers.api_keys)."""
+    from hermes.callers import api_keys
+    from hermes.config import ConfigError
+
+    try:
+        return api_keys(os.environ.get("HERMES_API_KEYS"), os.environ.get("HERMES_API_KEY"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def describe(port: int, host: str) -> str:

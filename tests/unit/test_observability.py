@@ -65,6 +65,7 @@ def test_metrics_are_emitted_as_emf(
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     load_function("llm").handler(event("llm_generate.json"), LambdaContext())
     metrics = {}
+    requests = []
     for line in capsys.readouterr().out.splitlines():
         if '"_aws"' in line:
             blob = json.loads(line)
@@ -72,8 +73,15 @@ def test_metrics_are_emitted_as_emf(
                 assert definition["Namespace"] == "Hermes"
                 for metric in definition["Metrics"]:
                     metrics[metric["Name"]] = blob
+                    if metric["Name"] == "Requests":
+                        requests.append(({d for ds in definition["Dimensions"] for d in ds}, blob))
     assert {"Requests", "Latency", "SlotTime", "WaitTime"} <= set(metrics)
-    assert metrics["Requests"]["outcome"] == "ok" and metrics["Requests"]["model"] == "gemma"
+    # Requests by model and outcome, and by caller and outcome (a caller the models file
+    # does not name is "*": the dimension stays bounded).
+    by_model = next(blob for names, blob in requests if "model" in names)
+    assert by_model["outcome"] == "ok" and by_model["model"] == "gemma"
+    by_caller = next(blob for names, blob in requests if "caller" in names)
+    assert by_caller["outcome"] == "ok" and by_caller["caller"] == "*"
     # The slot was busy for the call: at least the emulator's answer, at most the request.
     assert 0 < metrics["SlotTime"]["SlotTime"][0] <= metrics["Latency"]["Latency"][0]
     assert metrics["SlotTime"]["model"] == "gemma"

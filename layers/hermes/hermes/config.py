@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hermes.callers import CALLER_ID, EVERY_OTHER, CallerConfig
+
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.json")
 
 MemoryCost = Literal["low", "medium", "high"]
@@ -53,6 +55,9 @@ class ModelConfig(BaseModel):
     # Callers' keep_alive (how long Ollama keeps the model loaded) is dropped unless allowed:
     # a caller could otherwise pin a model in GPU memory forever, or unload it for everyone.
     allow_keep_alive: bool = False
+    # The output cap passed to the backend when a request with token budgets (callers) gives
+    # none: its tokens are reserved before the call, so the cap must be a true bound.
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1_048_576)
 
     @model_validator(mode="after")
     def _one_way_to_name_hosts(self) -> ModelConfig:
@@ -104,6 +109,8 @@ class ModelsFile(BaseModel):
     memory_weights: dict[MemoryCost, int] = Field(
         default_factory=lambda: dict(DEFAULT_MEMORY_WEIGHTS)
     )
+    # Per caller id ("*": every caller not listed); absent: no caller limits.
+    callers: dict[str, CallerConfig] | None = None
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
@@ -144,6 +151,9 @@ class Settings(BaseModel):
     # "round_robin" are the benchmark's baselines).
     circuit_cooldown_s: int = 10
     placement: Literal["residency", "random", "round_robin"] = "residency"
+    callers: dict[str, CallerConfig] | None = None
+    # The JWT claim that names the caller (the template's CallerClaim).
+    caller_claim: str = "sub"
 
     def weight(self, model: ModelConfig) -> int:
         return self.memory_weights.get(model.memory_cost, DEFAULT_MEMORY_WEIGHTS[model.memory_cost])
@@ -239,6 +249,18 @@ def load_config(path: Path) -> ModelsFile:
                     f"models file {path}: field 'models.{name}.memory_cost': weight "
                     f"{parsed.weight(model)} exceeds host '{host_name}' memory_budget "
                     f"{host.memory_budget}, so it could never run"
+                )
+    for caller, limits in (parsed.callers or {}).items():
+        if caller != EVERY_OTHER and not CALLER_ID.fullmatch(caller):
+            raise ConfigError(
+                f"models file {path}: field 'callers.{caller[:100]}': caller ids are 1 to 200 "
+                'letters, digits or ._:@/+=,- (or "*" for every caller not listed)'
+            )
+        for capped in limits.models:
+            if capped not in parsed.models:
+                raise ConfigError(
+                    f"models file {path}: field 'callers.{caller}.models.{capped}': no model "
+                    f"'{capped}' in 'models' ({', '.join(sorted(parsed.models))})"
                 )
     _check_capacities(path, parsed)
     return parsed
@@ -339,6 +361,8 @@ def get_settings() -> Settings:
         jobs_dlq_url=os.environ.get("HERMES_JOBS_DLQ_URL") or "",
         circuit_cooldown_s=_env_int("HERMES_CIRCUIT_COOLDOWN_S", 10, 1),
         placement=_env_choice("HERMES_PLACEMENT", ("residency", "random", "round_robin")),
+        callers=config.callers,
+        caller_claim=os.environ.get("HERMES_CALLER_CLAIM") or "sub",
     )
 
 

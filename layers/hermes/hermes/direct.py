@@ -1,22 +1,25 @@
 """Direct Lambda invocation of the LLM function by other functions, without HTTP:
-`{"model": "gemma", "prompt": "...", "request_id"?: "...", "priority"?: "high"}` →
+`{"model": "gemma", "prompt": "...", "request_id"?: "...", "priority"?: "high",
+"caller"?: "<caller id>"}` →
 `{"result": ...}` or `{"error": ..., "code": ..., "status": ...}`. Same rules and limits as
 HTTP, the model's full timeout (bounded only by the Lambda's own), and at-most-once per
 request_id. The priority orders the wait for a slot; it is not part of what request_id
-identifies, so a retry may raise it and still gets the stored answer."""
+identifies, so a retry may raise it and still gets the stored answer. `caller` names who
+asks (the invoke itself is authorized by IAM): its limits apply (hermes.callers)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from hermes.aio import run_sync
+from hermes.callers import acting_as, given_caller
 from hermes.errors import HermesError, InvalidRequest
 from hermes.http import lambda_time_left_s
 from hermes.idempotency import once
 from hermes.schemas import parse_generate_request
 from hermes.service import get_service
 
-ENVELOPE = ("model", "request_id", "priority")
+ENVELOPE = ("model", "request_id", "priority", "caller")
 
 
 def handle_direct(event: Any, context: Any) -> dict[str, Any]:
@@ -31,8 +34,17 @@ def _generate(event: Any, context: Any) -> dict[str, Any]:
         raise InvalidRequest(
             "unknown event: invoke with an API Gateway HTTP API event, or directly with "
             '{"model": "<name>", "prompt": "...", "request_id": "<optional id>", '
-            '"priority": "<optional high|normal|low>"}'
+            '"priority": "<optional high|normal|low>", "caller": "<optional caller id>"}'
         )
+    try:
+        caller = given_caller(event.get("caller"))
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+    with acting_as(caller):
+        return _generate_as_caller(event, context)
+
+
+def _generate_as_caller(event: dict[str, Any], context: Any) -> dict[str, Any]:
     service = get_service()
     model = event["model"]
     body = {k: v for k, v in event.items() if k not in ENVELOPE}

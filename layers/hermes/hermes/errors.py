@@ -65,6 +65,18 @@ class QueueFull(HermesError):
     status, code = 429, "queue_full"
 
 
+class CallerBusy(HermesError):
+    """The caller has as many requests in flight as its max_concurrency allows."""
+
+    status, code = 429, "caller_busy"
+
+
+class QuotaExceeded(HermesError):
+    """The caller's tokens or requests for the current UTC minute or day are used up."""
+
+    status, code = 429, "quota_exceeded"
+
+
 class UpstreamError(HermesError):
     status, code = 502, "upstream_error"
 

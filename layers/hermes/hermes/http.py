@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from hermes import __version__
+from hermes.callers import CallerScope
 from hermes.errors import (
     ClientDisconnected,
     HermesError,
@@ -46,6 +47,12 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 # API Gateway received a live request at most ~30 s before the handler runs; an event older
 # than this is a recorded one (events/*.json) replayed, not a request anyone still awaits.
 REPLAYED_EVENT_AGE_S = 300.0
+
+
+def _caller_claim() -> str:
+    from hermes.config import get_settings
+
+    return get_settings().caller_claim
 
 
 def error_response(error: HermesError) -> JSONResponse:
@@ -76,6 +83,7 @@ def create_app(
         title=title, version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False
     )
     app.openapi = functools.partial(_openapi, app, error_model)  # type: ignore[method-assign]
+    app.add_middleware(CallerScope, claim=_caller_claim)  # who asks: callers.CALLER
 
     @app.exception_handler(HermesError)
     async def on_hermes_error(_: Request, exc: HermesError) -> JSONResponse:

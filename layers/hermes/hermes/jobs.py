@@ -34,8 +34,10 @@ from typing import Any
 
 from hermes.aio import run_sync
 from hermes.aws import client
+from hermes.callers import ANONYMOUS, CALLER, acting_as
 from hermes.config import Settings, check_worker_timeout, job_time_needed_s
 from hermes.errors import (
+    CallerBusy,
     HermesError,
     HostBusy,
     InternalError,
@@ -44,6 +46,7 @@ from hermes.errors import (
     PromptTooLarge,
     QueueFull,
     QueueUnavailable,
+    QuotaExceeded,
     RequestInProgress,
     ResultTooLarge,
     is_retryable,
@@ -107,6 +110,8 @@ class Jobs:
                 "model": {"S": model},
                 "status": {"S": "queued"},
                 "priority": {"S": effective},
+                # The submitter: the worker runs the job as this caller, under its limits.
+                "caller": {"S": CALLER.get()},
                 "request_z": {"B": request},
                 "attempts": {"N": "0"},
                 "created_at": {"N": f"{now:.3f}"},
@@ -146,6 +151,7 @@ class Jobs:
             "status": item["status"]["S"],
             # Its place among requests waiting for the model (records before it: normal).
             "priority": item["priority"]["S"] if "priority" in item else "normal",
+            "caller": item["caller"]["S"] if "caller" in item else ANONYMOUS,
             # Deliveries of the current message, and how often the job waited for capacity.
             "attempts": int(item["attempts"]["N"]),
             "waits": int(item["waits"]["N"]) if "waits" in item else 0,
@@ -199,8 +205,9 @@ class Jobs:
         self._update(job_id, status="running", attempts=receive_count)
         try:
             data = {"job_id": job_id, "model": model, "body": _request(item)}
-            result = once(lambda d: self._run(d, context), data, key="job_id", context=context)
-        except (ModelBusy, HostBusy, QueueFull) as busy:
+            with acting_as(item["caller"]["S"] if "caller" in item else ANONYMOUS):
+                result = once(lambda d: self._run(d, context), data, key="job_id", context=context)
+        except (ModelBusy, HostBusy, QueueFull, CallerBusy, QuotaExceeded) as busy:
             waited = time.time() - float(item["created_at"]["N"])
             if waited < self.settings.job_max_wait_s:
                 self._update(
@@ -255,7 +262,7 @@ class Jobs:
         job_id: str,
         model: str,
         body: str,
-        busy: ModelBusy | HostBusy | QueueFull,
+        busy: ModelBusy | HostBusy | QueueFull | CallerBusy | QuotaExceeded,
         waited: float,
     ) -> None:
         """The job waited past HERMES_JOB_MAX_WAIT_S: failed, and its message dead-lettered

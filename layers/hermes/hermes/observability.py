@@ -5,7 +5,9 @@
   Prompt and completion text are never logged unless HERMES_LOG_PROMPTS=1.
 - CloudWatch metrics as EMF lines (namespace Hermes; on Lambda powertools adds the
   `service` dimension to every one, which the dashboard's SEARCH schemas name):
-  - Requests (model, outcome), Latency (model), WaitTime (model), LimiterErrors (none);
+  - Requests (model, outcome; and caller, outcome), Latency (model), WaitTime (model),
+    LimiterErrors (none). The caller dimension is bounded by the models file: a caller its
+    `callers` section names is itself, any other `*` (ids from JWTs or IAM are unbounded);
   - SlotTime, busy slot time: its sum per period is the average in flight (model; and
     model, host);
   - InFlight and SlotUtilization when a grant from the queue tells them (model; and model,
@@ -26,6 +28,8 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
+
+from hermes.callers import CALLER, EVERY_OTHER
 
 NAMESPACE = "Hermes"
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME") or "hermes")
@@ -107,13 +111,16 @@ def finished(
     prompt: str | None = None,
     completion: str | None = None,
 ) -> None:
-    """The one line (and metrics) per request, success or not."""
+    """The one line (and metrics) per request, success or not, with its caller."""
+    caller = CALLER.get()
     _metric("Requests", MetricUnit.Count, 1, model=model, outcome=outcome)
+    _metric("Requests", MetricUnit.Count, 1, caller=_caller_dimension(caller), outcome=outcome)
     _metric("Latency", MetricUnit.Milliseconds, latency_ms, model=model)
     if outcome == "limiter_unavailable":
         _metric("LimiterErrors", MetricUnit.Count, 1)
     fields: dict[str, Any] = {
         "model": model,
+        "caller": caller,
         "outcome": outcome,
         "status": status,
         "latency_ms": round(latency_ms, 1),
@@ -122,6 +129,17 @@ def finished(
     if _log_prompts():
         fields |= {"prompt": prompt, "completion": completion}
     logger.info("request finished", extra=fields)
+
+
+def _caller_dimension(caller: str) -> str:
+    """The caller as a metric dimension: itself if the models file names it, else `*`."""
+    from hermes.config import ConfigError, get_settings
+
+    try:
+        named = get_settings().callers or {}
+    except ConfigError:
+        named = {}
+    return caller if caller in named else EVERY_OTHER
 
 
 @lru_cache(maxsize=1)

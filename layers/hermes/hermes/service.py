@@ -22,8 +22,18 @@ from typing import Any, Literal, TypeVar
 from hermes import observability
 from hermes.aws import client
 from hermes.backends import OllamaClient, client_for
+from hermes.callers import (
+    CALLER,
+    CallerConfig,
+    caller_pool,
+    limits_for,
+    prompt_tokens_bound,
+    used_tokens,
+    with_output_cap,
+)
 from hermes.config import ModelConfig, Settings, get_settings
 from hermes.errors import (
+    CallerBusy,
     ClientDisconnected,
     HermesError,
     HostBusy,
@@ -36,12 +46,14 @@ from hermes.errors import (
 )
 from hermes.limiter import (
     ADMIT_PATIENCE_S,
+    PRIORITIES,
     RELEASE_RESERVE_S,
     Counter,
     Lease,
     Limiter,
     Ticket,
 )
+from hermes.limiter.budgets import Reservation
 from hermes.limiter.hosts import HostView
 from hermes.placement import (
     MEMORY_COUNTER,
@@ -104,6 +116,7 @@ class Admission:
     cut_by: Literal["model", "deadline", "lease"]
     host: str
     cap: Lease | None = None  # the lease of the model-wide cap, when it has one
+    caller_lease: Lease | None = None  # the caller's concurrency, when it is capped
     placed: Placed | None = None  # how a pool of several hosts was placed
     # The caller's deadline (time.monotonic()), after which RELEASE_RESERVE_S is kept for the
     # release: it must land before the invocation ends. None: no deadline (local runner).
@@ -169,7 +182,11 @@ class HermesService:
             observability.held(model, held_s, host=admission.host)
         # Started here, before any await: a cancelled task (client gone) still frees its
         # slots, and the pool's bookkeeping runs to its end.
-        leases = [lease for lease in (admission.lease, admission.cap) if lease is not None]
+        leases = [
+            lease
+            for lease in (admission.lease, admission.cap, admission.caller_lease)
+            if lease is not None
+        ]
         releases = [self._start_release(lease, admission.release_by) for lease in leases]
         hints: list[Awaitable[None]] = []
         placed = admission.placed
@@ -264,6 +281,7 @@ class HermesService:
             deadline=deadline,
             priority=priority,
         )
+        caller_lease = await self._take_caller_slot(name, take)
         cap = None
         if config.max_concurrency_total is not None:
             total = Counter(
@@ -273,7 +291,12 @@ class HermesService:
                 ModelBusy,
                 f"model '{name}' over all of its hosts",
             )
-            cap = await take(model_pool(name), (total,))
+            try:
+                cap = await take(model_pool(name), (total,))
+            except BaseException:
+                if caller_lease is not None:
+                    await self._release(caller_lease)
+                raise
         try:
             if len(config.pool) == 1:
                 host, placed = config.host, None
@@ -282,8 +305,9 @@ class HermesService:
                 lease, placed = await self._place(name, config, wait_s, exclude, take)
                 host = placed.candidate.host
         except BaseException:
-            if cap is not None:
-                await self._release(cap)
+            for held in (cap, caller_lease):
+                if held is not None:
+                    await self._release(held)
             raise
         granted_at = time.monotonic()
         reserve_s = (self.settings.lease_margin_ms + LEASE_SAFETY_MS) / 1000
@@ -297,7 +321,9 @@ class HermesService:
         )
         if lease_s < limits[cut_by] - LEASE_SHORTFALL_S:
             cut_by = "lease"
-        admission = Admission(lease, run_s, granted_at, cut_by, host, cap, placed, deadline)
+        admission = Admission(
+            lease, run_s, granted_at, cut_by, host, cap, caller_lease, placed, deadline
+        )
         if run_s <= 0 or (cut_by == "lease" and run_s < MIN_RUN_S):
             await self._finish(name, admission, counted=False)
             if cut_by == "deadline":
@@ -316,6 +342,41 @@ class HermesService:
             host=host,
         )
         return admission
+
+    async def _take_caller_slot(
+        self, name: str, take: Callable[..., Awaitable[Lease]]
+    ) -> Lease | None:
+        """The caller's concurrency (over all models, and of this model), when its limits
+        cap it: a lease of its own pool taken first, never waited for (429 caller_busy), and
+        held and released with the request's other leases (it expires with them too)."""
+        caller = CALLER.get()
+        limits = limits_for(self.settings.callers, caller)
+        if limits is None:
+            return None
+        counters = []
+        if limits.max_concurrency is not None:
+            counters.append(
+                Counter(
+                    "inflight",
+                    limits.max_concurrency,
+                    1,
+                    CallerBusy,
+                    f"caller '{caller}' (its max_concurrency)",
+                )
+            )
+        if name in limits.models:
+            counters.append(
+                Counter(
+                    model_counter(name),
+                    limits.models[name].max_concurrency,
+                    1,
+                    CallerBusy,
+                    f"caller '{caller}' on model '{name}' (its max_concurrency there)",
+                )
+            )
+        if not counters:
+            return None
+        return await take(caller_pool(caller), counters, wait_until=0.0)
 
     async def _place(
         self,
@@ -528,30 +589,39 @@ class HermesService:
         config = self.model(model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+            body, priority, reservation = await self._reserve(config, body, priority)
             tried: frozenset[str] = frozenset()
-            while True:
-                admission = await self.admit(model_name, config, deadline, priority, tried)
-                answer: dict[str, Any] | None = None
-                failure: BaseException | None = None
-                try:
-                    async with asyncio.timeout_at(_loop_time(admission.ends_at)):
-                        answer = await self.backends[admission.host].complete(
-                            path, {**body, "model": config.backend_model}, admission.run_s + 1
-                        )
-                except TimeoutError as error:
-                    failure = error
-                    raise self._timeout(
-                        model_name, config, admission.run_s, admission.cut_by
-                    ) from None
-                except BaseException as error:
-                    failure = error
-                    if self._retry_elsewhere(model_name, config, admission, error, tried, deadline):
-                        tried |= {admission.host}
-                        continue
-                    raise
-                finally:
-                    await self._finish(model_name, admission, answer=answer, error=failure)
-                break
+            answer: dict[str, Any] | None = None
+            ran = False
+            try:
+                while True:
+                    admission = await self.admit(model_name, config, deadline, priority, tried)
+                    ran = True
+                    failure: BaseException | None = None
+                    try:
+                        async with asyncio.timeout_at(_loop_time(admission.ends_at)):
+                            answer = await self.backends[admission.host].complete(
+                                path, {**body, "model": config.backend_model}, admission.run_s + 1
+                            )
+                    except TimeoutError as error:
+                        failure = error
+                        raise self._timeout(
+                            model_name, config, admission.run_s, admission.cut_by
+                        ) from None
+                    except BaseException as error:
+                        failure = error
+                        if self._retry_elsewhere(
+                            model_name, config, admission, error, tried, deadline
+                        ):
+                            tried |= {admission.host}
+                            continue
+                        raise
+                    finally:
+                        await self._finish(model_name, admission, answer=answer, error=failure)
+                    break
+            finally:
+                await self._settle(reservation, answer, ran)
+            assert answer is not None
             outcome.update(
                 usage=_usage(answer),
                 prompt=body.get("prompt", body.get("messages")),
@@ -597,10 +667,18 @@ class HermesService:
         config = self.model(model_name)
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        with observed(model_name, only_failures=True, started=started):
+            body, priority, reservation = await self._reserve(config, body, priority)
         tried: frozenset[str] = frozenset()
+        ran = False
         while True:
-            with observed(model_name, only_failures=True, started=started):
-                admission = await self.admit(model_name, config, deadline, priority, tried)
+            try:
+                with observed(model_name, only_failures=True, started=started):
+                    admission = await self.admit(model_name, config, deadline, priority, tried)
+            except BaseException:
+                await self._settle(reservation, None, ran)
+                raise
+            ran = True
             timeout_s = admission.run_s
             chunks = self.backends[admission.host].stream(
                 path, {**body, "model": config.backend_model}, timeout_s + 1
@@ -619,11 +697,50 @@ class HermesService:
                 if self._retry_elsewhere(model_name, config, admission, error, tried, deadline):
                     tried |= {admission.host}
                     continue
+                await self._settle(reservation, None, ran)
                 with observed(model_name, only_failures=True, started=started):
                     raise
             break
 
-        return _Stream(self, model_name, config, admission, chunks, first, started)
+        return _Stream(self, model_name, config, admission, chunks, first, started, reservation)
+
+    async def _reserve(
+        self, config: ModelConfig, body: dict[str, Any], priority: Priority
+    ) -> tuple[dict[str, Any], Priority, Reservation | None]:
+        """The caller's limits before its request asks for a slot: its priority lowered to
+        its max_priority, and its budgets reserved (the prompt's tokens, bounded, plus the
+        output cap, which the body then carries) or 429 quota_exceeded."""
+        caller = CALLER.get()
+        limits: CallerConfig | None = limits_for(self.settings.callers, caller)
+        if limits is None:
+            return body, priority, None
+        if PRIORITIES[priority] < PRIORITIES[limits.max_priority]:
+            priority = limits.max_priority
+        if not (limits.budgets_tokens or limits.requests_per_minute):
+            return body, priority, None
+        tokens = 0
+        if limits.budgets_tokens:
+            body, cap = with_output_cap(body, config.max_output_tokens)
+            tokens = prompt_tokens_bound(body) + cap
+        reserve = functools.partial(
+            self.limiter.budgets.reserve,
+            caller,
+            tokens,
+            limits.tokens_per_minute,
+            limits.tokens_per_day,
+            limits.requests_per_minute,
+        )
+        return body, priority, await self._blocking(reserve)
+
+    async def _settle(
+        self, reservation: Reservation | None, answer: dict[str, Any] | None, ran: bool
+    ) -> None:
+        """The request is over: its budgets count what the backend reported (all of the
+        reservation when it reported nothing), or nothing if it never ran."""
+        if reservation is not None:
+            used = used_tokens(answer) if ran else None
+            settle = functools.partial(self.limiter.budgets.settle, reservation, used, ran)
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(_RELEASES, settle))
 
     def _timeout(
         self,
@@ -676,8 +793,10 @@ class _Stream:
         chunks: AsyncIterator[dict[str, Any]],
         first: dict[str, Any],
         started: float,
+        reservation: Reservation | None = None,
     ) -> None:
         self._service, self._name, self._config = service, name, config
+        self._reservation = reservation
         self._admission, self._chunks, self._started = admission, chunks, started
         self._first: dict[str, Any] | None = first  # not yet handed out
         self._last = first
@@ -773,7 +892,10 @@ class _Stream:
         try:
             await _close_quietly(self._chunks)
         finally:
-            await self._service._finish(self._name, self._admission, answer=answer, error=error)
+            try:
+                await self._service._finish(self._name, self._admission, answer=answer, error=error)
+            finally:
+                await self._service._settle(self._reservation, answer, ran=True)
 
 
 @contextlib.contextmanager
@@ -834,9 +956,10 @@ async def _close_quietly(chunks: AsyncIterator[dict[str, Any]]) -> None:
 def get_service() -> HermesService:
     """Built once per process so warm invocations reuse the boto3 and httpx connections."""
     settings = get_settings()
-    observability.start_tracing()  # before the clients exist, so their calls are traced
+    traced = observability.start_tracing()  # before the clients exist: their calls traced
     backends = {
         host: client_for(config.kind, settings.host_url(host))
         for host, config in settings.hosts.items()
     }
-    return HermesService(settings, Limiter(client("dynamodb"), settings.lease_table), backends)
+    limiter = Limiter(client("dynamodb"), settings.lease_table, traced=traced)
+    return HermesService(settings, limiter, backends)

@@ -49,6 +49,7 @@ OPERATIONS = {
     "delete_item": "DeleteItem",
     "transact_write_items": "TransactWriteItems",
 }
+READS = ("get_item", "query", "batch_get_item")
 # Errors answered as boto3 answers them (ClientError); any other goes through boto3 again.
 CONDITION_ERRORS = {"ConditionalCheckFailedException", "TransactionCanceledException"}
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
@@ -60,8 +61,11 @@ class LightCallFailed(Exception):
 
 
 class LightClient:
-    def __init__(self, client: Any) -> None:
-        """`client`: the boto3 DynamoDB client whose endpoint, region and credentials to use."""
+    def __init__(self, client: Any, writes: bool = True) -> None:
+        """`client`: the boto3 DynamoDB client whose endpoint, region and credentials to use.
+        `writes=False`: reads only (writes go through boto3, where X-Ray's patch sees them).
+        """
+        self.operations = tuple(OPERATIONS) if writes else READS
         import boto3
 
         endpoint = urlsplit(client.meta.endpoint_url)

@@ -15,6 +15,7 @@ from botocore.client import BaseClient
 
 from hermes.errors import HermesError, LimiterUnavailable, QueueFull
 from hermes.limiter import writes
+from hermes.limiter.budgets import Budgets
 from hermes.limiter.hosts import HostBook
 from hermes.limiter.light_client import LightClient
 from hermes.limiter.mailbox import Mailbox
@@ -146,15 +147,18 @@ class Limiter:
         aging_tickets: int = AGING_TICKETS,
         notice_poller: bool | None = None,
         light_calls: bool | None = None,
+        traced: bool = False,
     ) -> None:
         """`notice_poller=False`: waiters read their notices in `poll` instead of one poller
         thread per process (for a store that is not thread-safe, such as moto in the unit
         tests, which turn NOTICE_POLLER off). `light_calls` (default: as notice_poller): requests
-        through light_client rather than boto3."""
+        through light_client rather than boto3; `traced` (X-Ray patches botocore): its writes go
+        through boto3, so that each appears in the request's trace."""
         if notice_poller is None:
             notice_poller = self.NOTICE_POLLER
         self._table = Table(client, table, clock)
         self.hosts = HostBook(self._table)  # what placement shares about each host
+        self.budgets = Budgets(self._table)  # callers' token and request windows
         self._clock = clock
         self._aging = aging_tickets
         self._mailbox = Mailbox(self._notices, background=notice_poller)
@@ -168,7 +172,7 @@ class Limiter:
             # its reads, and every answer waits for its release's writes.
             # (The unit tests' in-process moto intercepts boto3 only: they read through it,
             # and so do tests that count calls with boto3's event hooks: light_calls=False.)
-            self._table.light = LightClient(client)
+            self._table.light = LightClient(client, writes=not traced)
         self._contended_until: dict[str, float] = {}
         self._refused_until: dict[str, float] = {}  # pool -> monotonic s
         self._gate_checked_until: dict[str, float] = {}  # pool -> monotonic s

@@ -23,7 +23,6 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from hermes.errors import LimiterUnavailable
-from hermes.limiter.light_client import OPERATIONS as LIGHT_OPERATIONS
 from hermes.limiter.light_client import LightCallFailed, LightClient
 from hermes.limiter.records import STATE_SK, key
 
@@ -216,7 +215,7 @@ class Table:
     def send(self, operation: str, request: dict[str, Any]) -> Any:
         """The request through the light client when there is one, else (or when it did not
         get DynamoDB's answer) through boto3. Raises botocore's errors either way."""
-        if self.light is not None and operation in LIGHT_OPERATIONS:
+        if self.light is not None and operation in self.light.operations:
             try:
                 return self.light.call(operation, request)
             except LightCallFailed as failed:  # boto3 sends it: its retries, its errors
