@@ -32,7 +32,9 @@ class HermesProcess:
         return self
 
     def _answers(self) -> bool:
-        key = self.env.get("HERMES_API_KEY")
+        # Any key the runner takes: HERMES_API_KEY, else the first of HERMES_API_KEYS.
+        keys = self.env.get("HERMES_API_KEYS", "").split(",")[0].partition(":")[2]
+        key = self.env.get("HERMES_API_KEY") or keys
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         status = httpx.get(f"{self.url}/v1/status", headers=headers, timeout=5)
         # Only Hermes' own status counts (another server may hold the port).

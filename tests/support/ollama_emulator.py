@@ -29,7 +29,7 @@ Control API (``OllamaEmulator`` has the same as methods, acting on the state dir
 - ``GET /_emulator/stats``: in_flight, peak_in_flight, requests, weight_in_use, peak_weight,
   busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights,
   residency (the settings), loads and evictions (per tag), resident (tags, most recently used
-  first), loading (tags being loaded).
+  first), loading (tags being loaded), served (every answer's reported tokens, with its time).
 - ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
 - ``POST /_emulator/release``: every request held by mode ``hold`` goes on as ``ok`` (with the
   behaviour's delays and tokens); answers ``{"released": n}``. Later requests are held again
@@ -290,6 +290,7 @@ class EmulatorState:
         self.peak_weight = self.weight_in_use
         self.loads = dict.fromkeys(self.in_flight, 0)
         self.evictions = dict.fromkeys(self.in_flight, 0)
+        self.served: list[tuple[float, str, int, int]] = []  # (epoch s, tag, prompt, completion)
         self.resident.clear()
         self.reset_at = now
 
@@ -334,6 +335,11 @@ class EmulatorState:
         self.in_flight[tag] += delta
         self.peak[tag] = max(self.peak[tag], self.in_flight[tag])
         self._reweigh()
+
+    def answered(self, tag: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """An answer's token counts, as its last object reports them, when it was sent."""
+        with self._lock:
+            self.served.append((time.time(), tag, prompt_tokens, completion_tokens))
 
     def enter(self, tag: str) -> None:
         with self._lock:
@@ -492,6 +498,9 @@ class EmulatorState:
                 "evictions": dict(self.evictions),
                 "resident": list(reversed(self.resident)),  # most recently used first
                 "loading": sorted(self.loading),
+                # Every answer's tokens as reported to the client: [epoch s, tag, prompt,
+                # completion] (what a caller's token budget must count).
+                "served": [list(answer) for answer in self.served],
             }
 
 
@@ -737,6 +746,7 @@ class _Completion(Response):
     def _timings(self, t0: int, t1: int, count: int) -> dict[str, int]:
         """t0: the request arrived; t1: the first token (the prompt was evaluated)."""
         now = time.monotonic_ns()
+        self.state.answered(self.job.tag, self.job.prompt_tokens, count)
         return {  # max(1, ...): clients divide by these to get tokens/s
             "total_duration": max(1, now - t0),  # >= load + prompt_eval + eval
             "load_duration": max(1, self.load_ns),
