@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -490,3 +491,43 @@ def test_queues_made_earlier_with_other_settings_take_the_template_s(
         QueueUrl=urls["JobsQueue"], AttributeNames=["RedrivePolicy"]
     )["Attributes"]
     assert json.loads(attributes["RedrivePolicy"])["maxReceiveCount"] == 7
+
+
+def test_a_job_runs_as_its_submitter_under_its_limits(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The submitter (the IAM principal) is stored with the job and the worker runs the job as
+    that caller: at its cap, the job stays queued (caller_busy) and runs once a slot frees."""
+    from hermes.callers import caller_pool
+    from hermes.config import DEFAULT_MODELS_FILE, get_settings
+    from hermes.errors import CallerBusy
+    from hermes.jobs import get_jobs
+    from hermes.limiter import Counter
+    from hermes.service import get_service
+
+    alice = "arn:aws:iam::123456789012:user/alice"
+    models = json.loads(DEFAULT_MODELS_FILE.read_text())
+    models["callers"] = {alice: {"max_concurrency": 1}}
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+    for cached in (get_settings, get_service, get_jobs):
+        cached.cache_clear()
+    request = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps({"prompt": "hi"}))
+    request["requestContext"]["authorizer"] = {"iam": {"userArn": alice}}
+    job = json.loads(load_function("jobs").handler(request, LambdaContext())["body"])
+    assert read(job["job_id"])[1]["caller"] == alice
+    slot = Counter("inflight", 1, 1, CallerBusy, "alice")
+    held = get_service().limiter.acquire(caller_pool(alice), [slot], 60_000)
+    deliver(env)
+    _, waiting = read(job["job_id"])
+    assert (waiting["status"], waiting["code"]) == ("queued", "caller_busy"), waiting
+    get_service().limiter.release(held)
+    message = boto3.client("sqs").receive_message(
+        QueueUrl=env["JobsQueue"], WaitTimeSeconds=0, AttributeNames=["All"]
+    )
+    while not message.get("Messages"):  # the retry is a delayed message (moto honours delays)
+        message = boto3.client("sqs").receive_message(
+            QueueUrl=env["JobsQueue"], WaitTimeSeconds=1, AttributeNames=["All"]
+        )
+    deliver(env, message["Messages"])
+    assert read(job["job_id"])[1]["status"] == "succeeded"
