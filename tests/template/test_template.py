@@ -375,9 +375,10 @@ def test_the_dashboard_s_error_and_429_graphs_name_every_such_code() -> None:
         if name == "Requests"
     ]
     assert {k.code for k in kinds if k.status >= 500} in filters
-    busy = {"model_busy", "host_busy", "queue_full"}
+    busy = {"model_busy", "host_busy", "queue_full", "caller_busy", "quota_exceeded"}
     assert {k.code for k in kinds if k.status == 429} == busy
     assert busy in filters
+    assert {"caller_busy", "quota_exceeded"} in filters  # by caller too
 
 
 def test_the_dashboard_is_named_per_stack_and_region_and_linked_from_the_outputs() -> None:

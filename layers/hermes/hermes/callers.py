@@ -102,12 +102,8 @@ class CallerConfig(BaseModel):
     tokens_per_minute: int | None = Field(default=None, ge=1, le=10**12)
     tokens_per_day: int | None = Field(default=None, ge=1, le=10**12)
     requests_per_minute: int | None = Field(default=None, ge=1, le=10**9)
-    # Its share of contended slots against other callers'.
-    weight: int = Field(default=1, ge=1, le=1000)
     # The highest priority its requests wait at (a higher one asked for is lowered to it).
     max_priority: Literal["high", "normal", "low"] = "high"  # hermes.schemas.Priority
-    # Sees every caller's usage, not only its own.
-    admin: bool = False
 
     @property
     def budgets_tokens(self) -> bool:
