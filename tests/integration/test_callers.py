@@ -125,9 +125,7 @@ def test_a_token_budget_holds_over_every_runner_and_every_dialect(
     assert refused and set(codes) == {200, 429}, codes
     # Each dialect's own error shape, naming the limit and the caller.
     assert all("caller 'budget'" in a.text and "tokens_per_minute" in a.text for a in refused)
-    assert all(
-        a.json()["code"] == "quota_exceeded" for a in refused if "/v1/llm/" in str(a.url)
-    )
+    assert all(a.json()["code"] == "quota_exceeded" for a in refused if "/v1/llm/" in str(a.url))
     window = dynamodb_local.client().get_item(
         TableName="LeaseTable",
         Key={"pk": {"S": "caller#budget#budget"}, "sk": {"S": f"tpm#{minute}"}},
