@@ -531,3 +531,17 @@ def test_a_job_runs_as_its_submitter_under_its_limits(
         )
     deliver(env, message["Messages"])
     assert read(job["job_id"])[1]["status"] == "succeeded"
+
+
+def test_a_job_and_a_retried_direct_invoke_in_one_process_each_run_once(
+    env: dict[str, str], emulator: OllamaEmulator
+) -> None:
+    """The local runner serves the worker and the LLM function in one process: a job's
+    idempotency (job_id) must not take over the direct invokes' (request_id), whichever
+    comes first (powertools configures a persistence layer once)."""
+    _, job, _ = submit()
+    deliver(env)
+    assert read(job["job_id"])[1]["status"] == "succeeded"
+    payload = {"model": "gemma", "prompt": "hi", "request_id": "r-after-a-job"}
+    assert direct(payload)["result"] == direct(payload)["result"]
+    assert calls(emulator) == 2  # the job's call, then one for both invokes

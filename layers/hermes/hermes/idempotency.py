@@ -16,8 +16,12 @@ from hermes.config import get_settings
 from hermes.errors import RequestInProgress
 
 
-@lru_cache(maxsize=1)
-def _persistence() -> Any:
+@lru_cache(maxsize=4)
+def _persistence(key: str) -> Any:
+    """One persistence layer per key: powertools configures a layer (its key's JMESPath)
+    once, on first use, and keeps that. Shared, the first of a process's keys would win: in
+    the local runner, where the LLM function's direct invokes (request_id) and the worker's
+    jobs (job_id) share a process, the other would skip idempotency altogether."""
     from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 
     from hermes.aws import client
@@ -59,7 +63,7 @@ def once(
     wrapped = idempotent_function(
         call,
         data_keyword_argument="data",
-        persistence_store=_persistence(),
+        persistence_store=_persistence(key),
         config=config,
         key_prefix=f"hermes.{key}",  # request ids and job ids never share a namespace
     )
