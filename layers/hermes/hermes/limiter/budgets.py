@@ -118,9 +118,11 @@ class Budgets:
         requests: int,
         conditional: bool,
     ) -> None:
-        items = []
+        items, charged = [], []
         for window in windows:
             amount = tokens if window.tokens else requests
+            if not conditional and amount == 0:
+                continue  # a settlement leaves the request count of a call that ran
             update: dict[str, Any] = {
                 "TableName": self._table.name,
                 "Key": key(f"caller#{caller}#budget", window.sk),
@@ -136,8 +138,9 @@ class Budgets:
                 update["ExpressionAttributeValues"][":room"] = n(window.limit - amount)
                 update["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
             items.append(update)
+            charged.append(window)
         backoff = self._table.backoff(PATIENCE_S)
-        while True:
+        while items:
             try:
                 if len(items) == 1:
                     self._table.update(items[0])
@@ -148,7 +151,7 @@ class Budgets:
                 index = next(
                     (i for i in range(len(items)) if cancelled.failed(i)), 0
                 )  # a single update's Cancelled has the one reason
-                raise self._exceeded(caller, windows[index], cancelled.item(index)) from None
+                raise self._exceeded(caller, charged[index], cancelled.item(index)) from None
             except Contended:
                 if not backoff.wait():
                     raise
