@@ -24,7 +24,7 @@ from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
 
-KEYS = {"flood": "key-flood", "other": "key-other", "budget": "key-budget"}
+KEYS = {caller: f"key-{caller}" for caller in ("flood", "other", "budget", "heavy", "light")}
 CALLERS = {
     "flood": {"max_concurrency": 2},
     "budget": {"tokens_per_minute": 1000},
@@ -159,3 +159,114 @@ def test_a_runner_killed_mid_answer_gives_the_callers_slot_back_when_its_lease_e
             time.sleep(0.25)
     # Not before the leases could expire (5 s timeout + 0.5 s margin, less the time held).
     assert time.monotonic() - killed_at > 2
+
+
+# -- fair share between callers (item 4) -------------------------------------------------
+
+# The emulator's answer time: long beside a waiting request's own overheads (its enqueue
+# writes, the handoff, the notice poll: 0.1-0.3 s on a loaded machine).
+ANSWER_S = 1.5
+
+
+@pytest.fixture
+def waiting_runners(
+    hermes_env: dict[str, str], tmp_path: Path, dynamodb_local: DynamoDBLocal
+) -> Iterator[list[HermesProcess]]:
+    """Three runners; gemma has 4 slots and requests wait for them (up to a minute)."""
+    models = json.loads(json.dumps(TEST_MODELS))
+    models["models"]["gemma"] |= {
+        "max_concurrency": 4,
+        "memory_cost": "low",
+        "timeout": 30_000,
+        "queue_timeout_ms": 60_000,
+        "max_waiting": 100,
+    }
+    models["callers"] = {"heavy": {"weight": 3}, "*": {}}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(models))
+    env = {
+        **hermes_env,
+        "HERMES_MODELS_FILE": str(path),
+        "HERMES_API_KEYS": ",".join(f"{caller}:{key}" for caller, key in KEYS.items()),
+    }
+    with ExitStack() as stack:
+        yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
+
+
+def closed_loop(
+    runners: list[HermesProcess],
+    caller: str,
+    clients: int,
+    until: float,
+    starts: list[float] | None = None,
+) -> list[tuple[float, float]]:
+    """`clients` clients of `caller`, each sending its next request when its answer comes,
+    spread over the runners, until `until` (time.monotonic()); every answer must be a 200.
+    `starts`: each client's first request that many seconds from now. Each request as
+    (sent, answered)."""
+    done: list[tuple[float, float]] = []
+    began = time.monotonic()
+
+    def client(number: int) -> None:
+        runner = runners[number % len(runners)]
+        time.sleep(max(0.0, began + (starts[number] if starts else 0.0) - time.monotonic()))
+        while time.monotonic() < until:
+            sent = time.monotonic()
+            answer = ask(runner, caller, "/v1/llm/gemma", {"prompt": "hi"})
+            assert answer.status_code == 200, answer.text
+            done.append((sent, time.monotonic()))
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client, i) for i in range(clients)]:
+            future.result()
+    return done
+
+
+def test_a_flooding_caller_cannot_make_another_wait_behind_its_backlog(
+    waiting_runners: list[HermesProcess], emulator: OllamaEmulator
+) -> None:
+    """`flood` keeps 12 requests going (4 slots: 8 of them always queued), `other` one at a
+    time, equal weights: `other`'s request is served next, not after the backlog. Its wait
+    (its time beyond the answer's) at p95 is at most one answer time; in arrival order it
+    would wait for two (8 queued before it, 4 served at a time)."""
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=int(ANSWER_S * 1000))
+    until = time.monotonic() + 26
+    # The slots' phases spread over an answer (4 clients a quarter apart take them; a
+    # handoff keeps a slot's phase), as unsynchronized traffic would have them; then the
+    # other 8 queue behind.
+    starts = [i * ANSWER_S / 4 for i in range(4)] + [ANSWER_S * 1.1] * 8
+    with ThreadPoolExecutor(2) as pool:
+        flood = pool.submit(closed_loop, waiting_runners, "flood", 12, until, starts)
+        time.sleep(2 * ANSWER_S + 0.5)  # the flood's backlog first
+        other = closed_loop(waiting_runners, "other", 1, until)
+        flood.result()
+    waits = sorted(answered - sent - ANSWER_S for sent, answered in other)
+    p95 = waits[int(0.95 * (len(waits) - 1))]
+    print(f"\nfair share: other's wait p50 {waits[len(waits) // 2] * 1000:.0f} ms, "
+          f"p95 {p95 * 1000:.0f} ms over {len(waits)} requests")  # fmt: skip
+    assert len(waits) >= 10
+    assert p95 <= ANSWER_S, waits
+    assert emulator.stats()["peak_in_flight"]["gemma3:1b"] == 4
+
+
+def test_callers_share_a_contended_model_by_weight(
+    waiting_runners: list[HermesProcess], emulator: OllamaEmulator
+) -> None:
+    """`heavy` (weight 3) and `light` (weight 1) each keep 8 requests going on 4 slots: once
+    both have a backlog, completions go 3 to 1 (within 10 %)."""
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=300)
+    started = time.monotonic()
+    until = started + 16
+    with ThreadPoolExecutor(2) as pool:
+        heavy = pool.submit(closed_loop, waiting_runners, "heavy", 8, until)
+        light = pool.submit(closed_loop, waiting_runners, "light", 8, until)
+        done = {"heavy": heavy.result(), "light": light.result()}
+    window = (started + 4, until - 1)  # both backlogged: after the start, before the end
+    counts = {
+        caller: sum(window[0] <= answered <= window[1] for _, answered in answers)
+        for caller, answers in done.items()
+    }
+    ratio = counts["heavy"] / max(counts["light"], 1)
+    print(f"\nweights 3:1: completions {counts}, ratio {ratio:.2f}")
+    assert counts["light"] >= 10, counts
+    assert 2.7 <= ratio <= 3.3, counts

@@ -204,3 +204,43 @@ def test_the_output_cap_is_the_requests_own_when_it_gives_one() -> None:
     capped, cap = with_output_cap({"prompt": "hi", "options": {"num_predict": -1}}, 100)
     assert cap == 100 and capped["options"]["num_predict"] == 100  # -1 is no bound
     assert prompt_tokens_bound({"prompt": "héllo"}) >= len("héllo".encode())
+
+
+# -- fair share -------------------------------------------------------------------------------
+
+
+def queue_callers(limiter: Any, pool: str, tickets: dict[str, str]) -> list[str]:
+    """The callers of the queue's entries, head first."""
+    items = boto3.client("dynamodb").query(
+        TableName="LeaseTable",
+        KeyConditionExpression="pk = :pk",
+        ExpressionAttributeValues={":pk": {"S": f"{pool}#queue"}},
+    )["Items"]
+    return [tickets[item["t"]["S"]] for item in items]  # sorted by sk: the queue's order
+
+
+def test_a_callers_backlog_is_spread_out_and_weights_and_priority_order_the_rest() -> None:
+    from hermes.errors import ModelBusy
+    from hermes.limiter import Limiter
+
+    limiter = Limiter(boto3.client("dynamodb"), "LeaseTable")
+    slot = [Counter("inflight_m", 1, 1, ModelBusy, "model 'm'")]
+    held = limiter.acquire("p", slot, 60_000)
+    tickets: dict[str, str] = {}
+
+    def wait(caller: str, weight: int = 1, priority: str = "normal") -> None:
+        ticket = limiter.enqueue(
+            "p", slot, 30_000, wait_until_ms=2**42, priority=priority, fair=(caller, weight)
+        )
+        tickets[ticket.ticket_id] = caller  # type: ignore[union-attr]
+
+    for _ in range(4):
+        wait("flood")
+    wait("one")  # arrives last, starts with the flood's first
+    wait("three", weight=3)
+    wait("three", weight=3)
+    wait("low", priority="low")
+    assert queue_callers(limiter, "p", tickets) == [
+        "flood", "one", "three", "three", "flood", "flood", "flood", "low",
+    ]  # fmt: skip
+    limiter.release(held)

@@ -102,6 +102,8 @@ class CallerConfig(BaseModel):
     tokens_per_minute: int | None = Field(default=None, ge=1, le=10**12)
     tokens_per_day: int | None = Field(default=None, ge=1, le=10**12)
     requests_per_minute: int | None = Field(default=None, ge=1, le=10**9)
+    # Its share of a contended model's slots against other callers' (fair share).
+    weight: int = Field(default=1, ge=1, le=840)
     # The highest priority its requests wait at (a higher one asked for is lowered to it).
     max_priority: Literal["high", "normal", "low"] = "high"  # hermes.schemas.Priority
 

@@ -378,6 +378,15 @@ class HermesService:
             return None
         return await take(caller_pool(caller), counters, wait_until=0.0)
 
+    def _fair_share(self) -> tuple[str, int] | None:
+        """(caller, weight) to order a queue by fair share between callers, when the models
+        file has a callers section (then every request has one: unlisted callers weigh 1)."""
+        if not self.settings.callers:
+            return None
+        caller = CALLER.get()
+        limits = limits_for(self.settings.callers, caller)
+        return caller, limits.weight if limits is not None else 1
+
     async def _place(
         self,
         name: str,
@@ -471,6 +480,7 @@ class HermesService:
                 priority=priority,
                 retry_after_s=retry_after,
                 max_waiting=config.waiting_limit,
+                fair=self._fair_share(),
             )
         )
         return got if isinstance(got, Lease) else await self._wait(got, wait_until)

@@ -23,11 +23,13 @@ from hermes.limiter.records import (
     AGING_TICKETS,
     ANY,
     BLOCKED,
+    FAIR_UNIT,
     POLL_FAST_S,
     POLL_NEAR_S,
     POLL_SLOW_S,
     PRIORITIES,
     STATE_SK,
+    VT,
     WAITING,
     Bucket,
     Counter,
@@ -104,6 +106,8 @@ REFUSED_S = 0.5
 # A refused newcomer that heals a stale gate runs at most this many passes (each drops up to
 # GRANT_WINDOW lapsed entries).
 GATE_PASSES = 8
+# A caller's fair-share finish in a pool is kept this long after its last request there.
+FAIR_TTL_S = 86_400
 # After seeing waiters on a pool, a release goes straight to a handoff for this long.
 CONTENDED_S = 1.0
 # A release tidies up (its grant notice, empty buckets: two requests) only with time to spare.
@@ -361,6 +365,7 @@ class Limiter:
         priority: str = "normal",
         retry_after_s: int = 1,
         max_waiting: int | None = None,
+        fair: tuple[str, int] | None = None,
     ) -> Lease | Ticket:
         """Admit now if the pool has room and nobody waits for these counters; otherwise take
         a ticket and a place in the pool's queue. Poll the ticket (`poll`) until it turns
@@ -371,7 +376,8 @@ class Limiter:
         Conflicts and throttling are retried with backoff until then; a request that could
         not even take its place by then gets the busy error (429), as a full pool's would.
         `max_waiting`: at most this many wait for the first counter (the model's slot) in
-        this pool; past it, QueueFull (429)."""
+        this pool; past it, QueueFull (429). `fair`: (caller, weight), to order the queue by
+        fair share between callers (records.FAIR_UNIT) rather than by arrival alone."""
         counters = tuple(counters)
         backoff = Backoff(wait_until_ms, self._clock)
         refusal = self._known_refusal(pool, counters)
@@ -387,17 +393,26 @@ class Limiter:
         seq = self._retried(self._next_seq, pool, backoff=backoff)
         if seq is None:
             raise refusal.error(retry_after_s)
+        order, start = seq + PRIORITIES[priority] * self._aging, None
+        if fair is not None:
+            caller, weight = fair
+            now_vt = value(refusal.state, VT)
+            start = self._retried(self._fair_start, pool, caller, weight, now_vt, backoff=backoff)
+            if start is None:
+                raise refusal.error(retry_after_s)
+            order = start + PRIORITIES[priority] * self._aging * FAIR_UNIT
         ticket = Ticket(
             ticket_id=new_id(),
             pool=pool,
             counters=counters,
             seq=seq,
-            order=seq + PRIORITIES[priority] * self._aging,
+            order=order,
             lease_ms=lease_ms,
             wait_until_ms=wait_until_ms,
             run_until_ms=run_until_ms,
             priority=priority,
             passes_left=WAITER_PASSES,
+            start=start,
         )
         # Polled until a little after its wait ends (a grant then is read by `abandon`).
         waits_s = (wait_until_ms - self._now_ms()) / 1000
@@ -467,6 +482,45 @@ class Limiter:
             ReturnValues="UPDATED_NEW",
         )
         return int(answer["Attributes"]["n"]["N"])
+
+    def _fair_start(self, pool: str, caller: str, weight: int, now_vt: int) -> int:
+        """The caller's next virtual start in `pool`: the pool's virtual time if the caller
+        is behind it (it had nothing queued), else its last finish; its finish then moves on
+        by FAIR_UNIT / weight. One conditional write when the caller was idle, two when it
+        has a backlog (the second an atomic ADD: concurrent requests get distinct starts)."""
+        step = max(1, FAIR_UNIT // weight)
+        ttl = n(int(self._clock()) + FAIR_TTL_S)
+        fair_key = key(f"{pool}#fair", caller)
+        try:
+            self._table.update(
+                {
+                    "TableName": self._table.name,
+                    "Key": fair_key,
+                    "UpdateExpression": "SET f = :next, #ttl = :ttl",
+                    "ConditionExpression": "attribute_not_exists(f) OR f < :now",
+                    "ExpressionAttributeNames": {"#ttl": "ttl"},
+                    "ExpressionAttributeValues": {
+                        ":next": n(now_vt + step),
+                        ":now": n(now_vt),
+                        ":ttl": ttl,
+                    },
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            )
+            return now_vt
+        except Cancelled:
+            pass  # a backlog: it starts where its last request finishes
+        moved = self._table.update(
+            {
+                "TableName": self._table.name,
+                "Key": fair_key,
+                "UpdateExpression": "ADD f :step SET #ttl = :ttl",
+                "ExpressionAttributeNames": {"#ttl": "ttl"},
+                "ExpressionAttributeValues": {":step": n(step), ":ttl": ttl},
+                "ReturnValues": "UPDATED_NEW",
+            }
+        )
+        return int(moved["f"]["N"]) - step
 
     def poll(self, ticket: Ticket) -> Lease | None:
         """The lease handed to `ticket`, if any yet. This process's notice poller reads the
@@ -963,6 +1017,7 @@ class Limiter:
         caps: dict[str, int] = {}
         grants: dict[str, tuple[int, int, dict[str, int]]] = {}
         granted: dict[int, dict[str, Any]] = {}
+        served: int | None = None
         window = len(entries)
         for index, entry in enumerate([*entries, *(rest or [])]):
             # Grants only in the window, and within TransactWriteItems' 100 items (the state
@@ -997,6 +1052,8 @@ class Limiter:
                 into["weights"][name] = into["weights"].get(name, 0) + weight
             counts = {name: values.get(name, 0) + delta[name] for name, _, _ in entry.counters}
             grants[entry.ticket_id] = (expires, bucket, counts)
+            if entry.start is not None:
+                served = max(served or 0, entry.start)
             items += writes.grant(table, pool, entry, expires, bucket, counts)
             removed.append(entry)
         if rest is None:
@@ -1015,6 +1072,7 @@ class Limiter:
             caps=caps,
             removed=removed,
             blocked=blocked,
+            served=served,
         )
         items.insert(0, {"Update": update})
         more = more or len(expired) > REAP_BATCH

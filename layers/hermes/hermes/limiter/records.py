@@ -30,7 +30,16 @@ WAITING, BLOCKED = "q_waiting", "q_blocked"  # state attributes, not counters
 # Waiters per model (by their first counter, the model's slot), "q_waiting#<digest>": bounded
 # by the model's max_waiting when it enqueues, so that the pool's q_waiting is their sum.
 ANY = "*"  # in q_blocked: the queue is longer than one grant pass reads; every counter waits
-NOT_COUNTERS = (WAITING,)
+# Fair share between callers (models files with a `callers` section): the queue is ordered by
+# each request's virtual start, max(the pool's virtual time, its caller's last finish), and a
+# request of weight w moves its caller's finish on by FAIR_UNIT / w. The pool's virtual time
+# is the virtual start of the last entry granted (state attribute q_vt: a start, without the
+# priority's offset that its order adds); each caller's finish is an
+# item of its own ("<pool>#fair" / caller). So a caller with many requests queued spreads them
+# out, and another caller's request starts at the pool's present, ahead of that backlog.
+VT = "q_vt"
+FAIR_UNIT = 840  # divisible by 1-8, 10, 12, 14, 15...: exact steps for small weights
+NOT_COUNTERS = (WAITING, VT)
 # Leases are grouped by expiry into buckets of BUCKET_MS, or of the power of two times it
 # nearest below lease / BUCKETS_PER_LEASE for longer leases: a crashed holder's capacity comes
 # back at most one bucket (≤ 1/16 of its lease, or 1 s) after its expiry, and a model's live
@@ -101,6 +110,7 @@ class Ticket:
     next_check_ms: int = 0
     passes_left: int = 3
     short: str | None = None  # the counter it waited for at the last check
+    start: int | None = None  # its virtual start (fair share between callers), if any
     ahead: int | None = None  # live entries ahead of it at the last check (None: not counted)
 
     @property
@@ -119,6 +129,7 @@ class Entry:
     wait_until_ms: int
     run_until_ms: int
     lease_ms: int
+    start: int | None = None  # its virtual start (fair share), without its priority's offset
 
     @property
     def waits_for(self) -> str:
@@ -136,6 +147,7 @@ class Entry:
             wait_until_ms=int(item["wu"]["N"]),
             run_until_ms=int(item["ru"]["N"]),
             lease_ms=int(item["lm"]["N"]),
+            start=int(item["vs"]["N"]) if "vs" in item else None,
         )
 
     def expiry(self, now_ms: int) -> int:

@@ -24,6 +24,7 @@ from hermes.limiter.records import (
     ANY,
     BLOCKED,
     STATE_SK,
+    VT,
     WAITING,
     Bucket,
     Entry,
@@ -253,6 +254,8 @@ def enqueue(
         "ru": n(ticket.run_until_ms),
         "lm": n(ticket.lease_ms),
     }
+    if ticket.start is not None:
+        entry["vs"] = n(ticket.start)
     return [
         {"Update": update.request()},
         {
@@ -354,6 +357,8 @@ def pass_on_state(
         update.add(weight_attr(releasing.bucket, counter.name), -counter.weight)
     update.delete_id(releasing.bucket, releasing.lease_id)
     update.add_id(bucket, {head.ticket_id})
+    if head.start is not None:
+        update.set(VT, n(head.start))  # the pool's virtual time (fair share)
     update.holds(releasing.bucket, releasing.lease_id)
     return update.request()
 
@@ -370,11 +375,13 @@ def grant_pass_state(
     caps: dict[str, int],
     removed: list[Entry],
     blocked: set[str],
+    served: int | None = None,
 ) -> dict[str, Any]:
     """A grant pass's state update: release `releasing` (conditional on its id being
     there), reap the expired buckets `reaped`, add the grants (`granted`: bucket -> {"ids",
     "weights"}), apply `delta` to the counters, take `removed` entries off q_waiting and set
-    q_blocked (the counters live entries are short of: newcomers must not take them).
+    q_blocked (the counters live entries are short of: newcomers must not take them) and, with
+    `served` (the last granted entry's virtual start), q_vt.
     Conditional on capacity for every counter a grant adds to, and, when it changes
     q_blocked, on q_blocked being what the pass read: a waiter that enqueued meanwhile with
     counters of its own is never unblocked (enqueues that add nothing new do not fail it)."""
@@ -395,6 +402,8 @@ def grant_pass_state(
         if name in caps:
             update.within(name, caps[name], d)
     update.unwait([entry.waits_for for entry in removed])
+    if served is not None:
+        update.set(VT, n(served))  # the last granted order: the pool's virtual time
     seen = set(state.get(BLOCKED, {}).get("SS", []))
     if blocked != seen:
         attr = update.name(BLOCKED)
