@@ -12,19 +12,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from local.dynamodb_local import DynamoDBLocal
 from tests.integration.conftest import TEST_MODELS
+from tests.support.callers_load import API_KEYS, ask, closed_loop
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
 
-KEYS = {caller: f"key-{caller}" for caller in ("flood", "other", "budget", "heavy", "light")}
 CALLERS = {
     "flood": {"max_concurrency": 2},
     "budget": {"tokens_per_minute": 1000},
@@ -44,15 +42,10 @@ def runners(
     env = {
         **hermes_env,
         "HERMES_MODELS_FILE": str(path),
-        "HERMES_API_KEYS": ",".join(f"{caller}:{key}" for caller, key in KEYS.items()),
+        "HERMES_API_KEYS": API_KEYS,
     }
     with ExitStack() as stack:
         yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
-
-
-def ask(runner: HermesProcess, caller: str, path: str, body: dict[str, Any]) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {KEYS[caller]}"}
-    return httpx.post(f"{runner.url}{path}", json=body, headers=headers, timeout=60)
 
 
 def test_a_callers_cap_holds_over_every_runner_and_others_are_served(
@@ -187,39 +180,10 @@ def waiting_runners(
     env = {
         **hermes_env,
         "HERMES_MODELS_FILE": str(path),
-        "HERMES_API_KEYS": ",".join(f"{caller}:{key}" for caller, key in KEYS.items()),
+        "HERMES_API_KEYS": API_KEYS,
     }
     with ExitStack() as stack:
         yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
-
-
-def closed_loop(
-    runners: list[HermesProcess],
-    caller: str,
-    clients: int,
-    until: float,
-    starts: list[float] | None = None,
-) -> list[tuple[float, float]]:
-    """`clients` clients of `caller`, each sending its next request when its answer comes,
-    spread over the runners, until `until` (time.monotonic()); every answer must be a 200.
-    `starts`: each client's first request that many seconds from now. Each request as
-    (sent, answered)."""
-    done: list[tuple[float, float]] = []
-    began = time.monotonic()
-
-    def client(number: int) -> None:
-        runner = runners[number % len(runners)]
-        time.sleep(max(0.0, began + (starts[number] if starts else 0.0) - time.monotonic()))
-        while time.monotonic() < until:
-            sent = time.monotonic()
-            answer = ask(runner, caller, "/v1/llm/gemma", {"prompt": "hi"})
-            assert answer.status_code == 200, answer.text
-            done.append((sent, time.monotonic()))
-
-    with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(client, i) for i in range(clients)]:
-            future.result()
-    return done
 
 
 def test_a_flooding_caller_cannot_make_another_wait_behind_its_backlog(
