@@ -10,8 +10,9 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,22 +31,30 @@ CALLERS = {
 }
 
 
+@contextmanager
+def three_runners(
+    env: dict[str, str], tmp_path: Path, gemma: dict[str, Any], callers: dict[str, Any]
+) -> Iterator[list[HermesProcess]]:
+    """Three runners on the session's store and emulator: the test models with `gemma`'s
+    changes and a `callers` section, each request naming its caller by its key."""
+    models = json.loads(json.dumps(TEST_MODELS))
+    models["models"]["gemma"] |= gemma
+    models["callers"] = callers
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(models))
+    env = {**env, "HERMES_MODELS_FILE": str(path), "HERMES_API_KEYS": API_KEYS}
+    with ExitStack() as stack:
+        yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
+
+
 @pytest.fixture
 def runners(
     hermes_env: dict[str, str], tmp_path: Path, dynamodb_local: DynamoDBLocal
 ) -> Iterator[list[HermesProcess]]:
-    models = json.loads(json.dumps(TEST_MODELS))
-    models["models"]["gemma"] |= {"max_concurrency": 4, "memory_cost": "low"}
-    models["callers"] = CALLERS
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models))
-    env = {
-        **hermes_env,
-        "HERMES_MODELS_FILE": str(path),
-        "HERMES_API_KEYS": API_KEYS,
-    }
-    with ExitStack() as stack:
-        yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
+    with three_runners(
+        hermes_env, tmp_path, {"max_concurrency": 4, "memory_cost": "low"}, CALLERS
+    ) as started:
+        yield started
 
 
 def test_a_callers_cap_holds_over_every_runner_and_others_are_served(
@@ -166,24 +175,15 @@ def waiting_runners(
     hermes_env: dict[str, str], tmp_path: Path, dynamodb_local: DynamoDBLocal
 ) -> Iterator[list[HermesProcess]]:
     """Three runners; gemma has 4 slots and requests wait for them (up to a minute)."""
-    models = json.loads(json.dumps(TEST_MODELS))
-    models["models"]["gemma"] |= {
+    gemma = {
         "max_concurrency": 4,
         "memory_cost": "low",
         "timeout": 30_000,
         "queue_timeout_ms": 60_000,
         "max_waiting": 100,
     }
-    models["callers"] = {"heavy": {"weight": 3}, "*": {}}
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models))
-    env = {
-        **hermes_env,
-        "HERMES_MODELS_FILE": str(path),
-        "HERMES_API_KEYS": API_KEYS,
-    }
-    with ExitStack() as stack:
-        yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]
+    with three_runners(hermes_env, tmp_path, gemma, {"heavy": {"weight": 3}, "*": {}}) as started:
+        yield started
 
 
 def test_a_flooding_caller_cannot_make_another_wait_behind_its_backlog(

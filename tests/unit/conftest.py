@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -33,3 +34,14 @@ def _notices_polled_by_the_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
     from hermes.limiter import Limiter
 
     monkeypatch.setattr(Limiter, "NOTICE_POLLER", False)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """Hermes' log lines (powertools' JSON) while the test runs."""
+    from hermes import observability
+
+    stream = io.StringIO()
+    old = observability.logger.registered_handler.setStream(stream)  # type: ignore[attr-defined]
+    yield stream
+    observability.logger.registered_handler.setStream(old)  # type: ignore[attr-defined]

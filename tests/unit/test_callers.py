@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from hermes import observability
 from hermes.callers import (
     ANONYMOUS,
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -28,19 +26,14 @@ from hermes.callers import (
 from hermes.config import ConfigError, load_config
 from hermes.limiter import Counter
 from hermes.service import get_service
+from tests.integration.conftest import TEST_MODELS
 from tests.support.ollama_emulator import OllamaEmulator
 from tests.unit.test_handlers import LambdaContext, event, load_function
+from tests.unit.test_observability import logged
 
 ALICE = "arn:aws:iam::123456789012:user/alice"
 MODELS = {
-    "models": {
-        "gemma": {
-            "max_concurrency": 2,
-            "memory_cost": "medium",
-            "timeout": 5000,
-            "backend_model": "gemma3:1b",
-        }
-    },
+    "models": {"gemma": TEST_MODELS["models"]["gemma"]},
     "callers": {
         ALICE: {"max_concurrency": 1, "max_priority": "low"},
         "metered": {"tokens_per_minute": 200, "requests_per_minute": 3},
@@ -59,14 +52,6 @@ def env(
     path.write_text(json.dumps(MODELS))
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
-
-
-@pytest.fixture
-def logs() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    old = observability.logger.registered_handler.setStream(stream)  # type: ignore[attr-defined]
-    yield stream
-    observability.logger.registered_handler.setStream(old)  # type: ignore[attr-defined]
 
 
 def iam_event(arn: str = ALICE, **changes: Any) -> dict[str, Any]:
@@ -122,10 +107,9 @@ def test_a_callers_section_names_configured_models_only(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_every_request_logs_its_caller(logs: io.StringIO) -> None:
+def test_every_request_logs_its_caller(log_lines: io.StringIO) -> None:
     assert call(iam_event())[0] == 200
-    lines = [json.loads(line) for line in logs.getvalue().splitlines()]
-    finished = [line for line in lines if line.get("message") == "request finished"]
+    finished = logged(log_lines, "request finished")
     assert finished and finished[-1]["caller"] == ALICE
 
 

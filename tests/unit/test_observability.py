@@ -126,14 +126,6 @@ def metrics_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("POWERTOOLS_SERVICE_NAME", raising=False)
 
 
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    old = observability.logger.registered_handler.setStream(stream)  # type: ignore[attr-defined]
-    yield stream
-    observability.logger.registered_handler.setStream(old)  # type: ignore[attr-defined]
-
-
 def logged(stream: io.StringIO, message: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("message") == message]
