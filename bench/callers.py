@@ -2,13 +2,15 @@
 
 Three services in this process on one DynamoDB Local and the Ollama emulator (instant
 answers), the same model, differing only in the models file's `callers` section:
-- none: no section, as before callers existed;
+- bare: no section and no usage row, as before callers existed;
+- none: no section; each request ADDs to its usage row (GET /v1/usage), as every request does;
 - capped: the caller has a max_concurrency (a lease of its own pool, taken with the slot);
 - budgeted: a max_concurrency and tokens_per_minute, tokens_per_day, requests_per_minute (a
   reservation transaction before the call, a settlement after it).
+All but `bare` write the usage row.
 Requests go round-robin over the three, one at a time, so the machine's drift falls on all
 of them alike; the table gives each one's latency (service.generate, start to answer) and its
-DynamoDB requests, and what each adds to `none` at p50."""
+DynamoDB requests, and what each adds to `bare` at p50."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ MODEL = {
 }
 HUGE = 10**9
 CONFIGS: dict[str, dict[str, Any] | None] = {
+    "bare": None,
     "none": None,
     "capped": {"bench": {"max_concurrency": 100}},
     "budgeted": {
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, callers in CONFIGS.items():
             config = {"models": {"gemma": MODEL}} | ({"callers": callers} if callers else {})
             path = write_models_file(tmp, f"{name}.json", config)
-            services[name] = build_service(dynamodb_client(store.url), path, emulator.url)
+            services[name] = build_service(
+                dynamodb_client(store.url), path, emulator.url, usage=name != "bare"
+            )
         samples: dict[str, list[float]] = {name: [] for name in services}
         calls: dict[str, Tally[str]] = {name: Tally() for name in services}
         loop = asyncio.new_event_loop()
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                         samples[name].append(time.perf_counter() - started)
                         calls[name] += (Tally(light.calls) if light else Tally()) - before
         loop.close()
-    base = percentile(samples["none"], 50)
+    base = percentile(samples["bare"], 50)
     print(f"\n== What a caller's limits add ({count} requests each, round-robin)")
     print(f"load average (1 min), start / end: {load_at_start} / {load_average()}")
     print("| service | p50 | p95 | added at p50 | DynamoDB requests per request |")
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in samples.items():
         p50, p95 = percentile(values, 50), percentile(values, 95)
         per = ", ".join(f"{op} {n / count:g}" for op, n in sorted(calls[name].items()))
-        added = "—" if name == "none" else f"{(p50 - base) * 1000:+.2f} ms"
+        added = "—" if name == "bare" else f"{(p50 - base) * 1000:+.2f} ms"
         print(f"| {name} | {p50 * 1000:.2f} ms | {p95 * 1000:.2f} ms | {added} | {per} |")
 
 

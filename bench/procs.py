@@ -183,15 +183,19 @@ def dynamodb_client(endpoint_url: str) -> Any:
         return aws.client.__wrapped__("dynamodb")  # bypass the per-process cache
 
 
-def build_service(ddb: Any, models_file: Path, ollama_url: str) -> Any:
-    """A HermesService put together as get_service() does, on the given client and config."""
+def build_service(ddb: Any, models_file: Path, ollama_url: str, usage: bool = False) -> Any:
+    """A HermesService put together as get_service() does, on the given client and config;
+    with `usage`, it writes usage rows to the template's UsageTable as get_service()'s does."""
     from hermes.backends.ollama import OllamaClient
     from hermes.config import get_settings
     from hermes.limiter import Limiter
     from hermes.service import HermesService
+    from hermes.usage import Usage
 
     env = {"HERMES_MODELS_FILE": str(models_file), "OLLAMA_URL": ollama_url}
     with patched_env({**env, "HERMES_LEASE_TABLE": "LeaseTable"}):
         settings = get_settings.__wrapped__()  # bypass the per-process cache
     backends = {host: OllamaClient(settings.host_url(host)) for host in settings.hosts}
-    return HermesService(settings, Limiter(ddb, settings.lease_table), backends)
+    limiter = Limiter(ddb, settings.lease_table)
+    rows = Usage(limiter.table, settings.usage_table) if usage else None
+    return HermesService(settings, limiter, backends, rows)

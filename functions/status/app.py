@@ -1,12 +1,14 @@
-"""GET /v1/status: health, configured limits and live usage."""
+"""GET /v1/status: health, configured limits and live usage. GET /v1/usage: who used what."""
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Query
 from fastapi.responses import JSONResponse
 
 from hermes.http import create_app, lambda_handler
 from hermes.service import get_service
 from hermes.status import render_status
+from hermes.usage import read_usage
 
 app = create_app("Hermes status")
 
@@ -30,6 +32,32 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 async def status() -> JSONResponse:
     code, body = await render_status(get_service())
     return JSONResponse(body, status_code=code)
+
+
+USAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": '`{"usage": [...]}`: a row per caller, model and UTC day, with '
+        "`caller`, `model`, `day`, `requests`, `prompt_tokens`, `completion_tokens`, "
+        '`slot_seconds` and `refused`; the asking caller\'s own rows, or with `"admin": '
+        "true` in its callers entry, every caller's"
+    },
+    403: {"description": "`caller` names another caller and the asking one is not an admin"},
+}
+
+
+@app.get("/v1/usage", responses=USAGE_RESPONSES)
+async def usage(
+    caller: Annotated[str | None, Query(description="whose rows (default: your own)")] = None,
+    model: Annotated[str | None, Query(description="one model's rows")] = None,
+    since: Annotated[
+        str | None,
+        Query(alias="from", description="first UTC day, YYYY-MM-DD (default: 30 days before `to`)"),
+    ] = None,
+    until: Annotated[
+        str | None, Query(alias="to", description="last UTC day, YYYY-MM-DD (default: today)")
+    ] = None,
+) -> JSONResponse:
+    return JSONResponse({"usage": await read_usage(get_service(), caller, model, since, until)})
 
 
 handler = lambda_handler(app)

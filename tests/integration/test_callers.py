@@ -18,7 +18,7 @@ import pytest
 
 from local.dynamodb_local import DynamoDBLocal
 from tests.integration.conftest import TEST_MODELS
-from tests.support.callers_load import API_KEYS, ask, closed_loop
+from tests.support.callers_load import API_KEYS, ask, closed_loop, usage_rows
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
 
@@ -78,6 +78,9 @@ def test_a_callers_cap_holds_over_every_runner_and_others_are_served(
     assert statuses.count(200) >= 2 and len(refused) == statuses.count(429) >= 1, statuses
     assert {r["code"] for r in refused} == {"caller_busy"}
     assert "caller 'flood'" in refused[0]["error"] and "max_concurrency" in refused[0]["error"]
+    [row] = usage_rows(runners[2], "flood")
+    assert (row["requests"], row["refused"]) == (statuses.count(200), len(refused)), row
+    assert row["slot_seconds"] >= 0.4 * statuses.count(200), row  # each held 400 ms at least
     stats = emulator.stats()
     # Every flood request reached the emulator only within its cap; `other`'s made at most 3.
     assert stats["peak_in_flight"]["gemma3:1b"] <= 3
@@ -134,6 +137,11 @@ def test_a_token_budget_holds_over_every_runner_and_every_dialect(
         ConsistentRead=True,
     )["Item"]
     assert int(window["n"]["N"]) == tokens  # settled to what the backend reported
+    # Its usage row, written by whichever runner served each request, counts the same.
+    [row] = usage_rows(runners[1], "budget")
+    assert (row["requests"], row["refused"]) == (len(served), len(refused)), row
+    assert row["prompt_tokens"] == sum(prompt for *_, prompt, _ in served), row
+    assert row["completion_tokens"] == sum(completion for *_, completion in served), row
 
 
 def test_a_runner_killed_mid_answer_gives_the_callers_slot_back_when_its_lease_expires(

@@ -21,6 +21,15 @@ def ask(runner: HermesProcess, caller: str, path: str, body: dict[str, Any]) -> 
     return httpx.post(f"{runner.url}{path}", json=body, headers=headers, timeout=60)
 
 
+def usage_rows(runner: HermesProcess, caller: str, **query: str) -> list[dict[str, Any]]:
+    """GET /v1/usage as `caller`: its rows (an admin's: everyone's)."""
+    headers = {"Authorization": f"Bearer {KEYS[caller]}"}
+    answer = httpx.get(f"{runner.url}/v1/usage", params=query, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    rows: list[dict[str, Any]] = answer.json()["usage"]
+    return rows
+
+
 def closed_loop(
     runners: list[HermesProcess],
     caller: str,

@@ -185,7 +185,9 @@ def test_functions_get_only_the_actions_they_use() -> None:
     status = functions()["StatusFunction"].properties["Policies"]
     assert status == [
         {"Statement": [{"Effect": "Allow", "Action": ["dynamodb:BatchGetItem", "dynamodb:Query"],
-                        "Resource": {"Fn::GetAtt": ["LeaseTable", "Arn"]}}]}
+                        "Resource": {"Fn::GetAtt": ["LeaseTable", "Arn"]}}]},
+        {"Statement": [{"Effect": "Allow", "Action": ["dynamodb:Query", "dynamodb:Scan"],
+                        "Resource": {"Fn::GetAtt": ["UsageTable", "Arn"]}}]},
     ]  # fmt: skip
 
 
@@ -199,7 +201,7 @@ LIMITER_ACTIONS = {
 @pytest.mark.parametrize(
     "name", ["LlmFunction", "OllamaApiFunction", "OpenAiApiFunction", "WorkerFunction"]
 )
-def test_every_admitting_function_may_do_what_the_limiter_does_on_the_lease_table(
+def test_every_admitting_function_may_do_what_the_limiter_does_and_write_usage(
     name: str,
 ) -> None:
     """Admission, queueing, handoff, reaping and polling: a missing action would be an
@@ -215,6 +217,13 @@ def test_every_admitting_function_may_do_what_the_limiter_does_on_the_lease_tabl
         )
     }
     assert actions == LIMITER_ACTIONS
+    usage = [
+        statement["Action"]
+        for policy in functions()[name].properties["Policies"]
+        for statement in policy["Statement"]
+        if statement["Resource"] == {"Fn::GetAtt": ["UsageTable", "Arn"]}
+    ]
+    assert usage == [["dynamodb:UpdateItem"]]  # hermes.usage: one ADD per request
 
 
 LOCAL_ENDPOINTS = {

@@ -106,6 +106,8 @@ class CallerConfig(BaseModel):
     weight: int = Field(default=1, ge=1, le=840)
     # The highest priority its requests wait at (a higher one asked for is lowered to it).
     max_priority: Literal["high", "normal", "low"] = "high"  # hermes.schemas.Priority
+    # GET /v1/usage shows it every caller's rows (others see only their own).
+    admin: bool = False
 
     @property
     def budgets_tokens(self) -> bool:

@@ -137,6 +137,8 @@ class Settings(BaseModel):
     jobs_table: str
     jobs_queue_url: str
     idempotency_table: str
+    # A row per caller, model and UTC day (hermes.usage, GET /v1/usage).
+    usage_table: str
     job_max_attempts: int
     job_retry_base_s: int
     job_retention_s: int
@@ -353,6 +355,7 @@ def get_settings() -> Settings:
         jobs_table=os.environ.get("HERMES_JOBS_TABLE") or "JobsTable",
         jobs_queue_url=os.environ.get("HERMES_JOBS_QUEUE_URL") or "",
         idempotency_table=os.environ.get("HERMES_IDEMPOTENCY_TABLE") or "IdempotencyTable",
+        usage_table=os.environ.get("HERMES_USAGE_TABLE") or "UsageTable",
         job_max_attempts=_env_int("HERMES_JOB_MAX_ATTEMPTS", 10, 1),
         job_retry_base_s=_env_int("HERMES_JOB_RETRY_BASE_S", 5, 0),
         job_retention_s=_env_int("HERMES_JOB_RETENTION_S", 7 * 24 * 3600, 60),

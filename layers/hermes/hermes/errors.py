@@ -30,6 +30,12 @@ class InvalidRequest(HermesError):
     status, code = 400, "invalid_request"
 
 
+class Forbidden(HermesError):
+    """The caller asked for what only an admin may see (another caller's usage)."""
+
+    status, code = 403, "forbidden"
+
+
 class ModelNotConfigured(HermesError):
     status, code = 404, "model_not_configured"
 

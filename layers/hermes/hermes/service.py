@@ -64,6 +64,7 @@ from hermes.placement import (
 )
 from hermes.pools import HostPools, host_failed
 from hermes.schemas import Priority, parse_generate_request
+from hermes.usage import Tally, Usage
 
 # A holder stops its backend call this long before its lease expires, on top of
 # LeaseMarginMs (which lets the release land): room for clock skew between instances
@@ -138,11 +139,16 @@ class Admission:
 
 class HermesService:
     def __init__(
-        self, settings: Settings, limiter: Limiter, backends: dict[str, OllamaClient]
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        backends: dict[str, OllamaClient],
+        usage: Usage | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
         self.backends = backends  # one client per Ollama host
+        self.usage = usage  # a row per caller, model and day (None: not recorded)
         self.pools = HostPools(
             settings, limiter.hosts, backends, self._blocking, strategy=settings.placement
         )
@@ -172,11 +178,11 @@ class HermesService:
         counted: bool = True,
         answer: dict[str, Any] | None = None,
         error: BaseException | None = None,
-    ) -> None:
+    ) -> float:
         """The call is over: count the slot time it held (SlotTime, summed per period, is the
         model's average in-flight), free the slot, and tell the pool what the call showed
         about its host (`answer`: the backend's last object when it succeeded; `error`: why
-        it failed), all at once."""
+        it failed), all at once. Returns the slot time."""
         held_s = time.monotonic() - admission.granted_at
         if counted:
             observability.held(model, held_s, host=admission.host)
@@ -215,7 +221,7 @@ class HermesService:
                 results = await asyncio.wait_for(everything, max(left_s, 0.0))
             except TimeoutError:
                 log.error("releases of %s outlasted the invocation's reserve", model)
-                return
+                return held_s
         for result in results[len(releases) :]:  # bookkeeping is a hint: never fails the call
             if isinstance(result, Exception):
                 log.warning(
@@ -224,6 +230,7 @@ class HermesService:
         for result in results[: len(releases)]:
             if isinstance(result, BaseException):
                 raise result
+        return held_s
 
     def model(self, name: str) -> ModelConfig:
         if not MODEL_NAME.fullmatch(name):
@@ -597,16 +604,18 @@ class HermesService:
         """One non-streamed backend call (`path` /api/generate or /api/chat, Ollama's body
         with Hermes' model name), under the model's limits. Returns Ollama's answer."""
         config = self.model(model_name)
+        tally = Tally(CALLER.get(), model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-            body, priority, reservation = await self._reserve(config, body, priority)
             tried: frozenset[str] = frozenset()
             answer: dict[str, Any] | None = None
-            ran = False
+            reservation: Reservation | None = None
+            ended_by: BaseException | None = None
             try:
+                body, priority, reservation = await self._reserve(config, body, priority)
                 while True:
                     admission = await self.admit(model_name, config, deadline, priority, tried)
-                    ran = True
+                    tally.ran = True
                     failure: BaseException | None = None
                     try:
                         async with asyncio.timeout_at(_loop_time(admission.ends_at)):
@@ -627,10 +636,15 @@ class HermesService:
                             continue
                         raise
                     finally:
-                        await self._finish(model_name, admission, answer=answer, error=failure)
+                        tally.slot_s += await self._finish(
+                            model_name, admission, answer=answer, error=failure
+                        )
                     break
+            except BaseException as error:
+                ended_by = error
+                raise
             finally:
-                await self._settle(reservation, answer, ran)
+                await self._account(tally, reservation, answer, ended_by)
             assert answer is not None
             outcome.update(
                 usage=_usage(answer),
@@ -675,20 +689,24 @@ class HermesService:
         fails, times out or is closed (a client that disconnects closes it), even if closed
         before its first object was asked for."""
         config = self.model(model_name)
+        tally = Tally(CALLER.get(), model_name)
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-        with observed(model_name, only_failures=True, started=started):
-            body, priority, reservation = await self._reserve(config, body, priority)
+        try:
+            with observed(model_name, only_failures=True, started=started):
+                body, priority, reservation = await self._reserve(config, body, priority)
+        except BaseException as error:
+            await self._account(tally, None, None, error)
+            raise
         tried: frozenset[str] = frozenset()
-        ran = False
         while True:
             try:
                 with observed(model_name, only_failures=True, started=started):
                     admission = await self.admit(model_name, config, deadline, priority, tried)
-            except BaseException:
-                await self._settle(reservation, None, ran)
+            except BaseException as error:
+                await self._account(tally, reservation, None, error)
                 raise
-            ran = True
+            tally.ran = True
             timeout_s = admission.run_s
             chunks = self.backends[admission.host].stream(
                 path, {**body, "model": config.backend_model}, timeout_s + 1
@@ -702,17 +720,19 @@ class HermesService:
                 try:
                     await _close_quietly(chunks)  # the backend sees the call end first
                 finally:
-                    await self._finish(model_name, admission, error=error)
+                    tally.slot_s += await self._finish(model_name, admission, error=error)
                 # Nothing reached the caller yet: a failing host's request goes elsewhere once.
                 if self._retry_elsewhere(model_name, config, admission, error, tried, deadline):
                     tried |= {admission.host}
                     continue
-                await self._settle(reservation, None, ran)
+                await self._account(tally, reservation, None, error)
                 with observed(model_name, only_failures=True, started=started):
                     raise
             break
 
-        return _Stream(self, model_name, config, admission, chunks, first, started, reservation)
+        return _Stream(
+            self, model_name, config, admission, chunks, first, started, reservation, tally
+        )
 
     async def _reserve(
         self, config: ModelConfig, body: dict[str, Any], priority: Priority
@@ -742,15 +762,29 @@ class HermesService:
         )
         return body, priority, await self._blocking(reserve)
 
-    async def _settle(
-        self, reservation: Reservation | None, answer: dict[str, Any] | None, ran: bool
+    async def _account(
+        self,
+        tally: Tally,
+        reservation: Reservation | None,
+        answer: dict[str, Any] | None,
+        error: BaseException | None,
     ) -> None:
         """The request is over: its budgets count what the backend reported (all of the
-        reservation when it reported nothing), or nothing if it never ran."""
+        reservation when it reported nothing, nothing if it never ran), and its caller's
+        usage row counts it; the two writes at once, neither of which raises."""
+        tally.ended(answer, error)
+        writes: list[Callable[[], None]] = []
         if reservation is not None:
-            used = used_tokens(answer) if ran else None
-            settle = functools.partial(self.limiter.budgets.settle, reservation, used, ran)
-            await asyncio.shield(asyncio.get_running_loop().run_in_executor(_RELEASES, settle))
+            used = used_tokens(answer) if tally.ran else None
+            writes.append(
+                functools.partial(self.limiter.budgets.settle, reservation, used, tally.ran)
+            )
+        if self.usage is not None and tally.counted:
+            writes.append(functools.partial(self.usage.record, tally))
+        loop = asyncio.get_running_loop()
+        await asyncio.shield(
+            asyncio.gather(*(loop.run_in_executor(_RELEASES, write) for write in writes))
+        )
 
     def _timeout(
         self,
@@ -803,10 +837,11 @@ class _Stream:
         chunks: AsyncIterator[dict[str, Any]],
         first: dict[str, Any],
         started: float,
-        reservation: Reservation | None = None,
+        reservation: Reservation | None,
+        tally: Tally,
     ) -> None:
         self._service, self._name, self._config = service, name, config
-        self._reservation = reservation
+        self._reservation, self._tally = reservation, tally
         self._admission, self._chunks, self._started = admission, chunks, started
         self._first: dict[str, Any] | None = first  # not yet handed out
         self._last = first
@@ -903,9 +938,11 @@ class _Stream:
             await _close_quietly(self._chunks)
         finally:
             try:
-                await self._service._finish(self._name, self._admission, answer=answer, error=error)
+                self._tally.slot_s += await self._service._finish(
+                    self._name, self._admission, answer=answer, error=error
+                )
             finally:
-                await self._service._settle(self._reservation, answer, ran=True)
+                await self._service._account(self._tally, self._reservation, answer, error)
 
 
 @contextlib.contextmanager
@@ -972,4 +1009,5 @@ def get_service() -> HermesService:
         for host, config in settings.hosts.items()
     }
     limiter = Limiter(client("dynamodb"), settings.lease_table, traced=traced)
-    return HermesService(settings, limiter, backends)
+    usage = Usage(limiter.table, settings.usage_table)
+    return HermesService(settings, limiter, backends, usage)

@@ -199,6 +199,12 @@ class Limiter:
     def _contended(self, pool: str) -> bool:
         return self._contended_until.get(pool, 0.0) > time.monotonic()
 
+    @property
+    def table(self) -> Table:
+        """The adapter of the limiter's DynamoDB client (light calls, backoff), for other
+        tables' items written beside the limiter's (hermes.usage)."""
+        return self._table
+
     def time_left(self, lease: Lease) -> float:
         """Seconds until `lease` expires, by this limiter's clock (negative once expired)."""
         return (lease.expires_at_ms - self._now_ms()) / 1000
