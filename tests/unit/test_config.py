@@ -145,10 +145,12 @@ def test_weights_and_host_urls_are_configurable(
 
 
 def test_status_urls_never_show_credentials_or_tokens() -> None:
-    from hermes.status import public_url
+    from hermes.urls import public_url
 
     assert (
-        public_url("https://user:pw@gpu.internal:11434/base?token=abc")
-        == "https://gpu.internal:11434/base"
+        public_url("https://user:pw@gpu.internal:11434/t/s3cret/?token=abc")
+        == "https://gpu.internal:11434/…"
     )
     assert public_url("http://localhost:11434") == "http://localhost:11434"
+    assert public_url("http://[::1]:11434/") == "http://[::1]:11434"
+    assert public_url("http://gpu:99999999") == "<invalid URL>"

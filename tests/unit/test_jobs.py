@@ -545,3 +545,22 @@ def test_a_job_and_a_retried_direct_invoke_in_one_process_each_run_once(
     payload = {"model": "gemma", "prompt": "hi", "request_id": "r-after-a-job"}
     assert direct(payload)["result"] == direct(payload)["result"]
     assert calls(emulator) == 2  # the job's call, then one for both invokes
+
+
+SECRET_URL = "http://ops:hunter2@127.0.0.1:9/t/s3cret-path/?token=s3cret-query"
+
+
+def test_a_failed_jobs_record_never_shows_the_hosts_secrets(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host URL with a user, password, path token and query (an authenticating proxy's):
+    the job fails as unreachable, and its record names the host without any of them."""
+    monkeypatch.setenv("OLLAMA_URL", SECRET_URL)
+    _, job, _ = submit()
+    for _ in (1, 2, 3):
+        deliver(env)
+    _, record = read(job["job_id"])
+    assert (record["status"], record["code"]) == ("failed", "upstream_unavailable"), record
+    assert "http://127.0.0.1:9/…" in record["error"]
+    for secret in ("ops", "hunter2", "s3cret"):
+        assert secret not in json.dumps(record)

@@ -17,7 +17,6 @@ import resource
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from hermes import __version__
 from hermes.errors import HermesError
@@ -26,6 +25,7 @@ from hermes.limiter.hosts import HostView
 from hermes.limiter.records import waiting_attr
 from hermes.placement import MEMORY_COUNTER, host_pool, model_counter, resident_models
 from hermes.service import HermesService
+from hermes.urls import public_url
 
 STARTED_AT = time.monotonic()
 
@@ -194,14 +194,6 @@ def _placement(view: HostView | None, now_ms: int) -> dict[str, Any]:
         "resident_models": sorted(resident, key=lambda m: -resident[m]),
         "loading": view.loading_now(now_ms),
     }
-
-
-def public_url(url: str) -> str:
-    """A URL safe to show: no user, password or query (which may carry a token)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 async def _timed(probe: Any, timeout_s: float) -> tuple[Any, dict[str, Any]]:

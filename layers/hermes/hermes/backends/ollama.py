@@ -22,6 +22,7 @@ from hermes.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from hermes.urls import public_url
 
 # A host that drops packets (wrong VPC route) must fail fast, not eat the model timeout.
 CONNECT_TIMEOUT_S = 2.0
@@ -52,6 +53,7 @@ class OllamaClient:
 
     def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url
+        self.shown_url = public_url(base_url)  # what messages may show of it
         self._transport = transport
         # One pooled client per event loop: a warm Lambda reuses its connections, and a
         # client is never used from a loop it was not created on.
@@ -160,7 +162,7 @@ class OllamaClient:
             return UpstreamUnavailable(down, retry_after=5)
         if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
             return UpstreamUnavailable(
-                f"{self._subject} is unreachable at {self.base_url} ({type(exc).__name__})",
+                f"{self._subject} is unreachable at {self.shown_url} ({type(exc).__name__})",
                 retry_after=5,
             )
         # Connected, then the answer broke off (crash, OOM kill, proxy reset).

@@ -37,7 +37,7 @@ class OpenAIClient(OllamaClient):
     def _missing_model(self, backend_model: str) -> str:
         # No `ollama pull` here: such a server serves what it was started with.
         return (
-            f"{self._subject} at {self.base_url} does not serve model '{backend_model}'; "
+            f"{self._subject} at {self.shown_url} does not serve model '{backend_model}'; "
             "its GET /v1/models lists the names it serves"
         )
 
