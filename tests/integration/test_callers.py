@@ -225,7 +225,11 @@ def test_callers_share_a_contended_model_by_weight(
     waiting_runners: list[HermesProcess], emulator: OllamaEmulator
 ) -> None:
     """`heavy` (weight 3) and `light` (weight 1) each keep 8 requests going on 4 slots: once
-    both have a backlog, completions go 3 to 1 (within 10 %)."""
+    both have a backlog, completions go 3 to 1. Bound: fair queuing keeps the two callers'
+    normalized service (completions / weight) within a request of each other, plus what is
+    in flight at the window's edges (4 slots): at most 3 apart. A ratio bound would flake on
+    a loaded machine's small counts (61 / 23 is 2.65 and within the bound); arrival order
+    (8 clients each: 1 to 1) misses it by about 20."""
     emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=300)
     started = time.monotonic()
     until = started + 16
@@ -241,4 +245,4 @@ def test_callers_share_a_contended_model_by_weight(
     ratio = counts["heavy"] / max(counts["light"], 1)
     print(f"\nweights 3:1: completions {counts}, ratio {ratio:.2f}")
     assert counts["light"] >= 10, counts
-    assert 2.7 <= ratio <= 3.3, counts
+    assert abs(counts["heavy"] / 3 - counts["light"]) <= 3, (counts, ratio)
