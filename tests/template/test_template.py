@@ -122,10 +122,19 @@ def test_the_jobs_queue_hides_a_message_six_worker_timeouts() -> None:
     assert visibility >= 6 * worker.timeout
 
 
+def policy_statements(name: str) -> list[dict[str, Any]]:
+    """A function's own IAM statements: its Policies, or those of the role it names."""
+    properties = functions()[name].properties
+    if "Role" in properties:
+        role = load_template()["Resources"][properties["Role"]["Fn::GetAtt"][0]]
+        return [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    return [s for p in properties["Policies"] if "Statement" in p for s in p["Statement"]]
+
+
 def test_the_worker_can_dead_letter_a_job_itself() -> None:
     worker = functions()["WorkerFunction"]
     assert worker.environment["HERMES_JOBS_DLQ_URL"] == {"Ref": "JobsDLQ"}
-    statements = [s for p in worker.properties["Policies"] for s in p["Statement"]]
+    statements = policy_statements("WorkerFunction")
     assert {"Effect": "Allow", "Action": "sqs:SendMessage",
             "Resource": {"Fn::GetAtt": ["JobsDLQ", "Arn"]}} in statements  # fmt: skip
 
@@ -209,8 +218,7 @@ def test_every_admitting_function_may_do_what_the_limiter_does_and_write_usage(
     lease = {"Fn::GetAtt": ["LeaseTable", "Arn"]}
     actions = {
         action
-        for policy in functions()[name].properties["Policies"]
-        for statement in policy["Statement"]
+        for statement in policy_statements(name)
         if statement["Resource"] == lease
         for action in (
             statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
@@ -219,8 +227,7 @@ def test_every_admitting_function_may_do_what_the_limiter_does_and_write_usage(
     assert actions == LIMITER_ACTIONS
     usage = [
         statement["Action"]
-        for policy in functions()[name].properties["Policies"]
-        for statement in policy["Statement"]
+        for statement in policy_statements(name)
         if statement["Resource"] == {"Fn::GetAtt": ["UsageTable", "Arn"]}
     ]
     assert usage == [["dynamodb:UpdateItem"]]  # hermes.usage: one ADD per request
