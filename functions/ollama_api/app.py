@@ -27,7 +27,7 @@ STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-nd
 async def _run(request: Request, path: str, kind: type[Any], priority: Priority) -> Response:
     service = get_service()
     raw = await read_json_body(request, service.settings.max_prompt_chars)
-    body = ollama_api.parse(raw, kind, service.settings.max_prompt_chars)
+    body = ollama_api.parse(raw, kind)
     name = service.resolve(body.model)
     payload = body.to_backend(service.model(name))
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)

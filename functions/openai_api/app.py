@@ -33,7 +33,7 @@ async def _run(request: Request, chat: bool, priority: Priority) -> Response:
     service = get_service()
     raw = await read_json_body(request, service.settings.max_prompt_chars)
     kind: Any = openai_api.ChatRequest if chat else openai_api.CompletionRequest
-    body = openai_api.parse(raw, kind, service.settings.max_prompt_chars)
+    body = openai_api.parse(raw, kind)
     name = service.resolve(body.model)
     path = "/api/chat" if chat else "/api/generate"
     deadline = sync_deadline_s(request, service.settings.sync_budget_ms)

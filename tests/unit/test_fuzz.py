@@ -55,10 +55,10 @@ FAST = settings(
 def test_request_parsers_accept_or_refuse_cleanly(body: Any) -> None:
     parsers = [
         lambda: parse_generate_request(body, 1000),
-        lambda: ollama_api.parse(body, ollama_api.GenerateBody, 1000),
-        lambda: ollama_api.parse(body, ollama_api.ChatBody, 1000),
-        lambda: openai_api.parse(body, openai_api.ChatRequest, 1000),
-        lambda: openai_api.parse(body, openai_api.CompletionRequest, 1000),
+        lambda: ollama_api.parse(body, ollama_api.GenerateBody),
+        lambda: ollama_api.parse(body, ollama_api.ChatBody),
+        lambda: openai_api.parse(body, openai_api.ChatRequest),
+        lambda: openai_api.parse(body, openai_api.CompletionRequest),
     ]
     for parse in parsers:
         try:

@@ -1,6 +1,7 @@
 """Per-request resource bounds: a model's memory_cost only holds if callers cannot ask for any
-context size or pin the model in memory. Per model, `max_num_ctx` caps options.num_ctx on every
-route (a larger one is a 400 naming the field, never clamped), callers' `keep_alive` is dropped
+context size or pin the model in memory. Per model, `max_num_ctx` is the context every request
+runs with (a larger one is a 400 naming the field, never clamped; a smaller one or none is
+replaced, as another num_ctx reloads the model in Ollama), callers' `keep_alive` is dropped
 unless `allow_keep_alive`, and the Ollama-native routes pass only documented fields and options.
 Through the real Lambda handlers with events/ files; what reaches the backend is recorded."""
 
@@ -32,7 +33,7 @@ def env(
         monkeypatch,
         budget=8,
         gemma={"max_num_ctx": CAP},
-        mistral={"allow_keep_alive": True},
+        mistral={"allow_keep_alive": True, "max_num_ctx": None},
     )
 
 
@@ -74,9 +75,15 @@ def message(answer: dict[str, Any]) -> str:
 # --- the models file ---------------------------------------------------------------------
 
 
-def test_by_default_a_model_has_no_context_cap_and_ignores_keep_alive() -> None:
-    model = get_service().settings.models["llama3"]
-    assert (model.max_num_ctx, model.allow_keep_alive) == (None, False)
+def test_the_shipped_models_run_at_a_set_context_and_ignore_keep_alive() -> None:
+    from local.template import ROOT
+
+    shipped = load_models(ROOT / "layers/hermes/hermes/models.json")
+    assert {name: (m.max_num_ctx, m.allow_keep_alive) for name, m in shipped.items()} == {
+        "gemma": (8192, False),
+        "llama3": (8192, False),
+        "mistral": (8192, False),
+    }
     assert get_service().settings.models["gemma"].max_num_ctx == CAP
 
 
@@ -138,12 +145,15 @@ def test_the_llm_400_carries_the_field_and_the_cap() -> None:
         ("ollama_api", "ollama_chat.json", {"model": "gemma", "messages": []}),
     ],
 )
-def test_a_context_within_the_cap_reaches_the_backend(
+def test_every_request_runs_at_the_models_context_whatever_it_asked_within_it(
     function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
 ) -> None:
-    status, _ = call(function, name, {**body, "options": {"num_ctx": CAP}})
-    assert status == 200
-    assert [b["options"]["num_ctx"] for b in sent] == [CAP]
+    """CAP, a smaller context and none: the backend sees CAP each time, so the model is
+    loaded once at the context its memory_cost was charged for."""
+    for options in ({"num_ctx": CAP}, {"num_ctx": 512}, {}):
+        status, _ = call(function, name, {**body, "options": options})
+        assert status == 200
+    assert [b["options"]["num_ctx"] for b in sent] == [CAP, CAP, CAP]
 
 
 def test_a_model_without_a_cap_takes_any_valid_context(sent: list[dict[str, Any]]) -> None:
@@ -169,7 +179,7 @@ def test_the_openai_routes_have_no_context_field_and_pass_none(
     sent: list[dict[str, Any]],
 ) -> None:
     """OpenAI's API has no context size; extra fields are accepted and ignored, so neither a
-    smuggled options.num_ctx nor keep_alive reaches the backend."""
+    smuggled options.num_ctx nor keep_alive reaches the backend: it runs at max_num_ctx."""
     body = {
         "model": "gemma",
         "messages": [{"role": "user", "content": "hi"}],
@@ -178,7 +188,7 @@ def test_the_openai_routes_have_no_context_field_and_pass_none(
     }
     status, _ = call("openai_api", "openai_chat.json", body)
     assert status == 200
-    assert "num_ctx" not in sent[0]["options"] and "keep_alive" not in sent[0]
+    assert sent[0]["options"]["num_ctx"] == CAP and "keep_alive" not in sent[0]
 
 
 # --- keep_alive ----------------------------------------------------------------------------
@@ -257,6 +267,7 @@ def test_every_documented_generate_field_passes_through(sent: list[dict[str, Any
     assert call("ollama_api", "ollama_generate.json", body)[0] == 200
     expected = {k: v for k, v in body.items() if k not in ("stream", "keep_alive")}
     expected["options"] = {"temperature": 0.1, "min_p": 0.05, "repeat_penalty": 1.1}
+    expected["options"]["num_ctx"] = CAP  # the context the model runs with
     assert sent == [{**expected, "model": "gemma3:1b"}]
 
 

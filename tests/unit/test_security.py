@@ -55,3 +55,154 @@ def test_a_direct_invokes_error_never_shows_the_urls_secrets(
     answer = load_function("llm").handler({"model": "gemma", "prompt": "hi"}, LambdaContext())
     assert answer["code"] == "upstream_unavailable", answer
     assert not any(secret in json.dumps(answer) for secret in SECRETS), answer
+
+
+# -- every text counts, bounded schemas, no 500 from JSON (items 1-3) --------------------
+
+BIG = "x" * 500_000  # over the default HERMES_MAX_PROMPT_CHARS (100,000)
+
+
+@pytest.mark.parametrize(
+    ("function", "path", "body", "field"),
+    [
+        ("llm", "/v1/llm/gemma", {"prompt": "hi", "system": BIG}, "system"),
+        (
+            "ollama_api",
+            "/api/generate",
+            {"model": "gemma", "prompt": "hi", "suffix": BIG},
+            "suffix",
+        ),
+        ("ollama_api", "/api/generate", {"model": "gemma", "template": BIG}, "template"),
+        (
+            "ollama_api",
+            "/api/chat",
+            {"model": "gemma", "tools": [{"type": "function", "function": {"name": BIG}}]},
+            "tools",
+        ),
+        (
+            "ollama_api",
+            "/api/chat",
+            {
+                "model": "gemma",
+                "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": BIG}}]}],
+            },
+            "messages[0].tool_calls",
+        ),
+        (
+            "openai_api",
+            "/v1/chat/completions",
+            {"model": "gemma", "messages": [{"role": "system", "content": BIG}]},
+            "messages[0].content",
+        ),
+    ],
+)
+def test_every_text_counts_toward_the_prompt_limit_and_413_names_it(
+    emulator: OllamaEmulator, function: str, path: str, body: dict[str, Any], field: str
+) -> None:
+    status, text = post(function, path, body if function == "llm" else {**body, "stream": False})
+    assert status == 413 and "prompt_too_large" in text, text
+    assert f"'{field}'" in text, text
+    assert not any(emulator.stats()["requests"].values())  # nothing reached the backend
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"context": list(range(131_073))}, "context"),
+        ({"images": ["aGk="] * 17}, "images"),
+        ({"images": ["A" * (8 * 1024 * 1024 + 1)]}, "images"),
+        ({"options": {"stop": ["x"] * 17}}, "options.stop"),
+        ({"options": {"stop": ["x" * 201]}}, "options.stop"),
+    ],
+)
+def test_context_images_and_stop_have_bounds_of_their_own(
+    extra: dict[str, Any], field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERMES_MAX_PROMPT_CHARS", "10000000")  # the body's size is not the point
+    body = {"model": "gemma", "prompt": "hi", "stream": False, **extra}
+    status, text = post("ollama_api", "/api/generate", body)
+    assert status == 413 and f"'{field}'" in text, text
+
+
+def test_jobs_and_direct_invokes_count_every_text_too() -> None:
+    status, text = post("jobs", "/v1/jobs/gemma", {"prompt": "hi", "system": BIG})
+    assert status == 413 and "'system'" in text, text
+    direct = load_function("llm").handler(
+        {"model": "gemma", "prompt": "hi", "system": BIG}, LambdaContext()
+    )
+    assert (direct["status"], direct["code"]) == (413, "prompt_too_large"), direct
+
+
+SCHEMA_ITEMS = {"type": "array", "items": {"type": "integer"}}
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({**SCHEMA_ITEMS, "maxItems": 1_000_000}, "maxItems"),
+        ({"type": "string", "maxLength": 10**7}, "maxLength"),
+        ({"type": "integer", "maximum": 10**30}, "maximum"),
+        ({"enum": list(range(300))}, "enum"),
+        ({"type": "object", "description": "x" * 20_000}, "characters as JSON"),
+        (json.loads('{"items": ' * 30 + "{}" + "}" * 30), "nests too deep"),
+    ],
+)
+@pytest.mark.parametrize("route", ["llm", "ollama", "openai"])
+def test_a_structured_output_schema_out_of_bounds_is_a_400_naming_the_limit(
+    emulator: OllamaEmulator, schema: dict[str, Any], says: str, route: str
+) -> None:
+    if route == "llm":
+        status, text = post("llm", "/v1/llm/gemma", {"prompt": "hi", "format": schema})
+    elif route == "ollama":
+        body = {"model": "gemma", "prompt": "hi", "format": schema, "stream": False}
+        status, text = post("ollama_api", "/api/generate", body)
+    else:
+        response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        body = {
+            "model": "gemma",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": response_format,
+        }
+        status, text = post("openai_api", "/v1/chat/completions", body)
+    assert status == 400 and says in text and "structured output bounds" in text, text
+    assert not any(emulator.stats()["requests"].values())
+
+
+def test_a_schema_within_the_bounds_reaches_the_backend(emulator: OllamaEmulator) -> None:
+    schema = {**SCHEMA_ITEMS, "maxItems": 10, "items": {"type": "integer", "maximum": 100}}
+    status, text = post("llm", "/v1/llm/gemma", {"prompt": "hi", "format": schema})
+    assert status == 200, text
+
+
+HOSTILE = {
+    "nested 20,000 deep": '{"prompt": ' + "[" * 20_000 + "]" * 20_000 + "}",
+    "nested 65 deep": '{"prompt": "hi", "format": ' + '{"a": ' * 64 + "1" + "}" * 64 + "}",
+    "NaN": '{"prompt": "hi", "options": {"temperature": NaN}}',
+    "Infinity": '{"prompt": "hi", "options": {"temperature": Infinity}}',
+    "1e400": '{"prompt": "hi", "options": {"temperature": 1e400}}',
+    "NaN in format": '{"prompt": "hi", "format": {"type": "number", "maximum": NaN}}',
+}
+
+
+@pytest.mark.parametrize(
+    ("function", "path"),
+    [("llm", "/v1/llm/gemma"), ("ollama_api", "/api/generate"), ("openai_api", "/v1/completions")],
+)
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_json_is_a_400_never_a_500(function: str, path: str, name: str) -> None:
+    status, text = post(function, path, HOSTILE[name])
+    assert status == 400 and "invalid_request" in text, text
+
+
+def test_a_direct_invoke_with_nan_or_deep_nesting_is_a_400() -> None:
+    handler = load_function("llm").handler
+    nan = handler(
+        {"model": "gemma", "prompt": "hi", "options": {"temperature": float("nan")}},
+        LambdaContext(),
+    )
+    assert (nan["status"], nan["code"]) == (400, "invalid_request"), nan
+    deep: Any = "hi"
+    for _ in range(100):
+        deep = [deep]
+    nested = handler({"model": "gemma", "prompt": "hi", "format": deep}, LambdaContext())
+    assert (nested["status"], nested["code"]) == (400, "invalid_request"), nested

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hermes.aio import run_sync
+from hermes.bounds import check_json
 from hermes.callers import acting_as, given_caller
 from hermes.errors import HermesError, InvalidRequest
 from hermes.http import lambda_time_left_s
@@ -30,6 +31,7 @@ def handle_direct(event: Any, context: Any) -> dict[str, Any]:
 
 
 def _generate(event: Any, context: Any) -> dict[str, Any]:
+    check_json(event)  # Lambda's own parser took NaN and any nesting
     if not isinstance(event, dict) or not isinstance(event.get("model"), str):
         raise InvalidRequest(
             "unknown event: invoke with an API Gateway HTTP API event, or directly with "

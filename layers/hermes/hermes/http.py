@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from hermes import __version__
+from hermes.bounds import parse_json
 from hermes.callers import CallerScope
 from hermes.errors import (
     ClientDisconnected,
@@ -154,10 +155,7 @@ async def read_json_body(request: Request, max_prompt_chars: int) -> Any:
         raise InvalidRequest(
             'the request body is empty; send a JSON object such as {"prompt": "..."}'
         )
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON ({exc})") from None
+    return parse_json(raw)  # NaN, Infinity and deep nesting are 400s too (hermes.bounds)
 
 
 PRIORITY_HEADER = "X-Hermes-Priority"

@@ -96,16 +96,8 @@ class ChatBody(_Body):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=1000)
 
 
-def parse(body: Any, kind: type[_Body], max_prompt_chars: int) -> _Body:
-    return validate_body(body, kind, max_prompt_chars, prompt_chars)
-
-
-def prompt_chars(body: _Body) -> int:
-    if isinstance(body, ChatBody):
-        return sum(len(m.content) for m in body.messages)
-    if isinstance(body, GenerateBody):
-        return len(body.prompt) + len(body.system or "")
-    return 0
+def parse(body: Any, kind: type[_Body]) -> _Body:
+    return validate_body(body, kind)
 
 
 def ndjson(chunks: AsyncIterator[dict[str, Any]], model: str) -> ClosingWith[bytes]:

@@ -104,9 +104,6 @@ class ChatRequest(_Request):
             body["format"] = (self.response_format or {}).get("json_schema", {}).get("schema")
         return body
 
-    def prompt_chars(self) -> int:
-        return sum(len(m.text()) for m in self.messages)
-
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
@@ -125,12 +122,9 @@ class CompletionRequest(_Request):
             return self.prompt[0]
         return self.prompt
 
-    def prompt_chars(self) -> int:
-        return len(self.text())
 
-
-def parse(body: Any, kind: type[ChatRequest] | type[CompletionRequest], max_chars: int) -> Any:
-    return validate_body(body, kind, max_chars, lambda parsed: parsed.prompt_chars())
+def parse(body: Any, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+    return validate_body(body, kind)
 
 
 def _finish_reason(done_reason: Any) -> str:

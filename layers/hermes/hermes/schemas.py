@@ -3,11 +3,11 @@ and the per-model bounds every route applies to what callers may ask of a backen
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hermes.bounds import check_request
 from hermes.config import ModelConfig
 from hermes.errors import InvalidRequest, PromptTooLarge
 
@@ -93,8 +93,10 @@ class GenerateRequest(BaseModel):
 def parse_generate_request(
     body: Any, max_prompt_chars: int, model: ModelConfig | None = None
 ) -> GenerateRequest:
-    """The validated body; with the model's config, also within its bounds (max_num_ctx)."""
+    """The validated body, its texts and schema within bounds (hermes.bounds); with the
+    model's config, also within its bounds (max_num_ctx)."""
     request = _parse_generate_request(body, max_prompt_chars)
+    check_request(request.to_ollama(), max_prompt_chars)
     if model is not None and request.options is not None and request.options.num_ctx is not None:
         check_num_ctx(request.options.num_ctx, model)
     return request
@@ -160,19 +162,15 @@ def bound_options(options: dict[str, Any] | None, model: ModelConfig) -> dict[st
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def validate_body(
-    body: Any, kind: type[Body], max_prompt_chars: int, prompt_chars: Callable[[Body], int]
-) -> Body:
-    """The compatible APIs' bodies: a JSON object, valid for `kind`, prompt within the limit."""
+def validate_body(body: Any, kind: type[Body]) -> Body:
+    """The compatible APIs' bodies: a JSON object, valid for `kind`. Their texts are counted
+    on the way to the backend, as every route's are (hermes.bounds, HermesService)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
         parsed = kind.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc)) from None
-    size = prompt_chars(parsed)
-    if size > max_prompt_chars:
-        raise PromptTooLarge(f"the prompt has {size} characters; the limit is {max_prompt_chars}")
     return parsed
 
 

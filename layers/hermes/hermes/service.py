@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from hermes import observability
 from hermes.aws import client
 from hermes.backends import OllamaClient, client_for
+from hermes.bounds import check_request
 from hermes.callers import (
     CALLER,
     CallerConfig,
@@ -63,7 +64,7 @@ from hermes.placement import (
     model_counter,
 )
 from hermes.pools import HostPools, host_failed
-from hermes.schemas import Priority, parse_generate_request
+from hermes.schemas import Priority, check_num_ctx, parse_generate_request
 from hermes.usage import Tally, Usage
 
 # A holder stops its backend call this long before its lease expires, on top of
@@ -612,6 +613,7 @@ class HermesService:
             reservation: Reservation | None = None
             ended_by: BaseException | None = None
             try:
+                body = self._bounded(config, body)
                 body, priority, reservation = await self._reserve(config, body, priority)
                 while True:
                     admission = await self.admit(model_name, config, deadline, priority, tried)
@@ -694,6 +696,7 @@ class HermesService:
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         try:
             with observed(model_name, only_failures=True, started=started):
+                body = self._bounded(config, body)
                 body, priority, reservation = await self._reserve(config, body, priority)
         except BaseException as error:
             await self._account(tally, None, None, error)
@@ -733,6 +736,21 @@ class HermesService:
         return _Stream(
             self, model_name, config, admission, chunks, first, started, reservation, tally
         )
+
+    def _bounded(self, config: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
+        """The body as the backend gets it: within what a caller may send (hermes.bounds),
+        and, for a model with max_num_ctx, run at that context whatever the request asked
+        (a larger one is refused): Ollama reloads a model for another num_ctx
+        (ollama/ollama#9977), so callers alternating sizes would reload it on every request,
+        and memory_cost is its footprint at that context."""
+        check_request(body, self.settings.max_prompt_chars)
+        if config.max_num_ctx is None:
+            return body
+        given = body.get("options")
+        options: dict[str, Any] = given if isinstance(given, dict) else {}
+        if options.get("num_ctx") is not None:
+            check_num_ctx(options["num_ctx"], config)
+        return {**body, "options": {**options, "num_ctx": config.max_num_ctx}}
 
     async def _reserve(
         self, config: ModelConfig, body: dict[str, Any], priority: Priority
