@@ -29,7 +29,8 @@ Control API (``OllamaEmulator`` has the same as methods, acting on the state dir
 - ``GET /_emulator/stats``: in_flight, peak_in_flight, requests, weight_in_use, peak_weight,
   busy_time_s (integral of in_flight over time), elapsed_s (since reset), behaviours, weights,
   residency (the settings), loads and evictions (per tag), resident (tags, most recently used
-  first), loading (tags being loaded), served (every answer's reported tokens, with its time).
+  first), loading (tags being loaded), served (every answer's reported tokens, with its time),
+  meta_calls (/api/ps and /api/show calls) and last_show (the last /api/show body).
 - ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
 - ``POST /_emulator/release``: every request held by mode ``hold`` goes on as ``ok`` (with the
   behaviour's delays and tokens); answers ``{"released": n}``. Later requests are held again
@@ -291,6 +292,8 @@ class EmulatorState:
         self.loads = dict.fromkeys(self.in_flight, 0)
         self.evictions = dict.fromkeys(self.in_flight, 0)
         self.served: list[tuple[float, str, int, int]] = []  # (epoch s, tag, prompt, completion)
+        self.meta_calls: dict[str, int] = {}  # /api/ps, /api/show...: calls per path
+        self.last_show: dict[str, Any] | None = None  # the last /api/show body, as received
         self.resident.clear()
         self.reset_at = now
 
@@ -501,6 +504,8 @@ class EmulatorState:
                 # Every answer's tokens as reported to the client: [epoch s, tag, prompt,
                 # completion] (what a caller's token budget must count).
                 "served": [list(answer) for answer in self.served],
+                "meta_calls": dict(self.meta_calls),
+                "last_show": self.last_show,
             }
 
 
@@ -835,7 +840,12 @@ def create_app(state: EmulatorState) -> Starlette:
         models = [entry(t, modified_at=state.started_at) for t in state.info]
         return JSONResponse({"models": models})
 
+    def count(path: str) -> None:
+        with state._lock:
+            state.meta_calls[path] = state.meta_calls.get(path, 0) + 1
+
     async def ps(request: Request) -> Response:
+        count("/api/ps")
         models = [
             entry(
                 tag,
@@ -849,6 +859,8 @@ def create_app(state: EmulatorState) -> Starlette:
 
     async def show(request: Request) -> Response:
         body = await _json_body(request)
+        count("/api/show")
+        state.last_show = body
         name = body.get("model") or body.get("name") or ""
         tag = state.resolve(str(name))
         if tag is None:

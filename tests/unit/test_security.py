@@ -206,3 +206,32 @@ def test_a_direct_invoke_with_nan_or_deep_nesting_is_a_400() -> None:
         deep = [deep]
     nested = handler({"model": "gemma", "prompt": "hi", "format": deep}, LambdaContext())
     assert (nested["status"], nested["code"]) == (400, "invalid_request"), nested
+
+
+# -- abuse limits at the edge (item 5) ------------------------------------------------------
+
+
+def status_call() -> int:
+    response = load_function("status").handler(event("status.json"), LambdaContext())
+    return int(response["statusCode"])
+
+
+def test_status_probes_each_host_at_most_once_per_interval(
+    emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However often /v1/status is called, an instance probes a host once per interval
+    (HERMES_STATUS_PROBE_INTERVAL_S, default 5 s): 30 calls, one /api/ps."""
+    import time
+
+    assert [status_call() for _ in range(30)] == [200] * 30
+    assert emulator.stats()["meta_calls"] == {"/api/ps": 1}
+    monkeypatch.setenv("HERMES_STATUS_PROBE_INTERVAL_S", "0.2")
+    time.sleep(0.25)
+    assert status_call() == 200
+    assert emulator.stats()["meta_calls"] == {"/api/ps": 2}  # the interval passed: probed again
+
+
+def test_api_show_forwards_only_the_model_name(emulator: OllamaEmulator) -> None:
+    status, text = post("ollama_api", "/api/show", {"model": "gemma", "verbose": True})
+    assert status == 200, text
+    assert emulator.stats()["last_show"] == {"model": "gemma3:1b"}

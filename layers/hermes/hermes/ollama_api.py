@@ -165,8 +165,9 @@ async def show(service: HermesService, body: Any) -> dict[str, Any]:
         raise InvalidRequest('the request body must name a model: {"model": "..."}')
     name = service.resolve(body.get("model") or body["name"])
     config = service.model(name)
-    payload = {**body, "model": config.backend_model}
-    payload.pop("name", None)
+    # Only the name: `verbose` would answer every tensor of the model, which can pass
+    # Lambda's 6 MB response limit (and is no caller's business).
+    payload = {"model": config.backend_model}
     for host in config.pool[:-1]:  # the first host of its pool that answers
         try:
             return await service.backends[host].post("/api/show", payload, META_TIMEOUT_S)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from hermes import __version__
+from hermes.config import _env_float
 from hermes.errors import HermesError
 from hermes.limiter import Contended
 from hermes.limiter.hosts import HostView
@@ -28,6 +30,41 @@ from hermes.service import HermesService
 from hermes.urls import public_url
 
 STARTED_AT = time.monotonic()
+# How often an instance probes each host, however often /v1/status is called: a status
+# endpoint that probed on every call would let anyone who may call it (or a load balancer
+# polling every instance) amplify traffic to the GPU hosts. Between probes it answers the
+# last probe's result; concurrent calls share one probe.
+# HERMES_STATUS_PROBE_INTERVAL_S, default 5 (0: probe on every call).
+DEFAULT_PROBE_INTERVAL_S = 5.0
+
+
+@dataclass
+class _Probe:
+    at: float  # time.monotonic() when it started
+    result: asyncio.Future[tuple[Any, dict[str, Any]]]
+
+
+_probes: weakref.WeakKeyDictionary[HermesService, dict[str, _Probe]] = weakref.WeakKeyDictionary()
+
+
+async def _probe_host(
+    service: HermesService, host: str, timeout_s: float
+) -> tuple[Any, dict[str, Any]]:
+    """The host's /api/ps, probed at most every HERMES_STATUS_PROBE_INTERVAL_S by this
+    instance: a probe under way is shared (on this event loop), a finished one reused until
+    it is that old."""
+    interval_s = _env_float("HERMES_STATUS_PROBE_INTERVAL_S", DEFAULT_PROBE_INTERVAL_S)
+    probes = _probes.setdefault(service, {})
+    last = probes.get(host)
+    now = time.monotonic()
+    if last is not None and now - last.at < interval_s:
+        if last.result.done() and not last.result.cancelled():
+            return last.result.result()
+        if not last.result.done() and last.result.get_loop() is asyncio.get_running_loop():
+            return await asyncio.shield(last.result)
+    task = asyncio.ensure_future(_timed(service.backends[host].loaded_models(timeout_s), timeout_s))
+    probes[host] = _Probe(now, task)
+    return await asyncio.shield(task)
 
 
 async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
@@ -36,7 +73,7 @@ async def render_status(service: HermesService) -> tuple[int, dict[str, Any]]:
     names = sorted(service.settings.models)
     hosts = sorted(service.settings.hosts)
     pools = [host_pool(h) for h in hosts]
-    probes = [_timed(service.backends[h].loaded_models(timeout), timeout) for h in hosts]
+    probes = [_probe_host(service, h, timeout) for h in hosts]
     probes.append(_timed(asyncio.to_thread(service.limiter.usage, pools, True), timeout))
     book = service.limiter.hosts
     pooled = dict(zip(hosts, pools, strict=True))
