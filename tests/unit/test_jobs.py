@@ -124,8 +124,11 @@ def submit(
     return response["statusCode"], json.loads(response["body"]), response["headers"]
 
 
-def read(job_id: str) -> tuple[int, dict[str, Any]]:
+def read(job_id: str, caller: str | None = None) -> tuple[int, dict[str, Any]]:
+    """GET /v1/jobs/{job_id}, anonymously or as `caller` (its IAM principal)."""
     request = event("jobs_get.json", path=f"/v1/jobs/{job_id}", pathParameters={"job_id": job_id})
+    if caller is not None:
+        request["requestContext"]["authorizer"] = {"iam": {"userArn": caller}}
     response = load_function("jobs").handler(request, LambdaContext())
     return response["statusCode"], json.loads(response["body"])
 
@@ -515,11 +518,11 @@ def test_a_job_runs_as_its_submitter_under_its_limits(
     request = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps({"prompt": "hi"}))
     request["requestContext"]["authorizer"] = {"iam": {"userArn": alice}}
     job = json.loads(load_function("jobs").handler(request, LambdaContext())["body"])
-    assert read(job["job_id"])[1]["caller"] == alice
+    assert read(job["job_id"], alice)[1]["caller"] == alice
     slot = Counter("inflight", 1, 1, CallerBusy, "alice")
     held = get_service().limiter.acquire(caller_pool(alice), [slot], 60_000)
     deliver(env)
-    _, waiting = read(job["job_id"])
+    _, waiting = read(job["job_id"], alice)
     assert (waiting["status"], waiting["code"]) == ("queued", "caller_busy"), waiting
     get_service().limiter.release(held)
     message = boto3.client("sqs").receive_message(
@@ -530,7 +533,7 @@ def test_a_job_runs_as_its_submitter_under_its_limits(
             QueueUrl=env["JobsQueue"], WaitTimeSeconds=1, AttributeNames=["All"]
         )
     deliver(env, message["Messages"])
-    assert read(job["job_id"])[1]["status"] == "succeeded"
+    assert read(job["job_id"], alice)[1]["status"] == "succeeded"
 
 
 def test_a_job_and_a_retried_direct_invoke_in_one_process_each_run_once(
@@ -564,3 +567,33 @@ def test_a_failed_jobs_record_never_shows_the_hosts_secrets(
     assert "http://127.0.0.1:9/…" in record["error"]
     for secret in ("ops", "hunter2", "s3cret"):
         assert secret not in json.dumps(record)
+
+
+ALICE = "arn:aws:iam::123456789012:user/alice"
+BOB = "arn:aws:iam::123456789012:user/bob"
+
+
+def test_a_job_belongs_to_its_submitter(env: dict[str, str]) -> None:
+    """Another caller reading a job gets the 404 of an unknown id: job ids cannot be probed."""
+    request = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps({"prompt": "hi"}))
+    request["requestContext"]["authorizer"] = {"iam": {"userArn": ALICE}}
+    job = json.loads(load_function("jobs").handler(request, LambdaContext())["body"])
+    deliver(env)
+    assert read(job["job_id"], ALICE)[1]["status"] == "succeeded"
+    for other in (BOB, None):
+        status, answer = read(job["job_id"], other)
+        assert (status, answer["code"]) == (404, "job_not_found"), answer
+        assert "result" not in answer
+    unknown = read("0" * 32, BOB)[1]
+    assert answer["error"].replace(job["job_id"], "0" * 32) == unknown["error"]
+
+
+def test_a_direct_invokes_request_id_is_scoped_to_its_caller(emulator: OllamaEmulator) -> None:
+    """Bob reusing Alice's request_id runs his own request, and never gets her answer; each
+    caller's retry still gets its own stored answer."""
+    alice = direct({"model": "gemma", "prompt": "alice's", "request_id": "r1", "caller": ALICE})
+    bob = direct({"model": "gemma", "prompt": "bob's", "request_id": "r1", "caller": BOB})
+    assert "result" in alice and "result" in bob, (alice, bob)
+    assert calls(emulator) == 2
+    again = direct({"model": "gemma", "prompt": "alice's", "request_id": "r1", "caller": ALICE})
+    assert again == alice and calls(emulator) == 2

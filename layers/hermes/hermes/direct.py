@@ -13,7 +13,7 @@ from typing import Any
 
 from hermes.aio import run_sync
 from hermes.bounds import check_json
-from hermes.callers import acting_as, given_caller
+from hermes.callers import CALLER, acting_as, given_caller
 from hermes.errors import HermesError, InvalidRequest
 from hermes.http import lambda_time_left_s
 from hermes.idempotency import once
@@ -68,6 +68,8 @@ def _generate_as_caller(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return call({"model": model, "body": body})
     if not isinstance(request_id, str) or not 1 <= len(request_id) <= 128:
         raise InvalidRequest("request_id must be a string of 1 to 128 characters")
-    data = {"request_id": request_id, "model": model, "body": body}
-    result = once(call, data, key="request_id", context=context, same_request="[model, body]")
+    data = {"request_id": request_id, "model": model, "body": body, "caller": CALLER.get()}
+    result = once(
+        call, data, key="request_id", context=context, same_request="[model, body]", scope="caller"
+    )
     return {**result, "request_id": request_id}

@@ -38,9 +38,12 @@ def once(
     key: str,
     context: Any = None,
     same_request: str | None = None,
+    scope: str | None = None,
 ) -> dict[str, Any]:
-    """Run `function(data)` at most once per `data[key]` (within the retention window).
-    `same_request` is a JMESPath over `data`; a repeat whose selection differs is refused."""
+    """Run `function(data)` at most once per `data[key]` (within the retention window), and
+    per `data[scope]` when given (a direct invoke's caller: one caller's request id never
+    returns another's answer). `same_request` is a JMESPath over `data`; a repeat whose
+    selection differs is refused."""
     from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
     from aws_lambda_powertools.utilities.idempotency.exceptions import (
         IdempotencyAlreadyInProgressError,
@@ -50,7 +53,7 @@ def once(
     from hermes.errors import InvalidRequest
 
     config = IdempotencyConfig(
-        event_key_jmespath=key,
+        event_key_jmespath=f"[{scope}, {key}]" if scope else key,
         payload_validation_jmespath=same_request or "",
         expires_after_seconds=get_settings().job_retention_s,
     )

@@ -140,8 +140,11 @@ class Jobs:
         }
 
     def get(self, job_id: str) -> dict[str, Any]:
+        """The job, to its submitter only: another caller is told it does not exist (404, as
+        for an unknown id, so job ids of others cannot be probed)."""
         item = self._load(job_id)
-        if item is None:
+        submitter = item["caller"]["S"] if item is not None and "caller" in item else ANONYMOUS
+        if item is None or submitter != CALLER.get():
             raise JobNotFound(
                 f"no job '{job_id[:64]}' (jobs are kept {self.settings.job_retention_s} s)"
             )
