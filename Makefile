@@ -7,12 +7,36 @@ export SAM_CLI_TELEMETRY := 0
 SHELL  := /bin/bash
 
 .PHONY: install run test test-unit format lint build validate bench clean clean-model java concurrency
+.PHONY: lock audit
 
+# The venv takes the layer lock's versions wherever the two overlap: the lock's pins, without
+# their hashes (hashes in a constraints file would make pip want them for every dev tool), as
+# constraints. pyproject's dev extras pin setuptools (the venv's own is 65.5, CVE-2025-47273).
 $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' layers/hermes/requirements.txt \
+	  > $(VENV)/layer-pins.txt
+	$(PY) -m pip install --quiet -e '.[dev]' -c $(VENV)/layer-pins.txt
 	touch $@
+
+# The layer's lock, layers/hermes/requirements.txt, which `sam build` installs (hashes make pip
+# check every file: --require-hashes is implied). It resolves requirements.in for Lambda's
+# python3.11 and pins every transitive dependency with the hashes of all the files of its
+# version, so the x86_64 and arm64 wheels alike. botocore comes in through aws-xray-sdk: it is
+# resolved beside pyproject's boto3 pin (boto3 itself and s3transfer are left out, the runtime
+# provides them), so the layer's botocore is the venv's. uv is fast and reads no pip.conf, so
+# the lock names PyPI's files only. An existing lock's pins are kept where they still fit:
+# `make lock` after editing requirements.in, `make lock LOCK_UPGRADE=--upgrade` to move on.
+LOCK_OUT      ?= layers/hermes/requirements.txt
+LOCK_PLATFORM ?= x86_64-manylinux2014
+LOCK_UPGRADE  ?=
+BOTO3_PIN     := $(shell sed -n 's/^ *"\(boto3==[^"]*\)".*/\1/p' pyproject.toml)
+lock: $(if $(wildcard $(VENV)/bin/uv),,$(VENV)/.installed)
+	echo '$(BOTO3_PIN)' | $(VENV)/bin/uv pip compile --quiet layers/hermes/requirements.in - \
+	  --generate-hashes --python-version 3.11 --python-platform $(LOCK_PLATFORM) \
+	  --no-emit-package boto3 --no-emit-package s3transfer $(LOCK_UPGRADE) \
+	  --custom-compile-command 'make lock' -o $(LOCK_OUT)
 
 # The embedded real model (Gemma 3 270M on llama-cpp-python) for machines without Ollama and
 # for the end-to-end test. llama.cpp is compiled once into a wheel that runs on any x86-64:
@@ -62,10 +86,15 @@ clean-model:
 	[ ! -x $(PY) ] || $(PY) -m pip uninstall --quiet --yes llama-cpp-python
 
 # checkov lives in its own venv: it pins an old boto3 that would break the project's.
-CHECKOV_VERSION := 3.3.30
-.tools/checkov/.installed:
+# setuptools: the one `python -m venv` puts there is 65.5 (CVE-2025-47273); the same pin as
+# pyproject's dev extras. The stamp names both versions, so changing either reinstalls.
+CHECKOV_VERSION    := 3.3.30
+SETUPTOOLS_VERSION := 84.2.1
+CHECKOV_STAMP      := .tools/checkov/.installed-$(CHECKOV_VERSION)-setuptools-$(SETUPTOOLS_VERSION)
+$(CHECKOV_STAMP):
 	$(PYTHON) -m venv .tools/checkov
-	.tools/checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+	.tools/checkov/bin/pip install --quiet checkov==$(CHECKOV_VERSION) \
+	  setuptools==$(SETUPTOOLS_VERSION)
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -84,7 +113,7 @@ docker:
 	  echo "installing docker.io debootstrap"; apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io debootstrap; }
 
-install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed .tools/checkov/.installed java
+install: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed $(CHECKOV_STAMP) java
 
 # Java is optional here: without it the runner embeds moto instead of DynamoDB Local.
 run: $(VENV)/.installed $(VENV)/.local-model node_modules/.installed
@@ -104,6 +133,36 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(MAKE) --no-print-directory audit
+
+# Known vulnerabilities (pip-audit) in the layer's lock, read as it stands (--disable-pip: no
+# resolution, every pin and hash taken from the file), and in the venv, dev tools included
+# (pip's list of it as pins, less the editable hermes, which is not on PyPI). --strict: a
+# package that could not be audited fails the audit too. pip-audit asks PyPI's JSON API about
+# each release (/pypi/NAME/VERSION/json); where that is not served (a registry mirror that
+# serves /simple/ and /pypi/NAME/json only, as on our machines, or no network), it could audit
+# nothing, so `make audit` says so and passes, unless AUDIT_REQUIRED=1. Where OSV answers instead:
+# `make audit AUDIT_SERVICE='-s osv' AUDIT_PROBE=` (an empty probe always audits).
+# A finding that truly cannot be fixed goes into AUDIT_IGNORE as --ignore-vuln ID, with a
+# comment saying why.
+AUDIT_IGNORE   :=
+AUDIT_REQUIRED ?= 0
+AUDIT_SERVICE  ?= -s pypi
+AUDIT_PROBE    ?= https://pypi.org/pypi/pip-audit/2.10.1/json
+PIP_AUDIT      := $(VENV)/bin/pip-audit --strict --progress-spinner off $(AUDIT_SERVICE) \
+                  $(AUDIT_IGNORE)
+audit: $(VENV)/.installed
+	@if [ -z '$(AUDIT_PROBE)' ] || $(PY) -c \
+	    'import urllib.request as u; u.urlopen("$(AUDIT_PROBE)", timeout=20)' 2>/dev/null; then \
+	  echo "pip-audit: layers/hermes/requirements.txt" && \
+	  $(PIP_AUDIT) --disable-pip --require-hashes -r layers/hermes/requirements.txt && \
+	  echo "pip-audit: $(VENV)" && \
+	  $(PY) -m pip list --format=freeze --exclude-editable > $(VENV)/audit-pins.txt && \
+	  $(PIP_AUDIT) --disable-pip --no-deps -r $(VENV)/audit-pins.txt; \
+	else \
+	  echo "pip-audit: SKIPPED, no vulnerability data: $(AUDIT_PROBE) does not answer"; \
+	  [ '$(AUDIT_REQUIRED)' != 1 ]; \
+	fi
 
 # The LlmReservedConcurrency the models file needs (slots + waiting places), as a parameter
 # override for `sam deploy` (README, "Running under Lambda").
