@@ -57,6 +57,35 @@ def transformed(overrides: dict[str, str] | None = None) -> dict[str, Any]:
     return copy.deepcopy(_transformed(tuple(sorted((overrides or {}).items()))))
 
 
+def deployed(overrides: dict[str, str] | None = None) -> dict[str, Any]:
+    """The transformed template as CloudFormation creates it: the resources whose Condition
+    is false left out (the transform has put the parameters' values into the conditions)."""
+    template = transformed(overrides)
+    conditions = template.get("Conditions", {})
+
+    def holds(expression: Any) -> bool:
+        [(name, args)] = expression.items()
+        if name == "Condition":
+            return holds(conditions[args])
+        if name == "Fn::Equals":
+            assert all(isinstance(a, str) for a in args), expression  # resolved values
+            return bool(args[0] == args[1])
+        if name == "Fn::Not":
+            return not holds(args[0])
+        if name == "Fn::And":
+            return all(holds(a) for a in args)
+        if name == "Fn::Or":
+            return any(holds(a) for a in args)
+        raise AssertionError(f"not a condition function: {name}")
+
+    template["Resources"] = {
+        name: resource
+        for name, resource in template["Resources"].items()
+        if "Condition" not in resource or holds(conditions[resource["Condition"]])
+    }
+    return template
+
+
 def ref(name: str) -> dict[str, str]:
     return {"Ref": name}
 

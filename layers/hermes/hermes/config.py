@@ -8,11 +8,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hermes.callers import CALLER_ID, EVERY_OTHER, CallerConfig
 
@@ -85,6 +93,16 @@ class ModelConfig(BaseModel):
         return self.hosts if self.hosts is not None else (self.host,)
 
 
+# Where a host's bearer token is stored (hermes.backends.tokens): an SSM Parameter Store
+# parameter by its full path ("/hermes/tokens/gpu1", a SecureString), or a Secrets Manager
+# secret by its ARN. The template lets the functions read only under BackendTokenSsmPrefix
+# and BackendTokenSecretPrefix.
+STORE_NAME = (
+    r"^(/[A-Za-z0-9_.\-/]{1,1010}"
+    r"|arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]{1,512})$"
+)
+
+
 class HostConfig(BaseModel):
     """An Ollama host; its memory budget is in the same units as the memory weights."""
 
@@ -97,10 +115,26 @@ class HostConfig(BaseModel):
     # How many models the server keeps loaded at once (Ollama's OLLAMA_MAX_LOADED_MODELS);
     # None = as many as its memory allows. Placement avoids making it evict a busy model.
     max_loaded_models: int | None = Field(default=None, ge=1, le=100)
+    # A server behind an authenticating proxy: where its bearer token is stored (never the
+    # token itself). Each request to it then carries `Authorization: Bearer <token>`.
+    token_parameter: str | None = None
+
+    @field_validator("token_parameter")
+    @classmethod
+    def _names_where_the_token_is(cls, value: str | None) -> str | None:
+        # The message never repeats the value: it may be a token pasted in by mistake.
+        if value is not None and not re.fullmatch(STORE_NAME, value):
+            raise ValueError(
+                "must name where the token is stored: an SSM parameter path (/...) or a "
+                "Secrets Manager secret ARN (arn:aws:secretsmanager:...), never the token"
+            )
+        return value
 
 
 class ModelsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of validation errors (and so out of a failed cold start's traceback):
+    # a token pasted into token_parameter by mistake must not reach the logs.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     models: dict[str, ModelConfig] = Field(min_length=1)
     hosts: dict[str, HostConfig] = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import cache
@@ -51,10 +52,22 @@ class OllamaClient:
     # Names the kind of server in every error message; subclasses for other kinds set theirs.
     label: ClassVar[str] = "Ollama"
 
-    def __init__(self, base_url: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        transport: httpx.AsyncBaseTransport | None = None,
+        token_parameter: str | None = None,
+    ) -> None:
         self.base_url = base_url
         self.shown_url = public_url(base_url)  # what messages may show of it
         self._transport = transport
+        # A server behind an authenticating proxy: every request carries
+        # `Authorization: Bearer <token>`, the token read from SSM or Secrets Manager when
+        # first needed (hermes.backends.tokens) and kept only here, never in a message.
+        self.token_parameter = token_parameter
+        self._token: str | None = None
+        self._tokens_read: set[str] = set()  # every one this client sent: scrubbed from text
+        self._token_lock = threading.Lock()
         # One pooled client per event loop: a warm Lambda reuses its connections, and a
         # client is never used from a loop it was not created on.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
@@ -74,6 +87,32 @@ class OllamaClient:
             self._clients[loop] = client
         return client
 
+    async def _headers(self) -> dict[str, str]:
+        """The Authorization header of a host with a token_parameter; {} otherwise."""
+        if self.token_parameter is None:
+            return {}
+        token = self._token
+        if token is None:
+            token = await asyncio.to_thread(self._read_token)
+        return {"Authorization": f"Bearer {token}"}
+
+    def _read_token(self) -> str:
+        from hermes.backends.tokens import read_token
+
+        assert self.token_parameter is not None
+        with self._token_lock:  # one read however many requests start at once
+            if self._token is None:
+                self._token = read_token(self.token_parameter)
+                self._tokens_read.add(self._token)
+            return self._token
+
+    def _scrub(self, text: str) -> str:
+        """`text` (an upstream's words, about to become an error message) without the token:
+        a proxy may echo the header it refused."""
+        for token in self._tokens_read:
+            text = text.replace(token, "[token]")
+        return text
+
     async def complete(self, path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """One non-streamed /api/generate or /api/chat call (`body["model"]` is the tag)."""
         body = {**body, "stream": False}
@@ -91,8 +130,11 @@ class OllamaClient:
         raises UpstreamError. Closing the iterator closes the connection, which stops Ollama."""
         body = {**body, "stream": True}
         timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        headers = await self._headers()
         try:
-            async with self._client().stream("POST", path, json=body, timeout=timeout) as response:
+            async with self._client().stream(
+                "POST", path, json=body, timeout=timeout, headers=headers
+            ) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._raise_for_status(response, body["model"])
@@ -107,7 +149,8 @@ class OllamaClient:
                         ) from None
                     if isinstance(chunk, dict) and "error" in chunk:
                         raise UpstreamError(
-                            f"{self.label} failed mid-answer: {str(chunk['error'])[:500]}"
+                            f"{self.label} failed mid-answer: "
+                            + self._scrub(str(chunk["error"]))[:500]
                         )
                     yield chunk
         except httpx.HTTPError as exc:
@@ -140,8 +183,11 @@ class OllamaClient:
         self, method: str, path: str, backend_model: str | None, timeout_s: float, **kwargs: Any
     ) -> httpx.Response:
         timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+        headers = await self._headers()
         try:
-            response = await self._client().request(method, path, timeout=timeout, **kwargs)
+            response = await self._client().request(
+                method, path, timeout=timeout, headers=headers, **kwargs
+            )
         except httpx.HTTPError as exc:
             raise await self._transport_error(exc, timeout_s) from None
         self._raise_for_status(response, backend_model)
@@ -174,16 +220,25 @@ class OllamaClient:
         return f"Ollama does not have model '{backend_model}'; run: ollama pull {backend_model}"
 
     def _raise_for_status(self, response: httpx.Response, backend_model: str | None) -> None:
+        if response.status_code in (401, 403) and self.token_parameter is not None:
+            self._token = None  # read again next time: the token may have been rotated
+            raise UpstreamError(
+                f"{self._subject} refused Hermes' bearer token ({response.status_code}): "
+                f"check the token stored in {self.token_parameter}",
+                upstream_status=response.status_code,
+            )
         if response.status_code == 404 and backend_model is not None:
             raise ModelNotFound(self._missing_model(backend_model), backend_model=backend_model)
         if response.status_code == 503:
             # Ollama's "server busy, please try again" (OLLAMA_MAX_QUEUE reached).
             raise UpstreamUnavailable(
-                f"{self._subject} is overloaded: {_error_text(response)}", retry_after=1
+                f"{self._subject} is overloaded: {self._scrub(_error_text(response))}",
+                retry_after=1,
             )
         if response.status_code >= 400:
             raise UpstreamError(
-                f"{self._subject} answered {response.status_code}: {_error_text(response)}",
+                f"{self._subject} answered {response.status_code}: "
+                + self._scrub(_error_text(response)),
                 upstream_status=response.status_code,
             )
 

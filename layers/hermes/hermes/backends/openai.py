@@ -64,9 +64,10 @@ class OpenAIClient(OllamaClient):
         route, payload = _request(path, body, stream=True)
         timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
         finish, usage, pieces = None, None, 0
+        headers = await self._headers()
         try:
             async with self._client().stream(
-                "POST", route, json=payload, timeout=timeout
+                "POST", route, json=payload, timeout=timeout, headers=headers
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
@@ -80,7 +81,8 @@ class OpenAIClient(OllamaClient):
                     event = json.loads(data)
                     if "error" in event:
                         raise UpstreamError(
-                            f"{self._subject} failed mid-answer: {str(event['error'])[:300]}"
+                            f"{self._subject} failed mid-answer: "
+                            + self._scrub(str(event["error"]))[:300]
                         )
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or []:
