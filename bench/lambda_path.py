@@ -13,7 +13,7 @@ from pathlib import Path
 
 from local.template import ROOT
 
-REQUIREMENTS = ROOT / "layers" / "hermes" / "requirements.txt"
+REQUIREMENTS = ROOT / "layers" / "hermes" / "requirements.in"  # what the layer asks for
 RUNTIME_PROVIDED = ["boto3"]  # the Lambda Python runtime ships boto3 and its dependencies
 
 
