@@ -597,3 +597,43 @@ def test_a_direct_invokes_request_id_is_scoped_to_its_caller(emulator: OllamaEmu
     assert calls(emulator) == 2
     again = direct({"model": "gemma", "prompt": "alice's", "request_id": "r1", "caller": ALICE})
     assert again == alice and calls(emulator) == 2
+
+
+def test_a_600_kb_direct_result_is_stored_compressed_and_replayed(
+    emulator: OllamaEmulator,
+) -> None:
+    """Issue 22: a result over DynamoDB's 400 KB item fits its idempotency record
+    compressed, and the retry gets it without a second model call."""
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", tokens=110_000)
+    payload = {"model": "gemma", "prompt": "hello world", "request_id": "big-1"}
+    first = direct(payload)
+    assert len(first["result"]) > 600_000, first.get("error")
+    assert direct(payload) == first and calls(emulator) == 1
+    records = boto3.client("dynamodb").scan(TableName="IdempotencyTable")["Items"]
+    assert len(records) == 1 and len(json.dumps(records[0])) < 50_000
+
+
+def test_a_result_too_large_even_compressed_is_answered_with_a_note_naming_the_limit(
+    emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10,000 random words echoed 60,000 times (~600 KB that zlib cannot shrink below the
+    record's room): the caller that produced it gets it, with `stored: false` and why; a
+    retry runs the model again rather than failing on a record it cannot have."""
+    import random
+    import string
+
+    from hermes.config import get_settings
+    from hermes.idempotency import MAX_RESULT_BYTES
+
+    monkeypatch.setenv("HERMES_MAX_PROMPT_CHARS", "200000")
+    get_settings.cache_clear()
+    rng = random.Random(7)
+    words = " ".join("".join(rng.choices(string.ascii_lowercase, k=9)) for _ in range(10_000))
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", tokens=60_000)
+    payload = {"model": "gemma", "prompt": words, "request_id": "huge-1"}
+    answer = direct(payload)
+    assert len(answer["result"]) > 500_000 and answer["stored"] is False, answer.get("error")
+    assert (
+        f"at most {MAX_RESULT_BYTES}" in answer["note"] and "runs the model again" in answer["note"]
+    )
+    assert "result" in direct(payload) and calls(emulator) == 2

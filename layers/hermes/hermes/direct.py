@@ -16,7 +16,7 @@ from hermes.bounds import check_json
 from hermes.callers import CALLER, acting_as, given_caller
 from hermes.errors import HermesError, InvalidRequest
 from hermes.http import lambda_time_left_s
-from hermes.idempotency import once
+from hermes.idempotency import MAX_RESULT_BYTES, once, packed, unpacked
 from hermes.schemas import parse_generate_request
 from hermes.service import get_service
 
@@ -68,8 +68,36 @@ def _generate_as_caller(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return call({"model": model, "body": body})
     if not isinstance(request_id, str) or not 1 <= len(request_id) <= 128:
         raise InvalidRequest("request_id must be a string of 1 to 128 characters")
+
+    def stored(data: dict[str, Any]) -> dict[str, Any]:
+        result = call(data)
+        record, size = packed(result)
+        if size > MAX_RESULT_BYTES:  # raised: powertools stores nothing, the caller has it
+            raise _Unstored(result, size)
+        return record
+
     data = {"request_id": request_id, "model": model, "body": body, "caller": CALLER.get()}
-    result = once(
-        call, data, key="request_id", context=context, same_request="[model, body]", scope="caller"
-    )
-    return {**result, "request_id": request_id}
+    try:
+        record = once(
+            stored,
+            data,
+            key="request_id",
+            context=context,
+            same_request="[model, body]",
+            scope="caller",
+        )
+    except _Unstored as unstored:
+        return {**unstored.result, "request_id": request_id, "stored": False, "note": str(unstored)}
+    return {**unpacked(record), "request_id": request_id}
+
+
+class _Unstored(Exception):
+    """A result too large for an idempotency record even compressed: answered, not stored."""
+
+    def __init__(self, result: dict[str, Any], size: int) -> None:
+        super().__init__(
+            f"the result takes {size} bytes compressed; an idempotency record holds at most "
+            f"{MAX_RESULT_BYTES}, so it was not stored and a retry with this request_id runs "
+            "the model again (ask for fewer tokens with options.num_predict, or use a job)"
+        )
+        self.result = result

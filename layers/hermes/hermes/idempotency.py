@@ -3,17 +3,25 @@
 A retried direct invoke or a redelivered SQS message with the same id gets the stored
 result instead of a second model call. Only successes are stored: a failure raises, which
 makes powertools delete its in-progress record, so a later retry runs again (a busy model
-must not be remembered as a permanent answer).
+must not be remembered as a permanent answer). Results are stored zlib-compressed (`packed`),
+as job records are: DynamoDB's 400 KB item holds a few MB of generated text that way.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import zlib
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 from hermes.config import get_settings
 from hermes.errors import RequestInProgress
+
+# The most a compressed result may take in a record: base64 adds a third (280 KB -> 373 KB)
+# and the record's other attributes must fit the 400 KB item too.
+MAX_RESULT_BYTES = 280_000
 
 
 @lru_cache(maxsize=4)
@@ -81,3 +89,26 @@ def once(
             f"{key} '{data[key]}' was already used for a different request"
         ) from None
     return result
+
+
+def pack(value: Any) -> bytes:
+    return zlib.compress(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def unpack(data: bytes) -> Any:
+    return json.loads(zlib.decompress(data))
+
+
+def packed(result: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A result as stored in a record, `{"z": <base64 of its compressed JSON>}`, and the
+    compressed size (the caller compares it with MAX_RESULT_BYTES before storing)."""
+    data = pack(result)
+    return {"z": base64.b64encode(data).decode()}, len(data)
+
+
+def unpacked(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored result as it was returned (records stored before compression are plain)."""
+    if set(stored) == {"z"}:
+        result: dict[str, Any] = unpack(base64.b64decode(stored["z"]))
+        return result
+    return stored

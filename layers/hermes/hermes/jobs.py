@@ -28,7 +28,6 @@ import logging
 import random
 import time
 import uuid
-import zlib
 from functools import lru_cache
 from typing import Any
 
@@ -52,7 +51,7 @@ from hermes.errors import (
     is_retryable,
 )
 from hermes.http import lambda_time_left_s
-from hermes.idempotency import once
+from hermes.idempotency import MAX_RESULT_BYTES, once, pack, packed, unpack
 from hermes.schemas import Priority, parse_generate_request
 from hermes.service import HermesService, get_service
 
@@ -63,7 +62,6 @@ FINISHED = ("succeeded", "failed")
 # holds its compressed request until it succeeds, then its compressed result instead.
 MAX_REQUEST_BYTES = 350_000
 # The result also travels through the idempotency record as base64 (4/3 of it: 373 KB).
-MAX_RESULT_BYTES = 280_000
 MAX_RETRY_DELAY_S = 900  # SQS caps a visibility timeout change at 12 h; 15 min is plenty
 MAX_DELAY_S = 900  # SQS's limit for DelaySeconds
 
@@ -92,7 +90,7 @@ class Jobs:
         if parsed.priority is None and priority is not None:
             body = {**body, "priority": priority}
         effective: Priority = parsed.priority or priority or "normal"
-        request = _pack(body)
+        request = pack(body)
         if len(request) > MAX_REQUEST_BYTES:
             raise PromptTooLarge(
                 f"the job request takes {len(request)} bytes compressed; a job record holds at "
@@ -162,7 +160,7 @@ class Jobs:
             "updated_at": float(item["updated_at"]["N"]),
         }
         if "result_z" in item:
-            view["result"] = _unpack(item["result_z"]["B"])
+            view["result"] = unpack(item["result_z"]["B"])
         elif "result" in item:  # a record written before results were compressed
             view["result"] = json.loads(item["result"]["S"])
         for field in ("error", "code"):
@@ -229,17 +227,19 @@ class Jobs:
                 job_id, InternalError(str(exc)[:200]), receive_count, receipt_handle
             )
             return
-        packed = base64.b64decode(result["z"]) if "z" in result else _pack(result)
+        result_z = base64.b64decode(result["z"]) if "z" in result else pack(result)
         try:
             # The request is dropped on success: the result gets the record's whole room.
             self._finish(
                 job_id,
                 "succeeded",
-                result_z=packed,
+                result_z=result_z,
                 remove=("error", "code", "request", "request_z"),
             )
         except _TooLarge:  # MAX_RESULT_BYTES should have caught it; never leave it running
-            self._finish(job_id, "failed", error=_too_large(len(packed)), code=ResultTooLarge.code)
+            self._finish(
+                job_id, "failed", error=_too_large(len(result_z)), code=ResultTooLarge.code
+            )
 
     def _run(self, data: dict[str, Any], context: Any) -> dict[str, Any]:
         deadline = lambda_time_left_s(context)
@@ -247,10 +247,10 @@ class Jobs:
         # Checked here, inside the idempotent call, so that a result too large for the
         # records is a failure (nothing stored, the job failed at once), not a save error
         # that would call the model again on every redelivery.
-        packed = _pack(result)
-        if len(packed) > MAX_RESULT_BYTES:
-            raise ResultTooLarge(_too_large(len(packed)))
-        return {"z": base64.b64encode(packed).decode()}
+        record, size = packed(result)
+        if size > MAX_RESULT_BYTES:
+            raise ResultTooLarge(_too_large(size))
+        return record
 
     def _time_for(self, model: str, context: Any) -> bool:
         """Whether a job of `model` started now still gets its whole timeout."""
@@ -411,17 +411,9 @@ def _attr(value: Any) -> dict[str, Any]:
     return {"S": str(value)}
 
 
-def _pack(value: Any) -> bytes:
-    return zlib.compress(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-
-
-def _unpack(data: bytes) -> Any:
-    return json.loads(zlib.decompress(data))
-
-
 def _request(item: dict[str, Any]) -> Any:
     if "request_z" in item:
-        return _unpack(item["request_z"]["B"])
+        return unpack(item["request_z"]["B"])
     return json.loads(item["request"]["S"])  # a record written before requests were compressed
 
 
