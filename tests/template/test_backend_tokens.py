@@ -371,3 +371,22 @@ def test_vpc_endpoints_for_the_stores_come_with_the_other_endpoints() -> None:
 )
 def test_a_prefix_is_a_whole_path(name: str, value: str, allowed: bool) -> None:
     assert bool(re.fullmatch(parameters()[name]["AllowedPattern"], value)) is allowed
+
+
+def test_the_service_gives_each_host_s_client_its_token(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    proxy: tuple[str, AuthenticatingProxy],
+    stores: None,
+) -> None:
+    """hermes.service builds every host's client with the host's token_parameter."""
+    from hermes.service import get_service
+
+    url, guard = proxy
+    path = models_file(tmp_path, {"url": url, "token_parameter": PARAMETER})
+    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    put_ssm(TOKEN)
+    backend = get_service().backends["gpu1"]
+    assert backend.token_parameter == PARAMETER
+    asyncio.run(backend.loaded_models(5))
+    assert guard.seen == [f"Bearer {TOKEN}"]

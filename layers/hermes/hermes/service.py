@@ -1023,7 +1023,7 @@ def get_service() -> HermesService:
     settings = get_settings()
     traced = observability.start_tracing()  # before the clients exist: their calls traced
     backends = {
-        host: client_for(config.kind, settings.host_url(host))
+        host: client_for(config.kind, settings.host_url(host), config.token_parameter)
         for host, config in settings.hosts.items()
     }
     limiter = Limiter(client("dynamodb"), settings.lease_table, traced=traced)
