@@ -1,6 +1,8 @@
-"""What Lambda's SQS event source mapping does, for the local runner: long-poll a queue,
-hand batches to the function's handler as SQS events, delete what succeeded and leave the
-records it reports as failed (ReportBatchItemFailures) for redelivery."""
+"""What Lambda's SQS event source mapping does, for the local runner: poll a queue, hand
+batches to the function's handler as SQS events, up to `max_concurrency` batches at once
+(ScalingConfig.MaximumConcurrency: each would be an instance of its own), delete what
+succeeded and leave the records it reports as failed (ReportBatchItemFailures) for
+redelivery."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("hermes.local.queue")
@@ -40,6 +43,7 @@ class QueuePoller(threading.Thread):
         timeout_s: int,
         queue_url: str,
         batch_size: int,
+        max_concurrency: int = 1,
     ) -> None:
         super().__init__(name=f"sqs-poller-{function_name}", daemon=True)
         self.handler = handler
@@ -48,6 +52,12 @@ class QueuePoller(threading.Thread):
         self.queue_url = queue_url
         self.batch_size = min(batch_size, 10)  # ReceiveMessage returns at most 10
         self.stopping = threading.Event()
+        # A batch is received only when an "instance" is free to run it, as Lambda's poller
+        # scales to MaximumConcurrency: messages never wait inside the runner unseen.
+        self._free = threading.BoundedSemaphore(max_concurrency)
+        self._instances = ThreadPoolExecutor(
+            max_concurrency, thread_name_prefix=f"sqs-{function_name}"
+        )
 
     def run(self) -> None:
         import boto3
@@ -57,6 +67,8 @@ class QueuePoller(threading.Thread):
             "Attributes"
         ]["QueueArn"]
         while not self.stopping.is_set():
+            if not self._free.acquire(timeout=POLL_INTERVAL_S):
+                continue
             try:
                 messages = sqs.receive_message(
                     QueueUrl=self.queue_url,
@@ -67,13 +79,23 @@ class QueuePoller(threading.Thread):
                     AttributeNames=["All"],
                 ).get("Messages", [])
             except Exception as exc:
+                self._free.release()
                 log.warning("polling %s failed: %s", self.queue_url, exc)
                 time.sleep(1)
                 continue
             if messages:
-                self._deliver(sqs, arn, messages)
+                self._instances.submit(self._run, sqs, arn, messages)
             else:
+                self._free.release()
                 self.stopping.wait(POLL_INTERVAL_S)
+
+    def _run(self, sqs: Any, arn: str, messages: list[dict[str, Any]]) -> None:
+        try:
+            self._deliver(sqs, arn, messages)
+        except Exception:  # the batch's messages come back after their visibility timeout
+            log.exception("delivering a batch of %s failed", self.function_name)
+        finally:
+            self._free.release()
 
     def _deliver(self, sqs: Any, arn: str, messages: list[dict[str, Any]]) -> None:
         event = {"Records": [_record(message, arn) for message in messages]}

@@ -127,6 +127,8 @@ class QueueSource:
     function: str
     queue: str
     batch_size: int
+    # ScalingConfig.MaximumConcurrency: batches the event source runs at once (instances).
+    max_concurrency: int
 
 
 def queue_definitions(template: dict[str, Any] | None = None) -> dict[str, Queue]:
@@ -157,9 +159,18 @@ def queue_sources(template: dict[str, Any] | None = None) -> list[QueueSource]:
     for name, props in resources(template, "AWS::Serverless::Function").items():
         for event in props.get("Events", {}).values():
             if event["Type"] == "SQS":
-                queue = event["Properties"]["Queue"]["Fn::GetAtt"][0]
+                properties = event["Properties"]
+                queue = properties["Queue"]["Fn::GetAtt"][0]
+                scaling = properties.get("ScalingConfig", {}).get("MaximumConcurrency")
                 found.append(
-                    QueueSource(name, queue, int(event["Properties"].get("BatchSize", 10)))
+                    QueueSource(
+                        name,
+                        queue,
+                        int(properties.get("BatchSize", 10)),
+                        # Lambda's default without a ScalingConfig is up to 1,000 instances;
+                        # locally that many threads would only contend: one per host slot.
+                        int(resolve(scaling, template)) if scaling is not None else 2,
+                    )
                 )
     return found
 

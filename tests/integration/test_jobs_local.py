@@ -149,3 +149,17 @@ def test_a_non_ascii_prompt_the_llm_route_accepts_is_accepted_as_a_job(
     assert final["status"] == "succeeded", final
     assert final["result"]["result"].startswith("Echo: €€€")
     assert "error" not in final and "code" not in final
+
+
+def test_jobs_run_concurrently_as_the_worker_would_within_the_models_slots(
+    runner: HermesProcess, emulator: OllamaEmulator
+) -> None:
+    """Issue 22: four jobs of gemma (2 slots): the runner's poller runs batches at once up to
+    the worker's MaximumConcurrency (WorkerMaxConcurrency, 5), so two answer at a time,
+    never three; the ones refused a slot wait (queued, model_busy) and then succeed."""
+    emulator.set_behaviour(model="gemma3:1b", mode="ok", delay_ms=1500)
+    jobs = [submit(runner, "gemma", f"job {i}") for i in range(4)]
+    finals = [wait_for(runner, job_id, timeout_s=45)[-1] for job_id in jobs]
+    assert [f["status"] for f in finals] == ["succeeded"] * 4, finals
+    stats = emulator.stats()
+    assert stats["peak_in_flight"]["gemma3:1b"] == 2, stats["peak_in_flight"]
