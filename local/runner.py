@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import hmac
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -63,12 +64,19 @@ def path_pattern(path: str) -> re.Pattern[str]:
 class Router:
     """Dispatches like API Gateway's HTTP API: route match, else JSON 404/405."""
 
-    def __init__(self, routes: list[MountedRoute], keys: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        routes: list[MountedRoute],
+        keys: dict[str, str] | None = None,
+        max_body_bytes: int | None = None,
+    ) -> None:
         self.routes = routes
         # Optional keys for a runner reachable by others ({key: caller}, from HERMES_API_KEYS
         # and HERMES_API_KEY): each request then names its caller by its key. The deployed
         # API authenticates through API Gateway (IAM or JWT) instead.
         self.keys = {f"Bearer {key}".encode(): caller for key, caller in (keys or {}).items()}
+        # A larger body is refused before it is read (body_limit()); None: no limit.
+        self.max_body_bytes = max_body_bytes
 
     def _caller(self, scope: Scope) -> str | None:
         """The caller whose key the request sends (every key compared: no timing hint)."""
@@ -96,6 +104,10 @@ class Router:
                     [(b"www-authenticate", b"Bearer")],
                 )
                 return
+        if self.max_body_bytes is not None:
+            receive = await _bounded_body(scope, receive, send, self.max_body_bytes)
+            if receive is None:
+                return
         matching = [r for r in self.routes if r.pattern.fullmatch(scope["path"])]
         for route in matching:
             if route.method in (scope["method"], "ANY"):
@@ -118,6 +130,63 @@ class Router:
                 404,
                 {"error": f"no route {scope['method']} {scope['path']}", "code": "not_found"},
             )
+
+
+def body_limit() -> int:
+    """The largest body a request may send: what hermes.http.read_json_body accepts
+    (HERMES_MAX_PROMPT_CHARS characters, 6 bytes each at most once escaped, and 64 KiB)."""
+    from hermes.config import get_settings
+    from hermes.http import BODY_BYTES_PER_PROMPT_CHAR, BODY_OVERHEAD_BYTES
+
+    return get_settings().max_prompt_chars * BODY_BYTES_PER_PROMPT_CHAR + BODY_OVERHEAD_BYTES
+
+
+async def _bounded_body(scope: Scope, receive: Any, send: Any, limit: int) -> Any:
+    """`receive` for a request whose body is within `limit` bytes; None when it was answered
+    413 instead, before its body was read: a Content-Length above the limit at once, a
+    chunked body as soon as what arrived passes it (at most `limit` bytes held; the app then
+    gets them in one message). uvicorn stops reading the socket while nobody reads the body,
+    and closes the connection after the 413."""
+    headers = dict(scope["headers"])
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        with contextlib.suppress(ValueError):  # not a number: the server refused it already
+            if int(declared) > limit:
+                await _too_large(send, f"request body has {int(declared)} bytes", limit)
+                return None
+        return receive
+    if b"transfer-encoding" not in headers:
+        return receive  # no body
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # the client left
+        body += message.get("body", b"")
+        if len(body) > limit:
+            await _too_large(send, f"request body has more than {limit} bytes", limit)
+            return None
+        if not message.get("more_body", False):
+            break
+    replay: list[dict[str, Any]] = [{"type": "http.request", "body": bytes(body)}]
+
+    async def replayed() -> Any:
+        return replay.pop() if replay else await receive()
+
+    return replayed
+
+
+async def _too_large(send: Any, what: str, limit: int) -> None:
+    await _json(
+        send,
+        413,
+        {
+            "error": f"{what}; the limit is {limit} bytes (HERMES_MAX_PROMPT_CHARS characters "
+            "of prompt, up to 6 bytes each, and 64 KiB)",
+            "code": "prompt_too_large",
+        },
+        [(b"connection", b"close")],
+    )
 
 
 async def _json(
@@ -214,14 +283,22 @@ MODEL_DESCRIPTION = ""
 
 def start_embedded_store() -> str:
     """DynamoDB Local when Java and the npm package are there (AWS's implementation, ~2 ms
-    per write), else moto's server serialized to one request at a time. Returns its URL."""
+    per write), else moto's server serialized to one request at a time. Returns its URL.
+    DynamoDB Local runs only where it can have a network namespace of its own (it would
+    listen on every interface otherwise): when it cannot, `auto` takes moto."""
     choice = os.environ.get("HERMES_LOCAL_STORE", "auto")
     if choice not in ("auto", "dynamodb-local", "moto"):
         sys.exit(f"hermes: HERMES_LOCAL_STORE must be auto, dynamodb-local or moto, not {choice!r}")
     if choice != "moto" and (choice == "dynamodb-local" or dynamodb_local.available()):
-        store = dynamodb_local.DynamoDBLocal().start()
-        atexit.register(store.stop)
-        return _described(f"embedded DynamoDB Local on {store.url}", store.url)
+        try:
+            store = dynamodb_local.DynamoDBLocal().start()
+        except dynamodb_local.IsolationUnavailable as exc:
+            if choice == "dynamodb-local":
+                sys.exit(f"hermes: {exc}")
+            print(f"hermes: {exc}; using moto instead", flush=True)
+        else:
+            atexit.register(store.stop)
+            return _described(f"embedded DynamoDB Local on {store.url}", store.url)
     from local.embedded_moto import start_embedded_moto
 
     url = start_embedded_moto()
@@ -317,6 +394,7 @@ def build_app() -> Router:
             fn.timeout,
             queue_urls[source.queue],
             source.batch_size,
+            source.max_concurrency,
         ).start()
     return Router(
         [
@@ -326,6 +404,7 @@ def build_app() -> Router:
         # One OpenAPI document for every route above (the runner's own; not an API route).
         + [MountedRoute("GET", path_pattern(OPENAPI_PATH), openapi.DocumentApp(handlers))],
         keys=local_keys(),
+        max_body_bytes=body_limit(),
     )
 
 
@@ -338,6 +417,31 @@ def local_keys() -> dict[str, str]:
         return api_keys(os.environ.get("HERMES_API_KEYS"), os.environ.get("HERMES_API_KEY"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.1 (any 127.x), ::1 or localhost: an address no other machine reaches."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name, or an interface's address: reachable from elsewhere
+
+
+def bind_refusal(host: str) -> str | None:
+    """Why the runner must not listen on `host` (None: it may): beyond loopback, only with a
+    key, else anyone who reaches the machine could use the models as any caller."""
+    if is_loopback(host) or local_keys():
+        return None
+    return (
+        f"hermes: HOST={host} would let other machines reach this runner without a key, so it "
+        "does not start: set HERMES_API_KEY (or HERMES_API_KEYS) to require one, or listen on "
+        "127.0.0.1"
+    )
 
 
 def describe(port: int, host: str) -> str:
@@ -401,6 +505,9 @@ def main() -> None:
     port = int(os.environ.get("PORT") or 4020)
     host = os.environ.get("HOST") or "127.0.0.1"
     try:
+        refusal = bind_refusal(host)
+        if refusal:
+            sys.exit(refusal)
         app = build_app()
         print(describe(port, host), flush=True)
         missing = backends_line()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import select
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -186,3 +190,79 @@ def test_an_api_key_protects_the_runner(shared_env: dict[str, str]) -> None:
             timeout=10,
         )
         assert good.status_code == 200
+
+
+def test_beyond_loopback_the_runner_listens_with_a_key(shared_env: dict[str, str]) -> None:
+    env = {**shared_env, "HOST": "0.0.0.0", "HERMES_API_KEY": "s3cret"}
+    with HermesProcess(env) as runner:
+        assert post(runner.url, "gemma", {"prompt": "hi"}).status_code == 401
+
+
+# The runner's body limit: HERMES_MAX_PROMPT_CHARS=1000 (runner_env) at 6 bytes each + 64 KiB.
+BODY_LIMIT = 1000 * 6 + 64 * 1024
+FIFTY_MB = 50 * 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def answer(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, object]]:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, dict(response.getheaders()), json.loads(response.read())
+
+
+def head(hermes: HermesProcess, *headers: str) -> bytes:
+    lines = ["POST /v1/llm/gemma HTTP/1.1", f"Host: 127.0.0.1:{hermes.port}",
+             "Content-Type: application/json", *headers]  # fmt: skip
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_50_mb_content_length_is_413_before_the_body_is_sent(hermes: HermesProcess) -> None:
+    assert hermes.process is not None
+    before = rss_bytes(hermes.process.pid)
+    with socket.create_connection(("127.0.0.1", hermes.port), timeout=10) as sock:
+        # Headers claiming 50 MB, then a few bytes: the answer comes without the rest.
+        sock.sendall(head(hermes, f"Content-Length: {FIFTY_MB}") + b'{"prompt": "')
+        started = time.monotonic()
+        status, headers, body = answer(sock)
+        took = time.monotonic() - started
+    assert (status, body["code"]) == (413, "prompt_too_large")
+    assert f"{FIFTY_MB} bytes" in str(body["error"]) and str(BODY_LIMIT) in str(body["error"])
+    assert headers["connection"] == "close"
+    assert took < 5
+    assert rss_bytes(hermes.process.pid) - before < 10 * 1024 * 1024
+
+
+def test_a_chunked_body_is_413_once_it_passes_the_limit(hermes: HermesProcess) -> None:
+    assert hermes.process is not None
+    before = rss_bytes(hermes.process.pid)
+    chunk = b"x" * 16384
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", hermes.port), timeout=10) as sock:
+        sock.sendall(head(hermes, "Transfer-Encoding: chunked") + frame)
+        sent += len(chunk)
+        # Send on until the answer comes (a client streaming 50 MB), at most 4 MB.
+        while sent < 4 * 1024 * 1024 and not select.select([sock], [], [], 0.02)[0]:
+            try:
+                sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        assert sent < 4 * 1024 * 1024, "no answer after 4 MB of a body past the limit"
+        status, _, body = answer(sock)
+    assert (status, body["code"]) == (413, "prompt_too_large")
+    assert f"more than {BODY_LIMIT} bytes" in str(body["error"])
+    assert rss_bytes(hermes.process.pid) - before < 10 * 1024 * 1024
+
+
+def test_a_chunked_body_within_the_limit_is_served(hermes: HermesProcess) -> None:
+    def pieces() -> Iterator[bytes]:
+        yield b'{"prompt": '
+        yield b'"hi"}'
+
+    response = httpx.post(f"{hermes.url}/v1/llm/gemma", content=pieces(), timeout=30)
+    assert response.status_code == 200 and response.json()["result"]
