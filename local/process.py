@@ -260,19 +260,38 @@ def _loopback_only_main(argv: list[str]) -> int:
             flush=True,
         )
         return ISOLATION_UNAVAILABLE
-    workdir = tempfile.mkdtemp(prefix="loopback-only-")
+    # Told to stop before the relay's loop handles it (or once it is over): clean up all the
+    # same, and a second signal (a stop, then the parent's death) does not interrupt that.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _stop_now)
+    workdir = ""
     try:
+        workdir = tempfile.mkdtemp(prefix="loopback-only-")
         child = subprocess.Popen(
             command, cwd=workdir, stdin=subprocess.DEVNULL, preexec_fn=_killed_with_parent
         )
         try:
             return asyncio.run(_relay(listener, port, child))
         finally:
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
             if child.poll() is None:
                 child.kill()
             child.wait()
+    except SystemExit:
+        return 0
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise SystemExit(0)
 
 
 async def _relay(listener: socket.socket, port: int, child: subprocess.Popen[bytes]) -> int:
@@ -283,7 +302,7 @@ async def _relay(listener: socket.socket, port: int, child: subprocess.Popen[byt
         if not done.done():
             done.set_result(None)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, finish)
     exited = os.pidfd_open(child.pid)  # readable once the child has exited
     loop.add_reader(exited, finish)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -128,6 +129,25 @@ def test_stopping_the_relay_stops_its_server_and_cleans_up(
     assert Path(workdir).name.startswith("loopback-only-") and not os.listdir(workdir)
     relay.stop(grace_s=5)
     assert relay.returncode == 0  # asked to stop, not killed
+    assert gone(server) and not Path(workdir).exists()
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_relay_told_to_stop_cleans_up_even_when_told_twice(signals: int) -> None:
+    """A stop (SIGTERM) and the parent's death (SIGTERM again) may come one after the other;
+    the relay kills its server and removes its directory all the same, even before its
+    server listens."""
+    script = "import time; print('up', flush=True); time.sleep(60)"  # never listens
+    relay = ChildProcess(
+        "the relay", loopback_only([sys.executable, "-c", script], free_port())
+    ).start()
+    relay.wait_until(lambda: "up" in relay.output(), timeout_s=20)
+    (server,) = children(relay.pid)
+    workdir = os.readlink(f"/proc/{server}/cwd")
+    for _ in range(signals):
+        os.kill(relay.pid, signal.SIGTERM)
+    assert relay.process is not None
+    assert relay.process.wait(timeout=10) == 0
     assert gone(server) and not Path(workdir).exists()
 
 
