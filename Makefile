@@ -20,22 +20,26 @@ $(VENV)/.installed: pyproject.toml layers/hermes/requirements.txt
 	$(PY) -m pip install --quiet -e '.[dev]' -c $(VENV)/layer-pins.txt
 	touch $@
 
-# The layer's lock, layers/hermes/requirements.txt, which `sam build` installs (hashes make pip
-# check every file: --require-hashes is implied). It resolves requirements.in for Lambda's
-# python3.11 and pins every transitive dependency with the hashes of all the files of its
-# version, so the x86_64 and arm64 wheels alike. botocore comes in through aws-xray-sdk: it is
-# resolved beside pyproject's boto3 pin (boto3 itself and s3transfer are left out, the runtime
-# provides them), so the layer's botocore is the venv's. uv is fast and reads no pip.conf, so
-# the lock names PyPI's files only. An existing lock's pins are kept where they still fit:
-# `make lock` after editing requirements.in, `make lock LOCK_UPGRADE=--upgrade` to move on.
+# The layer's lock, layers/hermes/requirements.txt, which `sam build` installs with pip's
+# --require-hashes --no-deps (layers/hermes/Makefile): exactly the lock's files, no more. It
+# resolves requirements.in for Lambda's python3.11 beside pyproject's boto3 pin (the runtime's
+# boto3, as the tests run it) and pins every transitive dependency with the hashes of all the
+# files of its version, so the x86_64 and arm64 wheels alike. What the runtime provides is
+# resolved but left out (LOCK_RUNTIME): aws-xray-sdk's botocore and powertools' jmespath are the
+# runtime's, so a function imports exactly one botocore, the runtime's, and the layer carries no
+# second copy. aws-xray-sdk asks for botocore>=1.11.3, which any python3.11 runtime satisfies.
+# uv is fast and reads no pip.conf, so the lock names PyPI's files only. An existing lock's pins
+# are kept where they still fit: `make lock` after editing requirements.in,
+# `make lock LOCK_UPGRADE=--upgrade` to move on.
 LOCK_OUT      ?= layers/hermes/requirements.txt
 LOCK_PLATFORM ?= x86_64-manylinux2014
 LOCK_UPGRADE  ?=
+LOCK_RUNTIME  := boto3 botocore s3transfer jmespath python-dateutil six urllib3
 BOTO3_PIN     := $(shell sed -n 's/^ *"\(boto3==[^"]*\)".*/\1/p' pyproject.toml)
 lock: $(if $(wildcard $(VENV)/bin/uv),,$(VENV)/.installed)
 	echo '$(BOTO3_PIN)' | $(VENV)/bin/uv pip compile --quiet layers/hermes/requirements.in - \
 	  --generate-hashes --python-version 3.11 --python-platform $(LOCK_PLATFORM) \
-	  --no-emit-package boto3 --no-emit-package s3transfer $(LOCK_UPGRADE) \
+	  $(foreach name,$(LOCK_RUNTIME),--no-emit-package $(name)) $(LOCK_UPGRADE) \
 	  --custom-compile-command 'make lock' -o $(LOCK_OUT)
 
 # The embedded real model (Gemma 3 270M on llama-cpp-python) for machines without Ollama and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import boto3
 import botocore
 import pytest
+from packaging.utils import canonicalize_name
 
 from local.embedded_moto import start_embedded_moto
 from local.template import ROOT, table_definitions
@@ -22,6 +24,9 @@ from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.template
 RUNTIME_PACKAGES = ["boto3", "botocore", "jmespath", "s3transfer", "dateutil", "urllib3", "six.py"]
+# the distributions RUNTIME_PACKAGES come from
+RUNTIME_DISTS = {"boto3", "botocore", "jmespath", "s3transfer", "python-dateutil", "urllib3", "six"}
+ELF_MACHINE = {"x86_64": 62, "aarch64": 183}  # e_machine: EM_X86_64, EM_AARCH64
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +169,69 @@ def test_built_worker_refuses_a_non_sqs_event(
         build_dir, lambda_runtime_packages, "WorkerFunction", "direct_unknown_event.json", backends
     )
     assert response["code"] == "invalid_request"
+
+
+def test_the_built_layer_leaves_botocore_to_the_runtime(build_dir: Path) -> None:
+    """The layer ships no second botocore: neither it nor boto3's other dependencies, which
+    the runtime provides; aws-xray-sdk and its own dependency wrapt are there."""
+    layer = build_dir / "HermesLayer" / "python"
+    shipped = {path.name for path in layer.iterdir()}
+    assert {"hermes", "aws_xray_sdk", "wrapt", "aws_lambda_powertools"} <= shipped
+    assert not shipped & set(RUNTIME_PACKAGES)
+    dists = {canonicalize_name(info.name.split("-")[0]) for info in layer.glob("*.dist-info")}
+    assert "aws-xray-sdk" in dists and not dists & RUNTIME_DISTS
+
+
+ONE_BOTOCORE = """
+import json, os, sys
+import app
+from hermes.aws import client
+from hermes.observability import start_tracing
+tracing = start_tracing()  # active tracing: powertools' Tracer patches botocore and httpx
+client("dynamodb")
+import botocore, botocore.client
+copies = [p for p in sys.path if os.path.exists(os.path.join(p, "botocore", "__init__.py"))]
+patched = hasattr(botocore.client.BaseClient._make_api_call, "__wrapped__")
+print(json.dumps({"copies": copies, "file": botocore.__file__, "tracing": tracing,
+                  "patched": patched}))
+"""
+
+
+def test_the_function_imports_exactly_one_botocore_the_runtimes(
+    build_dir: Path, lambda_runtime_packages: Path
+) -> None:
+    """On the built function's sys.path (function, layer, runtime) there is one botocore, the
+    runtime's, and X-Ray's tracing (aws-xray-sdk from the layer) patches that one."""
+    path = [build_dir / "LlmFunction", build_dir / "HermesLayer" / "python"]
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", ONE_BOTOCORE],
+        capture_output=True, text=True, timeout=60,
+        env={
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": os.pathsep.join(map(str, [*path, lambda_runtime_packages])),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_LAMBDA_FUNCTION_NAME": "test",
+            "AWS_XRAY_DAEMON_ADDRESS": "127.0.0.1:2000",
+        },
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["copies"] == [str(lambda_runtime_packages)]
+    assert Path(seen["file"]).is_relative_to(lambda_runtime_packages)
+    assert seen["tracing"] and seen["patched"]
+
+
+def test_the_built_layer_serves_both_architectures(build_dir: Path) -> None:
+    """SAM tells a makefile build nothing of the Architecture parameter: every extension
+    module of the layer is there for x86_64 and for arm64, each built for its machine."""
+    layer = build_dir / "HermesLayer" / "python"
+    modules: dict[str, set[str]] = {}
+    for library in layer.rglob("*.so"):
+        name = re.fullmatch(r"(.+)\.cpython-311-(\w+)-linux-gnu\.so", str(library))
+        assert name, library
+        stem, arch = name.groups()
+        modules.setdefault(stem, set()).add(arch)
+        machine = int.from_bytes(library.read_bytes()[18:20], "little")
+        assert machine == ELF_MACHINE[arch], library
+    assert any(stem.endswith("_pydantic_core") for stem in modules)
+    assert all(arches == set(ELF_MACHINE) for arches in modules.values()), modules
