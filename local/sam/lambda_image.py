@@ -44,8 +44,8 @@ DEBIAN_MIRROR = os.environ.get("HERMES_DEBIAN_MIRROR", "http://deb.debian.org/de
 AWSLAMBDARIC = "awslambdaric==4.2.2"
 
 # Lambda's python3.11 import order: function code, layers, the runtime client, then the
-# packages the runtime ships (boto3). Layers before the runtime's boto3 is what matters:
-# a layer's botocore must win, as it does on Lambda.
+# packages the runtime ships (boto3). Layers before the runtime's boto3, as on Lambda: a
+# layer's package shadows the runtime's (Hermes' layer ships no botocore of its own).
 BOOTSTRAP = """#!/bin/sh
 # Stand-in for the python3.11 Lambda runtime's bootstrap (see local/sam/lambda_image.py).
 export AWS_EXECUTION_ENV=AWS_Lambda_python3.11

@@ -3,9 +3,9 @@ backend), started or reused, at addresses their containers can reach.
 
 Containers on the default bridge reach the host at the bridge's gateway (172.17.0.1);
 127.0.0.1 in a container is the container itself. moto's SQS server is started on the
-gateway address; DynamoDB Local listens on every interface (it has no bind option); a
-server that listens on loopback only (Ollama's default, the embedded model, a DynamoDB the
-user already runs) is reached through a relay (local/sam/relay.py).
+gateway address; a server that listens on loopback only (Ollama's default, the embedded
+model, DynamoDB Local: its relay listens on 127.0.0.1 only, local.process.loopback_only; a
+DynamoDB the user already runs) is reached through a relay (local/sam/relay.py).
 
 The choices are `make run`'s: AWS_ENDPOINT_URL_DYNAMODB / OLLAMA_URL when set, else
 DynamoDB Local (moto without Java), Ollama on localhost:11434 when it answers, else the
@@ -115,7 +115,7 @@ class Services(contextlib.ExitStack):
             store = dynamodb_local.DynamoDBLocal().start()
             self.callback(store.stop)
             self.notes.append(f"DynamoDB: DynamoDB Local on port {store.port}")
-            return f"http://{self.gateway}:{store.port}", store.url
+            return self._reachable(store.url), store.url
         from local.embedded_moto import start_embedded_moto
 
         url = start_embedded_moto(self.gateway)

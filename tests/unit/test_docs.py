@@ -34,9 +34,8 @@ def test_every_relative_link_reaches_a_file_and_heading(page: Path) -> None:
             continue  # http(s), mailto
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        if not resolved.exists():
-            broken.append(target)
-        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+        missing_anchor = anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)
+        if not resolved.exists() or missing_anchor:
             broken.append(target)
     assert broken == []
 
