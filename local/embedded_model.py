@@ -156,16 +156,23 @@ class ModelServer:
             self.child.stop()
 
 
-def models_with_embedded_gemma(models_file: Path, url: str, out: Path) -> Path:
-    """A copy of the models file in which `gemma` runs on the embedded server."""
+# A model the embedded server serves under a name the models file does not have yet
+# (HERMES_EMBEDDED_MODEL_AS): the seed's gemma settings.
+NEW_ENTRY = {"max_concurrency": 2, "timeout": 30000}
+
+
+def models_with_embedded_gemma(models_file: Path, url: str, out: Path, name: str = "gemma") -> Path:
+    """A copy of the models file in which the model `name` runs on the embedded server (added
+    with the seed's gemma settings when the file has no such model)."""
     config: dict[str, Any] = json.loads(models_file.read_text())
     config.setdefault("hosts", {"default": {"memory_budget": 8}})
     config["hosts"][HOST] = {"kind": "openai", "url": url, "memory_budget": 2}
-    config["models"]["gemma"] = {
-        **config["models"]["gemma"],
+    config["models"][name] = {
+        **config["models"].get(name, NEW_ENTRY),
         "host": HOST,
         "backend_model": ALIAS,
         "memory_cost": "low",
     }
+    config["models"][name].pop("hosts", None)  # one host: the embedded server
     out.write_text(json.dumps(config, indent=2))
     return out

@@ -318,6 +318,31 @@ def start_embedded_model() -> None:
         return
     if embedded_model.ollama_answers("http://localhost:11434"):
         return
+    from hermes.config import DEFAULT_MODELS_FILE, ConfigError, load_config
+    from hermes.service import MODEL_NAME
+
+    source = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
+    try:
+        names = sorted(load_config(source).models)  # a bad file: one sentence, no traceback
+    except ConfigError as error:
+        sys.exit(f"hermes: {error}")
+    chosen = os.environ.get("HERMES_EMBEDDED_MODEL_AS")
+    if chosen is not None and not MODEL_NAME.fullmatch(chosen):
+        sys.exit(
+            "hermes: environment variable HERMES_EMBEDDED_MODEL_AS must be a model name "
+            f"(letters, digits, '.', '_', ':', '-'), got {chosen[:100]!r}"
+        )
+    serve_as = chosen or "gemma"
+    if serve_as not in names and chosen is None:
+        print(
+            f"hermes: no Ollama at http://localhost:11434 and models file {source} has no "
+            f"model 'gemma' for the embedded Gemma 3 270M: {', '.join(names)} "
+            f"{'has' if len(names) == 1 else 'have'} no backend and will answer 503. Start "
+            "Ollama, set OLLAMA_URL, or set "
+            "HERMES_EMBEDDED_MODEL_AS=<name> to serve the embedded model as <name>",
+            flush=True,
+        )
+        return
     if not embedded_model.available():
         print(
             "hermes: no Ollama at http://localhost:11434 and no embedded model installed "
@@ -327,7 +352,7 @@ def start_embedded_model() -> None:
         return
     print(
         "hermes: no Ollama at http://localhost:11434: starting the embedded Gemma 3 270M "
-        "(llama-cpp-python)...",
+        f"(llama-cpp-python) as model '{serve_as}'...",
         flush=True,
     )
     # One log per runner port: `make run` always writes .cache/logs/model-server-4020.log.
@@ -340,16 +365,14 @@ def start_embedded_model() -> None:
         sys.exit(f"hermes: {exc}")
     atexit.register(server.stop)
     from hermes.backends import set_down_reason
-    from hermes.config import DEFAULT_MODELS_FILE
 
     # When the server dies, requests for its models answer 503 with why (e.g. killed by
     # SIGILL) and where its log is, instead of a 502 about a closed connection.
     set_down_reason(server.url, server.down_reason)
 
-    source = Path(os.environ.get("HERMES_MODELS_FILE") or DEFAULT_MODELS_FILE)
     target = ROOT / ".cache" / "models.embedded.json"
     target.parent.mkdir(exist_ok=True)
-    path = embedded_model.models_with_embedded_gemma(source, server.url, target)
+    path = embedded_model.models_with_embedded_gemma(source, server.url, target, serve_as)
     os.environ["HERMES_MODELS_FILE"] = str(path)
     global MODEL_DESCRIPTION
     MODEL_DESCRIPTION = (
@@ -496,14 +519,35 @@ def backends_line() -> str | None:
     )
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the runner could not listen on host:port (None: it can), found before anything
+    starts, so that the answer is one sentence rather than uvicorn's error after the start."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as error:
+        return os.strerror(error.errno) if error.errno else str(error)
+
+
 def main() -> None:
     import uvicorn
 
     use_this_layer()
     from hermes.config import ConfigError
 
-    port = int(os.environ.get("PORT") or 4020)
+    raw_port = os.environ.get("PORT") or "4020"
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        sys.exit(f"hermes: environment variable PORT must be a port number, got {raw_port!r}")
+    port = int(raw_port)
     host = os.environ.get("HOST") or "127.0.0.1"
+    taken = port_taken(host, port)
+    if taken:
+        sys.exit(
+            f"hermes: cannot listen on {host}:{port} ({taken}): set PORT to a free port, "
+            "or stop what listens there"
+        )
     try:
         refusal = bind_refusal(host)
         if refusal:
