@@ -524,8 +524,10 @@ def port_taken(host: str, port: int) -> str | None:
     starts, so that the answer is one sentence rather than uvicorn's error after the start."""
     import socket
 
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((bare, port), family=family):
             return None
     except OSError as error:
         return os.strerror(error.errno) if error.errno else str(error)
@@ -542,16 +544,17 @@ def main() -> None:
         sys.exit(f"hermes: environment variable PORT must be a port number, got {raw_port!r}")
     port = int(raw_port)
     host = os.environ.get("HOST") or "127.0.0.1"
-    taken = port_taken(host, port)
-    if taken:
-        sys.exit(
-            f"hermes: cannot listen on {host}:{port} ({taken}): set PORT to a free port, "
-            "or stop what listens there"
-        )
+
     try:
         refusal = bind_refusal(host)
         if refusal:
             sys.exit(refusal)
+        taken = port_taken(host, port)
+        if taken:
+            sys.exit(
+                f"hermes: cannot listen on {host}:{port} ({taken}): set PORT to a free port, "
+                "or stop what listens there"
+            )
         app = build_app()
         print(describe(port, host), flush=True)
         missing = backends_line()
