@@ -524,7 +524,7 @@ async def _until(gone: asyncio.Event, future: asyncio.Future[None]) -> bool:
 
 @dataclass
 class _Job:
-    api: str  # "generate" | "chat" | "openai_chat" | "openai_completion"
+    api: str  # "generate" | "chat" | "openai_chat" | "openai_completion" | an EMBED_APIS
     model: str  # as requested, echoed back like Ollama does
     tag: str  # as configured, the accounting key
     stream: bool
@@ -534,10 +534,62 @@ class _Job:
     json_mode: bool
     include_usage: bool
     keep_alive: float | None  # seconds (inf: forever); None: the emulator's keep_alive_s
+    inputs: tuple[str, ...] = ()  # the texts of an embedding request
+    dimensions: int | None = None  # an embedding request's vector size (default EMBED_DIM)
 
     @property
     def openai(self) -> bool:
         return self.api.startswith("openai")
+
+    @property
+    def embedding(self) -> bool:
+        return self.api in EMBED_APIS
+
+
+# Ollama's /api/embed and older /api/embeddings, OpenAI's /v1/embeddings.
+EMBED_APIS = ("embed", "embeddings", "openai_embeddings")
+EMBED_DIM = 16
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    """A text's embedding: deterministic (the same text, the same vector), unit length, as
+    Ollama's /api/embed answers them."""
+    import hashlib
+    import math
+
+    raw = [
+        b / 127.5 - 1
+        for i in range(0, dimensions, 32)
+        for b in hashlib.sha256(f"{i}:{text}".encode()).digest()
+    ][:dimensions]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]
+
+
+def _parse_embed_job(api: str, body: dict[str, Any], tag: str) -> _Job:
+    given = body.get("prompt") if api == "embeddings" else body.get("input")
+    inputs = [given] if isinstance(given, str) else given
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        raise BadRequest("input must be a string or a list of strings")
+    if api == "embeddings" and len(inputs) != 1:
+        raise BadRequest("prompt must be a string")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or dimensions < 1):
+        raise BadRequest("dimensions must be a positive integer")
+    return _Job(
+        api=api,
+        model=body["model"],
+        tag=tag,
+        stream=False,
+        prompt=" ".join(inputs),
+        prompt_tokens=sum(len(t.split()) for t in inputs),
+        limit=None,
+        json_mode=False,
+        include_usage=False,
+        keep_alive=None if api.startswith("openai") else _keep_alive(body.get("keep_alive")),
+        inputs=tuple(inputs),
+        dimensions=dimensions,
+    )
 
 
 def _text_of(content: Any) -> str:
@@ -682,6 +734,8 @@ class _Completion(Response):
         if b.mode in faults:
             status, message = faults[b.mode]
             return await self._send(_dumps(_error_body(job.openai, status, message)), status)
+        if job.embedding:
+            return await self._send(_dumps(self._embeddings(t0)))
         n, reason = b.tokens or self.state.default_tokens, "stop"
         if job.limit is not None and job.limit < n:
             n, reason = job.limit, "length"
@@ -770,6 +824,23 @@ class _Completion(Response):
         choice = {"delta": message} if self.job.api == "openai_chat" else {"text": text}
         return {**self.head, "choices": [{"index": 0, **choice, "finish_reason": None}]}
 
+    def _embeddings(self, t0: int) -> dict[str, Any]:
+        """The answer of an embedding request, in its API's shape."""
+        job = self.job
+        vectors = [_vector(text, job.dimensions or EMBED_DIM) for text in job.inputs]
+        timings = self._timings(t0, time.monotonic_ns(), 0)
+        if job.api == "openai_embeddings":
+            data = [
+                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+            ]
+            tokens = job.prompt_tokens
+            usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+            return {"object": "list", "data": data, "model": job.model, "usage": usage}
+        if job.api == "embeddings":
+            return {"embedding": vectors[0]}
+        keep = ("total_duration", "load_duration", "prompt_eval_count")
+        return {"model": job.model, "embeddings": vectors} | {k: timings[k] for k in keep}
+
     def _full(self, text: str, reason: str, timings: dict[str, int]) -> dict[str, Any]:
         if not self.job.openai:
             obj = {**self._delta(text), "done": True, "done_reason": reason, **timings}
@@ -827,7 +898,8 @@ def create_app(state: EmulatorState) -> Starlette:
             if tag is None:
                 error = _error_body(api.startswith("openai"), 404, _not_found(model))
                 return JSONResponse(error, 404)
-            return _Completion(state, _parse_job(api, body, tag))
+            parse = _parse_embed_job if api in EMBED_APIS else _parse_job
+            return _Completion(state, parse(api, body, tag))
 
         return endpoint
 
@@ -933,6 +1005,9 @@ def create_app(state: EmulatorState) -> Starlette:
         Route("/api/ps", ps),
         Route("/api/version", version),
         Route("/api/show", show, methods=post),
+        Route("/api/embed", completion("embed"), methods=post),
+        Route("/api/embeddings", completion("embeddings"), methods=post),
+        Route("/v1/embeddings", completion("openai_embeddings"), methods=post),
         Route("/v1/chat/completions", completion("openai_chat"), methods=post),
         Route("/v1/completions", completion("openai_completion"), methods=post),
         Route("/v1/models", models),

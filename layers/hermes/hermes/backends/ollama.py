@@ -122,6 +122,17 @@ class OllamaClient:
             raise UpstreamError(f"{self.label} answered {path} with an unexpected body")
         return data
 
+    async def embed(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One /api/embed call: `body` is Ollama's (`model` the tag, `input` a list of texts);
+        the answer Ollama's, its vectors as the host computed them."""
+        response = await self._request("POST", "/api/embed", body["model"], timeout_s, json=body)
+        data = _json_or_none(response)
+        vectors = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(vectors, list) or len(vectors) != len(body["input"]):
+            raise UpstreamError(f"{self.label} answered /api/embed with an unexpected body")
+        answer: dict[str, Any] = data
+        return answer
+
     async def stream(
         self, path: str, body: dict[str, Any], timeout_s: float
     ) -> AsyncIterator[dict[str, Any]]:

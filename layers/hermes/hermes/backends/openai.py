@@ -57,6 +57,38 @@ class OpenAIClient(OllamaClient):
             path, body["model"], text or "", choice.get("finish_reason"), data.get("usage"), started
         )
 
+    async def embed(self, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Ollama's /api/embed body sent as OpenAI's /v1/embeddings, and the answer in
+        Ollama's shape: the vectors in input order, exactly as the server computed them."""
+        started = time.perf_counter_ns()
+        payload: dict[str, Any] = {
+            "model": body["model"],
+            "input": body["input"],
+            "encoding_format": "float",
+        }
+        if body.get("dimensions") is not None:
+            payload["dimensions"] = body["dimensions"]
+        response = await self._request(
+            "POST", "/v1/embeddings", body["model"], timeout_s, json=payload
+        )
+        data = self._object(response, "/v1/embeddings")
+        try:
+            rows = sorted(data["data"], key=lambda row: row["index"])
+            vectors = [row["embedding"] for row in rows]
+        except (KeyError, TypeError):
+            vectors = None
+        if not isinstance(vectors, list) or len(vectors) != len(body["input"]):
+            raise UpstreamError(f"{self._subject} answered /v1/embeddings with an unexpected body")
+        given = data.get("usage")
+        usage: dict[str, Any] = given if isinstance(given, dict) else {}
+        return {
+            "model": body["model"],
+            "embeddings": vectors,
+            "total_duration": max(1, time.perf_counter_ns() - started),
+            "load_duration": 0,
+            "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+        }
+
     async def stream(
         self, path: str, body: dict[str, Any], timeout_s: float
     ) -> AsyncIterator[dict[str, Any]]:
