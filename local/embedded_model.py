@@ -72,7 +72,7 @@ class ModelServer:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log or LOG_DIR / f"model-server-{port}.log"
         self.command = [
-            python, "-m", "llama_cpp.server",
+            python, str(Path(__file__).with_name("llama_server.py")),
             "--model", str(gguf_path()), "--model_alias", ALIAS,
             "--host", "127.0.0.1", "--port", str(port),
             "--n_ctx", str(context), "--n_threads", str(threads),
@@ -172,6 +172,9 @@ def models_with_embedded_gemma(models_file: Path, url: str, out: Path, name: str
         "host": HOST,
         "backend_model": ALIAS,
         "memory_cost": "low",
+        # Its server pools embeddings too (local/llama_server.py): real vectors, for trying
+        # the path; a real embedding model serves better ones (docs/local.md).
+        "capabilities": ["completion", "embedding"],
     }
     config["models"][name].pop("hosts", None)  # one host: the embedded server
     out.write_text(json.dumps(config, indent=2))

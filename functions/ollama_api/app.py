@@ -59,6 +59,35 @@ async def chat(request: Request, priority: HeaderPriority) -> Response:
     return await _run(request, "/api/chat", ollama_api.ChatBody, priority or "normal")
 
 
+@app.post("/api/embed", openapi_extra=openapi_body(ollama_api.EmbedBody))
+async def embed(request: Request, priority: HeaderPriority) -> JSONResponse:
+    """Ollama's /api/embed answer: `model`, `embeddings` (one vector per input, in order),
+    `total_duration`, `load_duration`, `prompt_eval_count`."""
+    answer, model = await _embed(request, ollama_api.EmbedBody, priority or "normal")
+    keep = ("embeddings", "total_duration", "load_duration", "prompt_eval_count")
+    return JSONResponse({"model": model, **{k: answer[k] for k in keep if k in answer}})
+
+
+@app.post("/api/embeddings", openapi_extra=openapi_body(ollama_api.EmbeddingsBody))
+async def embeddings(request: Request, priority: HeaderPriority) -> JSONResponse:
+    """Ollama's older route: `{"embedding": [...]}` for its one `prompt`."""
+    answer, _ = await _embed(request, ollama_api.EmbeddingsBody, priority or "normal")
+    return JSONResponse({"embedding": answer["embeddings"][0]})
+
+
+async def _embed(
+    request: Request, kind: type[Any], priority: Priority
+) -> tuple[dict[str, Any], str]:
+    service = get_service()
+    raw = await read_json_body(request, service.settings.max_prompt_chars)
+    body = ollama_api.parse(raw, kind)
+    name = service.resolve(body.model)
+    payload = body.to_backend(service.model(name))
+    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    answer = await service.embed(name, payload, deadline_s=deadline, priority=priority)
+    return answer, body.model
+
+
 @app.get("/api/tags")
 async def tags() -> JSONResponse:
     return JSONResponse(await ollama_api.tags(get_service()))

@@ -1,5 +1,5 @@
-"""OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) with Hermes'
-limits: point any OpenAI client at Hermes' /v1."""
+"""OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models)
+with Hermes' limits: point any OpenAI client at Hermes' /v1."""
 
 from typing import Any
 
@@ -68,6 +68,19 @@ async def chat_completions(request: Request, priority: HeaderPriority) -> Respon
 )
 async def completions(request: Request, priority: HeaderPriority) -> Response:
     return await _run(request, False, priority or "normal")
+
+
+@app.post("/v1/embeddings", openapi_extra=openapi_body(openai_api.EmbeddingRequest))
+async def embeddings(request: Request, priority: HeaderPriority) -> JSONResponse:
+    service = get_service()
+    raw = await read_json_body(request, service.settings.max_prompt_chars)
+    body = openai_api.parse(raw, openai_api.EmbeddingRequest)
+    name = service.resolve(body.model)
+    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    answer = await service.embed(
+        name, body.to_ollama(), deadline_s=deadline, priority=priority or "normal"
+    )
+    return JSONResponse(openai_api.embedding_list(answer, body.model, body.encoding_format))
 
 
 @app.get("/v1/models")

@@ -36,7 +36,8 @@ def hermes(
     models = {
         "models": {
             "gemma": {"max_concurrency": 1, "memory_cost": "low", "timeout": 60000,
-                      "backend_model": ALIAS, "host": "cpu"},
+                      "backend_model": ALIAS, "host": "cpu",
+                      "capabilities": ["completion", "embedding"]},
             # Same model with a tiny timeout, to watch a real generation being cut off.
             "gemma_hasty": {"max_concurrency": 1, "memory_cost": "low", "timeout": 150,
                             "backend_model": ALIAS, "host": "cpu"},
@@ -138,3 +139,21 @@ def test_the_model_server_runs_the_cpu_backend_chosen_for_this_machine(
     log = model_server.log.read_text()
     assert f"loaded CPU backend from {choice.path}" in log
     assert log.count("loaded CPU backend") == 1
+
+
+def test_the_embedded_model_server_gives_real_embeddings(hermes: HermesProcess) -> None:
+    """Issue 23: the same server (local/llama_server.py) pools a vector per input, so the
+    official ollama client gets one real vector per text, alike for alike texts."""
+    import math
+
+    import ollama
+
+    texts = ["The sky is blue.", "The sky is blue today.", "Stock prices fell sharply."]
+    vectors = ollama.Client(host=hermes.url).embed(model="gemma", input=texts).embeddings
+    assert len(vectors) == 3 and len({len(v) for v in vectors}) == 1 and len(vectors[0]) > 100
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])

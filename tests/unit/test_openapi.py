@@ -50,7 +50,7 @@ def test_errors_are_documented_as_the_json_hermes_answers_never_fastapis_422(
 ) -> None:
     text = json.dumps(generated)
     assert "HTTPValidationError" not in text and '"422"' not in text
-    openai_paths = {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    openai_paths = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings"}
     for path, ops in generated["paths"].items():
         for method, operation in ops.items():
             ref = operation["responses"]["default"]["content"]["application/json"]["schema"]

@@ -104,6 +104,8 @@ def check_request(body: dict[str, Any], max_prompt_chars: int) -> None:
     for field in ("prompt", "system", "suffix", "template", "tools"):
         if body.get(field) is not None:
             sizes[field] = _text(body[field])
+    if isinstance(body.get("input"), list):  # an embedding request's texts, all of them
+        sizes["input"] = sum(_text(text) for text in body["input"])
     images = list(body.get("images") or [])
     for index, message in enumerate(body.get("messages") or []):
         if not isinstance(message, dict):
@@ -118,7 +120,7 @@ def check_request(body: dict[str, Any], max_prompt_chars: int) -> None:
         raise PromptTooLarge(
             f"the request's texts have {total} characters, {sizes[largest]} of them in "
             f"'{largest}'; the limit is {max_prompt_chars} (HERMES_MAX_PROMPT_CHARS), counting "
-            "prompt, system, suffix, template, messages and tools",
+            "prompt, system, suffix, template, messages, tools and an embedding's inputs",
             field=largest,
             limit=max_prompt_chars,
         )

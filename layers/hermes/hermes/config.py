@@ -60,6 +60,14 @@ class ModelConfig(BaseModel):
     # memory_cost is only true for a bounded context: a request asking for a larger
     # options.num_ctx gets a 400. None = no cap (the backend's own default applies).
     max_num_ctx: int | None = Field(default=None, ge=1, le=1_048_576)
+    # What the model serves: text generation (/v1/llm, /api/generate, /api/chat, OpenAI's
+    # completions) and/or embeddings (/api/embed, /api/embeddings, /v1/embeddings); a
+    # request for the other is a 400 naming the model and what it serves.
+    capabilities: tuple[Literal["completion", "embedding"], ...] = Field(
+        default=("completion",), min_length=1, max_length=2
+    )
+    # The most texts one embedding request may send (a batch holds its slot for all of them).
+    max_inputs: int = Field(default=64, ge=1, le=2048)
     # Callers' keep_alive (how long Ollama keeps the model loaded) is dropped unless allowed:
     # a caller could otherwise pin a model in GPU memory forever, or unload it for everyone.
     allow_keep_alive: bool = False

@@ -96,7 +96,52 @@ class ChatBody(_Body):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=1000)
 
 
-def parse(body: Any, kind: type[_Body]) -> _Body:
+class EmbedBody(BaseModel):
+    """POST /api/embed: one text or a batch (docs.ollama.com/api/embed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] = Field(description="a text, or a list of texts (max_inputs)")
+    truncate: bool | None = Field(
+        default=None, description="cut inputs to the context (Ollama's default: true)"
+    )
+    dimensions: int | None = Field(default=None, ge=1, le=65_536)
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = Field(
+        default=None, description="ignored unless the model's config has allow_keep_alive"
+    )
+
+    def to_backend(self, model: ModelConfig) -> dict[str, Any]:
+        payload = self.model_dump(exclude_none=True, exclude={"model"})
+        payload["input"] = [self.input] if isinstance(self.input, str) else self.input
+        if self.options is not None:
+            payload["options"] = bound_options(self.options, model)
+        if not model.allow_keep_alive:
+            payload.pop("keep_alive", None)
+        return payload
+
+
+class EmbeddingsBody(BaseModel):
+    """POST /api/embeddings, Ollama's older route: one `prompt`, one `embedding`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+    def to_backend(self, model: ModelConfig) -> dict[str, Any]:
+        payload: dict[str, Any] = {"input": [self.prompt]}
+        if self.options is not None:
+            payload["options"] = bound_options(self.options, model)
+        if model.allow_keep_alive and self.keep_alive is not None:
+            payload["keep_alive"] = self.keep_alive
+        return payload
+
+
+def parse(body: Any, kind: type[Any]) -> Any:
     return validate_body(body, kind)
 
 

@@ -123,7 +123,50 @@ class CompletionRequest(_Request):
         return self.prompt
 
 
-def parse(body: Any, kind: type[ChatRequest] | type[CompletionRequest]) -> Any:
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: `input` a text or a list of texts (token-id arrays are not
+    taken: Hermes counts and bounds texts)."""
+
+    model_config = ConfigDict(extra="allow")  # user: accepted and ignored
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] = Field(description="a text, or a list of texts (max_inputs)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1, le=65_536)
+
+    def to_ollama(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "input": [self.input] if isinstance(self.input, str) else self.input
+        }
+        if self.dimensions is not None:
+            body["dimensions"] = self.dimensions
+        return body
+
+
+def embedding_list(answer: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
+    """OpenAI's answer from Ollama's /api/embed one; base64 is the vector's little-endian
+    float32 bytes, as OpenAI encodes it (the official client decodes it so)."""
+    import base64
+    import struct
+
+    def encoded(vector: list[float]) -> Any:
+        if encoding == "float":
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    tokens = int(answer.get("prompt_eval_count") or 0)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encoded(vector)}
+            for i, vector in enumerate(answer["embeddings"])
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def parse(body: Any, kind: type[Any]) -> Any:
     return validate_body(body, kind)
 
 

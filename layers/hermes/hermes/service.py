@@ -604,7 +604,71 @@ class HermesService:
     ) -> dict[str, Any]:
         """One non-streamed backend call (`path` /api/generate or /api/chat, Ollama's body
         with Hermes' model name), under the model's limits. Returns Ollama's answer."""
+
+        def call(backend: OllamaClient, body: dict[str, Any], timeout_s: float) -> Any:
+            return backend.complete(path, body, timeout_s)
+
+        return await self._call(
+            model_name, "completion", body, call, deadline_s=deadline_s, priority=priority
+        )
+
+    async def embed(
+        self,
+        model_name: str,
+        body: dict[str, Any],
+        *,
+        deadline_s: float | None = None,
+        priority: Priority = "normal",
+    ) -> dict[str, Any]:
+        """One embedding call (Ollama's /api/embed body, `input` a list of texts, with Hermes'
+        model name) under the same limits as a generation: the model's slot and memory
+        weight on its host, its timeout, the caller's budgets (its input tokens, as the
+        backend reports them). Returns Ollama's /api/embed answer."""
         config = self.model(model_name)
+        inputs = body.get("input")
+        if not isinstance(inputs, list) or not inputs:
+            raise InvalidRequest(
+                "field 'input': a text or a non-empty list of texts", field="input"
+            )
+        if len(inputs) > config.max_inputs:
+            raise InvalidRequest(
+                f"field 'input': {len(inputs)} texts; model '{model_name}' takes at most "
+                f"{config.max_inputs} per request (max_inputs)",
+                field="input",
+            )
+
+        def call(backend: OllamaClient, body: dict[str, Any], timeout_s: float) -> Any:
+            return backend.embed(body, timeout_s)
+
+        return await self._call(
+            model_name, "embedding", body, call, deadline_s=deadline_s, priority=priority
+        )
+
+    def _serves(self, model_name: str, config: ModelConfig, capability: str) -> None:
+        if capability not in config.capabilities:
+            what = " and ".join(config.capabilities)
+            raise InvalidRequest(
+                f"model '{model_name}' serves {what} only, not {capability}: use a model "
+                f'whose capabilities include "{capability}"',
+                model=model_name,
+                capabilities=list(config.capabilities),
+            )
+
+    async def _call(
+        self,
+        model_name: str,
+        capability: Literal["completion", "embedding"],
+        body: dict[str, Any],
+        call: Callable[[OllamaClient, dict[str, Any], float], Awaitable[dict[str, Any]]],
+        *,
+        deadline_s: float | None,
+        priority: Priority,
+    ) -> dict[str, Any]:
+        """One non-streamed backend `call` under the model's limits: admit, call with the
+        model's deadline, release; a host that fails before answering is left for another
+        of the pool once."""
+        config = self.model(model_name)
+        self._serves(model_name, config, capability)
         tally = Tally(CALLER.get(), model_name)
         with observed(model_name) as outcome:
             deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -614,15 +678,19 @@ class HermesService:
             ended_by: BaseException | None = None
             try:
                 body = self._bounded(config, body)
-                body, priority, reservation = await self._reserve(config, body, priority)
+                body, priority, reservation = await self._reserve(
+                    config, body, priority, capability == "completion"
+                )
                 while True:
                     admission = await self.admit(model_name, config, deadline, priority, tried)
                     tally.ran = True
                     failure: BaseException | None = None
                     try:
                         async with asyncio.timeout_at(_loop_time(admission.ends_at)):
-                            answer = await self.backends[admission.host].complete(
-                                path, {**body, "model": config.backend_model}, admission.run_s + 1
+                            answer = await call(
+                                self.backends[admission.host],
+                                {**body, "model": config.backend_model},
+                                admission.run_s + 1,
                             )
                     except TimeoutError as error:
                         failure = error
@@ -650,7 +718,7 @@ class HermesService:
             assert answer is not None
             outcome.update(
                 usage=_usage(answer),
-                prompt=body.get("prompt", body.get("messages")),
+                prompt=body.get("prompt", body.get("messages", body.get("input"))),
                 completion=answer.get("response", answer.get("message", {}).get("content")),
             )
             return answer
@@ -691,6 +759,7 @@ class HermesService:
         fails, times out or is closed (a client that disconnects closes it), even if closed
         before its first object was asked for."""
         config = self.model(model_name)
+        self._serves(model_name, config, "completion")
         tally = Tally(CALLER.get(), model_name)
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -753,7 +822,7 @@ class HermesService:
         return {**body, "options": {**options, "num_ctx": config.max_num_ctx}}
 
     async def _reserve(
-        self, config: ModelConfig, body: dict[str, Any], priority: Priority
+        self, config: ModelConfig, body: dict[str, Any], priority: Priority, output: bool = True
     ) -> tuple[dict[str, Any], Priority, Reservation | None]:
         """The caller's limits before its request asks for a slot: its priority lowered to
         its max_priority, and its budgets reserved (the prompt's tokens, bounded, plus the
@@ -768,7 +837,9 @@ class HermesService:
             return body, priority, None
         tokens = 0
         if limits.budgets_tokens:
-            body, cap = with_output_cap(body, config.max_output_tokens)
+            cap = 0  # an embedding has no output: its input is all it uses
+            if output:
+                body, cap = with_output_cap(body, config.max_output_tokens)
             tokens = prompt_tokens_bound(body) + cap
         reserve = functools.partial(
             self.limiter.budgets.reserve,
