@@ -108,6 +108,10 @@ def test_the_embedded_model_serves_under_the_name_the_user_chooses(tmp_path: Pat
         answer = httpx.post(f"{url}/v1/llm/local-small", json=body, timeout=120)
         assert answer.status_code == 200, answer.text
         assert answer.json()["result"] and answer.json()["usage"]["completion_tokens"] > 0
+        # Issue 23: embeddings too, real vectors from the same server.
+        texts = {"model": "local-small", "input": ["a blue sky", "stock prices"]}
+        vectors = httpx.post(f"{url}/api/embed", json=texts, timeout=120).json()["embeddings"]
+        assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 100
 
 
 def fails_with(environment: dict[str, str]) -> str:
