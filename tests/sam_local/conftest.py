@@ -35,7 +35,9 @@ from tests.support.ollama_emulator import OllamaEmulator
 
 # A short synchronous budget (API Gateway's is 29 s) so the 504 check takes seconds.
 SYNC_BUDGET_MS = 5000
-PARAMETERS = {"SyncBudgetMs": str(SYNC_BUDGET_MS)}
+# Status probes on every call: the parity tests compare two instances' answers at one
+# moment, and a cached probe (5 s by default) would answer an earlier one.
+PARAMETERS = {"SyncBudgetMs": str(SYNC_BUDGET_MS), "StatusProbeIntervalS": "0"}
 TIMINGS: dict[str, float] = {}  # printed at the end of the run
 
 
@@ -180,6 +182,7 @@ def runner_env(wiring: Wiring, emulator: OllamaEmulator) -> dict[str, str]:
         "AWS_ENDPOINT_URL_SQS": wiring.host_sqs,
         "OLLAMA_URL": emulator.url,
         "HERMES_SYNC_BUDGET_MS": str(SYNC_BUDGET_MS),
+        "HERMES_STATUS_PROBE_INTERVAL_S": "0",
     }
 
 

@@ -32,6 +32,9 @@ ADMITTING_PATHS = {
     ("post", "/api/chat"),
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
+    ("post", "/api/embed"),
+    ("post", "/api/embeddings"),
+    ("post", "/v1/embeddings"),
 }
 
 
