@@ -229,6 +229,9 @@ def test_status_probes_each_host_at_most_once_per_interval(
     time.sleep(0.25)
     assert status_call() == 200
     assert emulator.stats()["meta_calls"] == {"/api/ps": 2}  # the interval passed: probed again
+    monkeypatch.setenv("HERMES_STATUS_PROBE_INTERVAL_S", "0")  # every call probes
+    assert [status_call(), status_call()] == [200, 200]
+    assert emulator.stats()["meta_calls"] == {"/api/ps": 4}
 
 
 def test_api_show_forwards_only_the_model_name(emulator: OllamaEmulator) -> None:

@@ -361,7 +361,8 @@ def _env_int(name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float, zero: bool = False) -> float:
+    """A positive number from the environment (`zero`: 0 allowed too), else ConfigError."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -369,8 +370,9 @@ def _env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"environment variable {name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"environment variable {name} must be positive, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        at_least = "0 or more" if zero else "positive"
+        raise ConfigError(f"environment variable {name} must be {at_least}, got {raw!r}")
     return value
 
 

@@ -53,7 +53,7 @@ async def _probe_host(
     """The host's /api/ps, probed at most every HERMES_STATUS_PROBE_INTERVAL_S by this
     instance: a probe under way is shared (on this event loop), a finished one reused until
     it is that old."""
-    interval_s = _env_float("HERMES_STATUS_PROBE_INTERVAL_S", DEFAULT_PROBE_INTERVAL_S)
+    interval_s = _env_float("HERMES_STATUS_PROBE_INTERVAL_S", DEFAULT_PROBE_INTERVAL_S, zero=True)
     probes = _probes.setdefault(service, {})
     last = probes.get(host)
     now = time.monotonic()
