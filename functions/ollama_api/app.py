@@ -24,13 +24,20 @@ app = create_app("Hermes - Ollama API", render=ollama_api.render_error)
 STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"application/x-ndjson": {}}}}
 
 
-async def _run(request: Request, path: str, kind: type[Any], priority: Priority) -> Response:
+async def _parsed(request: Request, kind: type[Any]) -> tuple[Any, str, dict[str, Any], Any]:
+    """The request as the service takes it: (body, Hermes' model name, backend body,
+    deadline)."""
     service = get_service()
     raw = await read_json_body(request, service.settings.max_prompt_chars)
     body = ollama_api.parse(raw, kind)
     name = service.resolve(body.model)
     payload = body.to_backend(service.model(name))
-    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
+    return body, name, payload, sync_deadline_s(request, service.settings.sync_budget_ms)
+
+
+async def _run(request: Request, path: str, kind: type[Any], priority: Priority) -> Response:
+    service = get_service()
+    body, name, payload, deadline = await _parsed(request, kind)
     if not body.stream:
         answer = await service.complete(name, path, payload, deadline_s=deadline, priority=priority)
         return JSONResponse({**answer, "model": body.model})
@@ -78,13 +85,8 @@ async def embeddings(request: Request, priority: HeaderPriority) -> JSONResponse
 async def _embed(
     request: Request, kind: type[Any], priority: Priority
 ) -> tuple[dict[str, Any], str]:
-    service = get_service()
-    raw = await read_json_body(request, service.settings.max_prompt_chars)
-    body = ollama_api.parse(raw, kind)
-    name = service.resolve(body.model)
-    payload = body.to_backend(service.model(name))
-    deadline = sync_deadline_s(request, service.settings.sync_budget_ms)
-    answer = await service.embed(name, payload, deadline_s=deadline, priority=priority)
+    body, name, payload, deadline = await _parsed(request, kind)
+    answer = await get_service().embed(name, payload, deadline_s=deadline, priority=priority)
     return answer, body.model
 
 

@@ -131,20 +131,13 @@ def check_request(body: dict[str, Any], max_prompt_chars: int) -> None:
             field="context",
             limit=MAX_CONTEXT_TOKENS,
         )
-    if len(images) > MAX_IMAGES:
-        raise PromptTooLarge(
-            f"field 'images': {len(images)} images; the limit is {MAX_IMAGES} per request",
-            field="images",
-            limit=MAX_IMAGES,
-        )
-    for image in images:
-        if _text(image) > MAX_IMAGE_CHARS:
-            raise PromptTooLarge(
-                f"field 'images': an image has {_text(image)} characters of base64; the limit "
-                f"is {MAX_IMAGE_CHARS}",
-                field="images",
-                limit=MAX_IMAGE_CHARS,
-            )
+    _bounded("images", [len(images)], MAX_IMAGES, "{} images; the limit is {} per request")
+    _bounded(
+        "images",
+        [_text(image) for image in images],
+        MAX_IMAGE_CHARS,
+        "an image has {} characters of base64; the limit is {}",
+    )
     _check_stop((body.get("options") or {}).get("stop"))
     if body.get("format") is not None:
         check_schema(body["format"], "format")
@@ -152,20 +145,22 @@ def check_request(body: dict[str, Any], max_prompt_chars: int) -> None:
 
 def _check_stop(stop: Any) -> None:
     sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    if len(sequences) > MAX_STOP:
+    _bounded("options.stop", [len(sequences)], MAX_STOP, "{} sequences; the limit is {}")
+    _bounded(
+        "options.stop",
+        [_text(sequence) for sequence in sequences],
+        MAX_STOP_CHARS,
+        "a sequence has {} characters; the limit is {}",
+    )
+
+
+def _bounded(field: str, sizes: list[int], limit: int, says: str) -> None:
+    """413 naming `field` for the first of `sizes` over `limit` (`says`: size, limit)."""
+    over = next((size for size in sizes if size > limit), None)
+    if over is not None:
         raise PromptTooLarge(
-            f"field 'options.stop': {len(sequences)} sequences; the limit is {MAX_STOP}",
-            field="options.stop",
-            limit=MAX_STOP,
+            f"field '{field}': " + says.format(over, limit), field=field, limit=limit
         )
-    for sequence in sequences:
-        if _text(sequence) > MAX_STOP_CHARS:
-            raise PromptTooLarge(
-                f"field 'options.stop': a sequence has {_text(sequence)} characters; the limit "
-                f"is {MAX_STOP_CHARS}",
-                field="options.stop",
-                limit=MAX_STOP_CHARS,
-            )
 
 
 def check_schema(schema: Any, field: str) -> None:
