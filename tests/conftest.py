@@ -28,6 +28,26 @@ for _name in [
     del os.environ[_name]
 
 
+# Each directory is a tier; pytest reads `pytestmark` from test modules only (never from a
+# conftest), so the directory's mark is put on every test it collects that names no tier of
+# its own: `-m "not integration"` then leaves every test that starts a server out.
+TIERS = {
+    "integration": "integration",
+    "support": "integration",
+    "template": "template",
+    "e2e": "real_model",
+    "sam_local": "sam_local",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = TIERS.get(item.path.parent.name)
+        if tier and not any(item.get_closest_marker(name) for name in set(TIERS.values())):
+            item.add_marker(tier)
+
+
 @pytest.fixture(autouse=True)
 def fresh_settings() -> Iterator[None]:
     """Settings, the service and the jobs built on it are cached per process; each test gets

@@ -67,11 +67,6 @@ def generate(hermes: HermesProcess, model: str = "gemma", tokens: int = 24) -> h
     return httpx.post(f"{hermes.url}/v1/llm/{model}", json=body, timeout=120)
 
 
-def in_flight(hermes: HermesProcess, model: str) -> int:
-    status = httpx.get(f"{hermes.url}/v1/status", timeout=5).json()
-    return int(next(m["in_flight"] for m in status["models"] if m["name"] == model))
-
-
 def test_a_prompt_returns_real_text_and_token_counts(hermes: HermesProcess) -> None:
     response = generate(hermes)
     answer = response.json()
@@ -86,7 +81,7 @@ def test_two_requests_beyond_a_limit_of_one_give_one_200_and_one_429(hermes: Her
     worker = threading.Thread(target=lambda: first.update(response=generate(hermes, tokens=96)))
     worker.start()
     deadline = time.monotonic() + 30
-    while in_flight(hermes, "gemma") < 1 and time.monotonic() < deadline:
+    while hermes.in_flight("gemma") < 1 and time.monotonic() < deadline:
         time.sleep(0.02)
     second = generate(hermes)
     worker.join(timeout=120)
@@ -97,7 +92,7 @@ def test_two_requests_beyond_a_limit_of_one_give_one_200_and_one_429(hermes: Her
 def test_a_tiny_timeout_gives_504_and_frees_the_slot(hermes: HermesProcess) -> None:
     response = generate(hermes, "gemma_hasty", tokens=400)
     assert (response.status_code, response.json()["code"]) == (504, "upstream_timeout")
-    assert in_flight(hermes, "gemma_hasty") == 0
+    assert hermes.in_flight("gemma_hasty") == 0
     time.sleep(2)  # let the model server finish the abandoned generation before the next test
 
 

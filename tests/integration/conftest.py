@@ -10,8 +10,6 @@ from local.dynamodb_local import DynamoDBLocal
 from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.ollama_emulator import OllamaEmulator
 
-pytestmark = pytest.mark.integration
-
 # The seed's models with short timeouts, so timeouts and lease expiry are quick to observe,
 # plus a model Ollama does not have.
 TEST_MODELS = {

@@ -20,6 +20,7 @@ from local.dynamodb_local import DynamoDBLocal
 from tests.integration.conftest import TEST_MODELS
 from tests.support.callers_load import API_KEYS, ask, closed_loop, usage_rows
 from tests.support.hermes_process import HermesProcess
+from tests.support.models_file import write_models
 from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
@@ -40,8 +41,7 @@ def three_runners(
     models = json.loads(json.dumps(TEST_MODELS))
     models["models"]["gemma"] |= gemma
     models["callers"] = callers
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models))
+    path = write_models(tmp_path, models)
     env = {**env, "HERMES_MODELS_FILE": str(path), "HERMES_API_KEYS": API_KEYS}
     with ExitStack() as stack:
         yield [stack.enter_context(HermesProcess(env)) for _ in range(3)]

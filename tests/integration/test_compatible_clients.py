@@ -40,11 +40,6 @@ def openai_client(hermes: HermesProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{hermes.url}/v1", api_key="unused", max_retries=0)
 
 
-def in_flight(hermes: HermesProcess, model: str) -> int:
-    models = httpx.get(f"{hermes.url}/v1/status", timeout=5).json()["models"]
-    return int(next(m["in_flight"] for m in models if m["name"] == model))
-
-
 def hold_llama3(hermes: HermesProcess, emulator: OllamaEmulator) -> threading.Thread:
     """Occupy llama3's only slot with a request the emulator never answers (5 s timeout)."""
     emulator.set_behaviour(model="llama3:8b", mode="hang")
@@ -126,13 +121,13 @@ def test_a_client_that_disconnects_mid_stream_releases_its_slot(
     emulator.set_behaviour(model="llama3:8b", mode="ok", tokens=200, token_delay_ms=50)
     stream = ollama_client.generate(model="llama3", prompt="a long story", stream=True)
     next(stream)
-    assert in_flight(hermes, "llama3") == 1
+    assert hermes.in_flight("llama3") == 1
     stream.close()  # closes the HTTP response mid-stream
     ollama_client._client.close()
     deadline = time.monotonic() + 2
-    while in_flight(hermes, "llama3") and time.monotonic() < deadline:
+    while hermes.in_flight("llama3") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert in_flight(hermes, "llama3") == 0
+    assert hermes.in_flight("llama3") == 0
     assert emulator.stats()["in_flight"].get("llama3:8b", 0) == 0  # Ollama was told to stop
 
 

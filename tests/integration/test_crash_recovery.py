@@ -14,6 +14,7 @@ from hermes.errors import HostBusy, ModelBusy
 from hermes.limiter import REAP_BATCH, Counter, Limiter
 from hermes.limiter.records import buckets_of
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.clock import Clock
 from tests.support.dynamodb_limits import ExpressionWatch
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
@@ -59,14 +60,6 @@ def test_a_killed_holders_slot_is_taken_over_after_its_lease_expires(
         assert recovered_after >= 5.0
         status = httpx.get(f"{survivor.url}/v1/status", timeout=5).json()
         assert status["hosts"][0]["memory_in_use"] == 0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_pool_full_of_300_expired_leases_admits_the_next_request(

@@ -5,7 +5,6 @@ model's cap)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,7 @@ import openai
 import pytest
 
 from tests.support.hermes_process import HermesProcess
+from tests.support.models_file import write_models
 from tests.support.ollama_emulator import OllamaEmulator
 
 pytestmark = pytest.mark.integration
@@ -34,8 +34,7 @@ MODELS = {
 
 @pytest.fixture
 def runner(hermes_env: dict[str, str], tmp_path: Path) -> Iterator[HermesProcess]:
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(MODELS))
+    path = write_models(tmp_path, MODELS)
     with HermesProcess({**hermes_env, "HERMES_MODELS_FILE": str(path)}) as started:
         yield started
 

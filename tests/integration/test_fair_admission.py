@@ -27,6 +27,7 @@ from hermes.limiter import Counter, Lease, Limiter, Ticket, lease_table_definiti
 from hermes.limiter.limiter import MAX_TRANSACT_ITEMS, WAITER_PASSES
 from hermes.limiter.records import BUCKET_MS, buckets_of
 from local.dynamodb_local import DynamoDBLocal
+from tests.support.clock import Clock
 from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.dynamodb_limits import ExpressionWatch, item_size
 from tests.support.dynamodb_meter import WRITES, Meter
@@ -40,20 +41,6 @@ def slot(model: str = "gemma", capacity: int = 1, weight: int = 1) -> Counter:
 
 def budget(capacity: int, weight: int) -> Counter:
     return Counter("memory", capacity, weight, HostBusy, "the memory budget of host 'gpu'")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def now_ms(self) -> int:
-        return int(self.now * 1000)
 
 
 @pytest.fixture
@@ -101,7 +88,7 @@ def assert_clean(client: Any, table: str) -> None:
             assert set(numbers.values()) <= {0}, item
 
 
-def wait_by(limiter: Limiter, ticket: Ticket, clock: FakeClock) -> Lease | None:
+def wait_by(limiter: Limiter, ticket: Ticket, clock: Clock) -> Lease | None:
     """Limiter.wait on a fake clock: between polls the clock moves on instead of sleeping."""
     while clock.now_ms() < ticket.wait_until_ms:
         lease = limiter.poll(ticket)
@@ -409,7 +396,7 @@ def test_priority_goes_first_but_ages(dynamodb: DynamoDBLocal, table: str) -> No
 def test_a_crashed_holder_is_taken_over_at_expiry_and_never_before(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
-    clock = FakeClock()
+    clock = Clock()
     limiter = Limiter(client_of(dynamodb), table, clock=clock)
     crashed = limiter.acquire(POOL, [slot()], 1_000)  # its holder crashes: no release
     clock.advance(0.998)
@@ -432,7 +419,7 @@ def test_a_waiter_behind_a_crashed_holder_takes_over_by_itself(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
     """Nobody releases: the waiter's own check sees the expired lease and runs a grant pass."""
-    clock = FakeClock()
+    clock = Clock()
     limiter = Limiter(client_of(dynamodb), table, clock=clock)
     limiter.acquire(POOL, [slot()], 1_000)
     ticket = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=clock.now_ms() + 10_000)
@@ -447,7 +434,7 @@ def test_a_waiter_behind_a_crashed_holder_takes_over_by_itself(
 def test_a_crashed_waiter_loses_its_place_at_its_deadline(
     dynamodb: DynamoDBLocal, table: str
 ) -> None:
-    clock = FakeClock()
+    clock = Clock()
     limiter = Limiter(client_of(dynamodb), table, clock=clock)
     held = limiter.acquire(POOL, [slot()], 60_000)
     crashed = limiter.enqueue(POOL, [slot()], 5_000, wait_until_ms=clock.now_ms() + 500)
@@ -497,7 +484,7 @@ def test_a_mass_crash_is_recovered_within_dynamodb_request_limits(
     """300 holders and 120 waiters die at once; after expiry one new request brings the pool
     back. Every request stays within DynamoDB's documented limits (4 KB expressions, 100
     items per transaction)."""
-    clock = FakeClock()
+    clock = Clock()
     watch = ExpressionWatch()
     client = watch.watch(client_of(dynamodb))
     biggest = 0

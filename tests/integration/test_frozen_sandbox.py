@@ -36,6 +36,7 @@ from tests.support.frozen_sandbox import (
 )
 from tests.support.lease_state import held_lease_ids
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,15 +74,6 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     started = time.monotonic()
     result = call()
     return result, time.monotonic() - started
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:g} s: {what}")
-        time.sleep(0.02)
-    return result
 
 
 def lease_items(store: DynamoDBLocal) -> list[dict[str, Any]]:

@@ -44,11 +44,6 @@ def post(
     return httpx.post(f"{base}/v1/llm/{model}", json=body, timeout=timeout)
 
 
-def in_flight(base: str, model: str) -> int:
-    models = httpx.get(f"{base}/v1/status", timeout=5).json()["models"]
-    return next(m["in_flight"] for m in models if m["name"] == model)
-
-
 def test_a_prompt_returns_the_result(hermes: HermesProcess) -> None:
     # The seed's quick start, byte for byte: curl -d sends no JSON content type.
     response = httpx.post(
@@ -108,7 +103,7 @@ def test_an_ollama_failure_is_502_and_the_slot_comes_back(
     emulator.set_behaviour(model="gemma3:1b", mode="error", status=500)
     response = post(hermes.url, "gemma", {"prompt": "hi"})
     assert (response.status_code, response.json()["code"]) == (502, "upstream_error")
-    assert in_flight(hermes.url, "gemma") == 0
+    assert hermes.in_flight("gemma") == 0
 
 
 def test_a_hanging_ollama_gives_504_and_releases_the_slot(
@@ -119,7 +114,7 @@ def test_a_hanging_ollama_gives_504_and_releases_the_slot(
     response = post(hermes.url, "mistral", {"prompt": "hi"})
     assert (response.status_code, response.json()["code"]) == (504, "upstream_timeout")
     assert time.monotonic() - started < 3  # mistral's test timeout is 1 s
-    assert in_flight(hermes.url, "mistral") == 0
+    assert hermes.in_flight("mistral") == 0
     emulator.set_behaviour(model="mistral:7b", mode="ok")
     assert post(hermes.url, "mistral", {"prompt": "hi"}).status_code == 200
 
@@ -154,7 +149,7 @@ def test_ollama_down_is_503_upstream_unavailable(shared_env: dict[str, str]) -> 
     with HermesProcess(env) as runner:
         response = post(runner.url, "gemma", {"prompt": "hi"})
         assert (response.status_code, response.json()["code"]) == (503, "upstream_unavailable")
-        assert in_flight(runner.url, "gemma") == 0
+        assert runner.in_flight("gemma") == 0
         # Ollama is the one host of every model: nothing can be served.
         status = httpx.get(f"{runner.url}/v1/status", timeout=5)
         assert (status.status_code, status.json()["checks"]["ollama"]["status"]) == (503, "error")

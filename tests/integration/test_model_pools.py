@@ -86,7 +86,7 @@ def fire(pool: PoolCluster, models: list[str]) -> list[Future[tuple[int, str | N
     return futures
 
 
-def in_flight(pool: PoolCluster, tag: str) -> dict[str, int]:
+def held_per_host(pool: PoolCluster, tag: str) -> dict[str, int]:
     return {host: s["in_flight"].get(tag, 0) for host, s in pool.stats().items()}
 
 
@@ -144,11 +144,11 @@ def test_limits_hold_per_host_over_three_hosts_and_three_runners(pool: PoolClust
     first = fire(pool, ["pooled"] * 9)
     # Then 6 run, 2 on each host, and the other 3 are refused at once
     pool.wait_until(
-        lambda: sum(in_flight(pool, TAG["pooled"]).values()) == 6, 15, "6 pooled in flight"
+        lambda: sum(held_per_host(pool, TAG["pooled"]).values()) == 6, 15, "6 pooled in flight"
     )
     refused = answered(first, 3)
     assert sorted(refused) == [(429, "model_busy")] * 3, refused
-    assert in_flight(pool, TAG["pooled"]) == {"gpu1": 2, "gpu2": 2, "gpu3": 2}
+    assert held_per_host(pool, TAG["pooled"]) == {"gpu1": 2, "gpu2": 2, "gpu3": 2}
     code, status = pool.status(1)
     assert code == 200
     assert next(m for m in status["models"] if m["name"] == "pooled")["in_flight"] == 6
@@ -179,12 +179,12 @@ def test_requests_beyond_every_hosts_slots_wait_when_the_model_allows_it(
     # When 4 requests come at once
     futures = fire(pool, ["patient"] * 4)
     pool.wait_until(
-        lambda: sum(in_flight(pool, TAG["patient"]).values()) == 3, 15, "3 patient in flight"
+        lambda: sum(held_per_host(pool, TAG["patient"]).values()) == 3, 15, "3 patient in flight"
     )
     # Then the 4th waits for a slot (no answer, no fourth call on any host)
     time.sleep(0.5)
     assert sum(f.done() for f in futures) == 0
-    assert in_flight(pool, TAG["patient"]) == {"gpu1": 1, "gpu2": 1, "gpu3": 1}
+    assert held_per_host(pool, TAG["patient"]) == {"gpu1": 1, "gpu2": 1, "gpu3": 1}
     # And runs once one is free
     assert let_go(pool, TAG["patient"], futures) == [(200, None)] * 4
     assert all(s["peak_in_flight"][TAG["patient"]] == 1 for s in pool.stats().values())
@@ -196,7 +196,7 @@ def test_a_model_wide_cap_holds_over_all_hosts(pool: PoolCluster) -> None:
     # When 6 requests come at once
     futures = fire(pool, ["capped"] * 6)
     pool.wait_until(
-        lambda: sum(in_flight(pool, TAG["capped"]).values()) == 3, 15, "3 capped in flight"
+        lambda: sum(held_per_host(pool, TAG["capped"]).values()) == 3, 15, "3 capped in flight"
     )
     refused = answered(futures, 3)
     # Then 3 run and 3 are refused: held answers never end, so the peaks add up to the total
@@ -229,7 +229,7 @@ def test_a_killed_host_loses_no_request_and_its_circuit_opens_then_closes(
 
     # When a host dies mid-answer
     def some_in_flight() -> dict[str, int] | None:
-        now = in_flight(pool, TAG["pooled"])
+        now = held_per_host(pool, TAG["pooled"])
         return now if max(now.values()) else None
 
     busy = pool.wait_until(some_in_flight, 10, "a request in flight")
@@ -269,7 +269,7 @@ def test_a_killed_host_loses_no_request_and_its_circuit_opens_then_closes(
     hold(pool, TAG["pooled"])
     futures = fire(pool, ["pooled"] * 6)
     pool.wait_until(
-        lambda: in_flight(pool, TAG["pooled"]) == {"gpu1": 2, "gpu2": 2, "gpu3": 2},
+        lambda: held_per_host(pool, TAG["pooled"]) == {"gpu1": 2, "gpu2": 2, "gpu3": 2},
         15,
         "2 in flight on every host",
     )
@@ -300,7 +300,7 @@ def test_requests_go_where_their_model_is_loaded(pool: PoolCluster) -> None:
     # host load two models at once), "a" (cold everywhere) goes to the next host in order
     hold(pool, TAG["heavy"])
     heavy = fire(pool, ["heavy"])
-    pool.wait_until(lambda: in_flight(pool, TAG["heavy"])["gpu1"] == 1, 15, "heavy on gpu1")
+    pool.wait_until(lambda: held_per_host(pool, TAG["heavy"])["gpu1"] == 1, 15, "heavy on gpu1")
     assert call(pool.urls[0], "a") == (200, None)
     assert let_go(pool, TAG["heavy"], heavy) == [(200, None)]
     assert loads(pool, [TAG["a"]]) == {"gpu2": {TAG["a"]: 1}}

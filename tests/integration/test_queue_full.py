@@ -17,7 +17,9 @@ import pytest
 from local.dynamodb_local import DynamoDBLocal
 from tests.integration.conftest import TEST_MODELS
 from tests.support.hermes_process import HermesProcess
+from tests.support.models_file import write_models
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
 
 
 @pytest.fixture
@@ -26,8 +28,7 @@ def hermes(
 ) -> Iterator[HermesProcess]:
     models = json.loads(json.dumps(TEST_MODELS))
     models["models"]["llama3"] |= {"queue_timeout_ms": 60_000, "max_waiting": 2, "timeout": 60_000}
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models))
+    path = write_models(tmp_path, models)
     with HermesProcess({**hermes_env, "HERMES_MODELS_FILE": str(path)}) as process:
         yield process
 
@@ -35,13 +36,6 @@ def hermes(
 def llama3(process: HermesProcess) -> dict[str, object]:
     models = httpx.get(f"{process.url}/v1/status", timeout=10).json()["models"]
     return next(m for m in models if m["name"] == "llama3")
-
-
-def wait_for(check: object, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_past_max_waiting_the_answer_is_queue_full_and_the_rest_are_served(
@@ -55,9 +49,9 @@ def test_past_max_waiting_the_answer_is_queue_full_and_the_rest_are_served(
 
     with ThreadPoolExecutor(3) as pool:
         holder: Future[httpx.Response] = pool.submit(ask)
-        wait_for(lambda: llama3(hermes)["in_flight"] == 1, "the slot to be taken")
+        wait_until(lambda: llama3(hermes)["in_flight"] == 1, 30, "the slot to be taken")
         waiters = [pool.submit(ask) for _ in range(2)]
-        wait_for(lambda: llama3(hermes)["waiting"] == 2, "two requests waiting")
+        wait_until(lambda: llama3(hermes)["waiting"] == 2, 30, "two requests waiting")
         assert llama3(hermes)["max_waiting"] == 2
 
         started = time.monotonic()

@@ -152,7 +152,7 @@ def errors(outcomes: Sequence[Outcome]) -> str:
     return "; ".join(sorted({str(o.error)[:300] for o in outcomes if o.status != 200})[:5])
 
 
-def in_flight(emulator: EmulatorProcess) -> int:
+def emulator_in_flight(emulator: EmulatorProcess) -> int:
     return int(emulator.stats()["in_flight"].get(TAG, 0))
 
 
@@ -161,7 +161,7 @@ def wait_for_all_in_flight(emulator: EmulatorProcess, burst: Burst) -> float:
     the model's timeout: after it the first holders give their slots back."""
     deadline = burst.started_at + TIMEOUT_MS / 1000
     marks: dict[int, float] = {}
-    while (seen := in_flight(emulator)) < burst.n:
+    while (seen := emulator_in_flight(emulator)) < burst.n:
         marks.setdefault(seen // 100 * 100, round(time.monotonic() - burst.started_at, 1))
         assert not burst.done, (
             f"the burst ended with {seen} in flight: {tally(burst.outcomes)}: "
@@ -174,11 +174,6 @@ def wait_for_all_in_flight(emulator: EmulatorProcess, burst: Burst) -> float:
         )
         time.sleep(0.05)
     return time.monotonic() - burst.started_at
-
-
-def status_in_flight(runner: HermesProcess) -> int:
-    status = httpx.get(f"{runner.url}/v1/status", timeout=10, trust_env=False).json()
-    return int(next(m for m in status["models"] if m["name"] == MODEL)["in_flight"])
 
 
 def post_once(runner: HermesProcess) -> Outcome:
@@ -252,7 +247,7 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     sent_at = burst.started_at  # no lease of phase 1 was granted before this
     admit_1 = wait_for_all_in_flight(emulator, burst)
     all_in_at = time.monotonic()  # every lease of phase 1 was granted before this
-    held = status_in_flight(watcher)
+    held = watcher.in_flight(MODEL)
     assert_full(doomed + fresh)
     stats = emulator.stats()
     assert (held, stats["peak_in_flight"][TAG], stats["requests"][TAG]) == (CAPACITY,) * 3
@@ -270,7 +265,7 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     outcomes = burst.join()
     assert tally(outcomes) == {(None, None): CAPACITY}  # none answered: their runners died
 
-    held = status_in_flight(watcher)
+    held = watcher.in_flight(MODEL)
     busy = post_once(watcher)
     busy_at = time.monotonic()
     assert (busy.status, busy.code) == (429, "model_busy"), busy.error
@@ -302,14 +297,14 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     burst = Burst([r.url for r in fresh], CAPACITY).start()
     admit_3 = wait_for_all_in_flight(emulator, burst)
     back_after = time.monotonic() - all_in_at
-    held = status_in_flight(watcher)
+    held = watcher.in_flight(MODEL)
     assert_full(fresh)
     assert emulator.release() == CAPACITY
     outcomes = burst.join()
     assert tally(outcomes) == {(200, None): CAPACITY}, errors(outcomes)
     stats = emulator.stats()
     assert (held, stats["peak_in_flight"][TAG], stats["requests"][TAG]) == (CAPACITY,) * 3
-    assert status_in_flight(watcher) == 0
+    assert watcher.in_flight(MODEL) == 0
     print(
         f"phase 3: all {CAPACITY} in flight again {admit_3:.1f} s after the first was sent "
         f"({CAPACITY / admit_3:.0f} admissions/s), {back_after:.1f} s after the crashed "

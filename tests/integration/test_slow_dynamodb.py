@@ -31,6 +31,7 @@ from tests.support.delaying_proxy import DelayingProxy
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
 from tests.support.lease_state import held_lease_ids
+from tests.support.models_file import use_models
 
 TIMEOUT_MS = 2000
 MARGIN_MS = 500
@@ -275,7 +276,7 @@ def test_a_call_that_runs_to_its_deadline_releases_before_the_invocation_ends(
     which is one DynamoDB request or more: with DynamoDB answering in 1.5 s the invocation
     ended (Lambda's timeout) before its release did, and before the answer went out."""
     from hermes.aws import client
-    from tests.unit.test_handlers import event, load_function
+    from tests.support.lambda_calls import event, load_function
 
     dynamodb_local.reset_tables()
     emulator.reset()
@@ -285,8 +286,7 @@ def test_a_call_that_runs_to_its_deadline_releases_before_the_invocation_ends(
         monkeypatch.setenv("OLLAMA_URL", emulator.url)
         # A model that may run longer than the invocation: the deadline is what stops it.
         models = {"models": {"gemma": {**MODELS["models"]["patient"], "timeout": 30_000}}}
-        (tmp_path / "models.json").write_text(json.dumps(models))
-        monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+        use_models(monkeypatch, tmp_path, models)
         monkeypatch.setenv("HERMES_LEASE_MARGIN_MS", "500")
         client.cache_clear()
         handler = load_function("llm").handler

@@ -111,11 +111,6 @@ def until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0
     return float("inf")
 
 
-def in_flight(url: str, model: str) -> int:
-    models = httpx.get(f"{url}/v1/status", timeout=5).json()["models"]
-    return int(next(m["in_flight"] for m in models if m["name"] == model))
-
-
 def test_a_slow_reader_cannot_keep_the_backend_call_past_its_lease(
     hermes: HermesProcess, emulator: OllamaEmulator
 ) -> None:
@@ -130,7 +125,7 @@ def test_a_slow_reader_cannot_keep_the_backend_call_past_its_lease(
         print(f"the backend call ended {ended_in:.2f} s after it started")
         # Then the backend call ended with the lease, while the client still read nothing
         assert ended_in < BRIEF_TIMEOUT_S + 1.5, "the backend call outlived its lease"
-        assert until(lambda: in_flight(hermes.url, "brief") == 0, 2) < 2  # slot released
+        assert until(lambda: hermes.in_flight("brief") == 0, 2) < 2  # slot released
         # And when the client finally reads, the stream ends with the timeout line
         lines = read_body(sock).splitlines()
     finally:
@@ -190,7 +185,7 @@ def test_a_streamed_request_whose_client_left_while_waiting_frees_its_place_and_
     release(emulator)
     holder.join(10)
     assert first and first[0], "the first request did not complete"
-    free_in = until(lambda: in_flight(hermes.url, "solo") == 0, 3)
+    free_in = until(lambda: hermes.in_flight("solo") == 0, 3)
     print(f"the slot was free {free_in:.2f} s after the first request ended")
     assert free_in < 3, "the slot was kept"
     third = httpx.post(f"{hermes.url}/v1/llm/solo", json={"prompt": "hi"}, timeout=15)

@@ -42,6 +42,11 @@ class HermesProcess:
             "checks" in status.json() and self.child is not None and self.child.returncode is None
         )
 
+    def in_flight(self, model: str) -> int:
+        """Slots of `model` held across every instance, as this runner's /v1/status says."""
+        status = httpx.get(f"{self.url}/v1/status", timeout=10, trust_env=False).json()
+        return int(next(m["in_flight"] for m in status["models"] if m["name"] == model))
+
     def kill(self) -> None:
         """SIGKILL: no finally, no release, exactly like a Lambda that timed out."""
         if self.child is not None:

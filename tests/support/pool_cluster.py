@@ -29,8 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Self
@@ -42,6 +41,7 @@ from local.process import ChildProcess
 from local.template import ROOT
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
+from tests.support.polling import wait_until
 
 WEIGHTS = {"low": 1, "medium": 2, "high": 4}  # Hermes' default memory weights
 LEASE_TABLE = "LeaseTable"
@@ -157,17 +157,7 @@ class PoolCluster:
         items = self.store.client().scan(TableName=LEASE_TABLE, ConsistentRead=True)["Items"]
         return [item for item in items if item["sk"]["S"] == "host"]
 
-    @staticmethod
-    def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        """`check()` until it returns something true (which is returned)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout_s:g} s: {what}")
-            time.sleep(0.05)
+    wait_until = staticmethod(wait_until)
 
 
 def _answers(url: str) -> bool:

@@ -18,6 +18,8 @@ import ollama
 import openai
 import pytest
 
+from tests.support.polling import wait_until
+
 from .emulator_process import EmulatorProcess
 from .ollama_emulator import BUSY_MESSAGE, EmulatorState, OllamaEmulator
 
@@ -261,13 +263,6 @@ def test_cli() -> None:
 MS = 1_000_000  # ns
 
 
-def wait_for(check: Any, timeout_s: float = 5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def test_lru_eviction_at_max_loaded_models(client: ollama.Client, emu: OllamaEmulator) -> None:
     emu.set_residency(max_loaded_models=2)
     for model in ("gemma3:1b", "llama3:8b", "gemma3:1b"):  # gemma used last: llama is the LRU
@@ -291,7 +286,7 @@ def test_busy_model_is_not_evicted(emu: OllamaEmulator) -> None:
     client = ollama.Client(host=emu.url, timeout=10)
     with ThreadPoolExecutor(3) as pool:
         gemma = pool.submit(client.generate, model="gemma3:1b", prompt="hi")
-        wait_for(lambda: emu.stats()["resident"] == ["gemma3:1b"])
+        wait_until(lambda: emu.stats()["resident"] == ["gemma3:1b"], 5, "gemma resident")
         client.generate(model="llama3:8b", prompt="hi")
         # gemma is the least recently used but busy (held): the idle llama goes.
         client.generate(model="mistral:7b", prompt="hi")
@@ -299,9 +294,9 @@ def test_busy_model_is_not_evicted(emu: OllamaEmulator) -> None:
 
         emu.set_behaviour("mistral:7b", "hold")
         mistral = pool.submit(client.generate, model="mistral:7b", prompt="hi")
-        wait_for(lambda: emu.stats()["in_flight"]["mistral:7b"] == 1)
+        wait_until(lambda: emu.stats()["in_flight"]["mistral:7b"] == 1, 5, "mistral in flight")
         llama = pool.submit(client.generate, model="llama3:8b", prompt="hi")
-        wait_for(lambda: emu.stats()["in_flight"]["llama3:8b"] == 1)
+        wait_until(lambda: emu.stats()["in_flight"]["llama3:8b"] == 1, 5, "llama3 in flight")
         time.sleep(0.1)  # both slots busy: llama waits, as Ollama queues it
         stats = emu.stats()
         assert not llama.done() and stats["loading"] == []
@@ -415,7 +410,7 @@ def test_emulator_process_kill_and_restart() -> None:
         client = ollama.Client(host=host.url, timeout=10)
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(client.generate, model="gemma3:1b", prompt="hi")
-            wait_for(lambda: host.stats()["in_flight"]["gemma3:1b"] == 1)
+            wait_until(lambda: host.stats()["in_flight"]["gemma3:1b"] == 1, 5, "gemma in flight")
             host.kill()  # the host dies mid-answer
             with pytest.raises(httpx.TransportError):
                 answer.result(5)

@@ -25,7 +25,7 @@ from hermes.backends import client_for
 from hermes.config import ConfigError, load_config
 from hermes.errors import UpstreamError, UpstreamUnavailable
 from tests.support.ollama_emulator import EmulatorState, create_app
-from tests.template.test_hardening import as_list, deployed, parameters, role_of, statements_of
+from tests.support.template_reading import as_list, deployed, parameters, role_of, statements_of
 
 pytestmark = pytest.mark.template
 

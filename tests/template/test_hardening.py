@@ -3,15 +3,21 @@ SQS, log retention, record retention, parameter patterns, no async retries, the 
 
 from __future__ import annotations
 
-import copy
 import re
 import time
-from functools import lru_cache
 from typing import Any
 
 import pytest
 
-from local.template import ROOT, functions, load_template, queue_definitions, resources
+from local.template import functions, load_template, queue_definitions, resources
+from tests.support.template_reading import (
+    as_list,
+    parameters,
+    role_of,
+    sam_environments,
+    statements_of,
+    transformed,
+)
 
 pytestmark = pytest.mark.template
 
@@ -25,65 +31,6 @@ NO_SQS_MANAGED_POLICIES = {
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 }
 VPC = {"VpcSubnetIds": "subnet-a,subnet-b", "VpcSecurityGroupIds": "sg-1"}
-
-
-def parameters() -> dict[str, Any]:
-    params: dict[str, Any] = load_template()["Parameters"]
-    return params
-
-
-@lru_cache(maxsize=8)
-def _transformed(overrides: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    from samcli.lib.translate.sam_template_validator import SamTemplateValidator
-    from samcli.yamlhelper import yaml_parse
-
-    class NoManagedPolicyNames:  # the template names managed policies by ARN only
-        def load(self) -> dict[str, str]:
-            return {}
-
-    validator = SamTemplateValidator(
-        yaml_parse((ROOT / "template.yaml").read_text()),
-        NoManagedPolicyNames(),
-        region="us-east-1",
-        parameter_overrides=dict(overrides),
-        language_extensions_enabled=True,
-    )
-    result: dict[str, Any] = yaml_parse(validator.get_translated_template_if_valid())
-    return result
-
-
-def transformed(overrides: dict[str, str] | None = None) -> dict[str, Any]:
-    """The template as the SAM transform expands it (what CloudFormation deploys)."""
-    return copy.deepcopy(_transformed(tuple(sorted((overrides or {}).items()))))
-
-
-def deployed(overrides: dict[str, str] | None = None) -> dict[str, Any]:
-    """The transformed template as CloudFormation creates it: the resources whose Condition
-    is false left out (the transform has put the parameters' values into the conditions)."""
-    template = transformed(overrides)
-    conditions = template.get("Conditions", {})
-
-    def holds(expression: Any) -> bool:
-        [(name, args)] = expression.items()
-        if name == "Condition":
-            return holds(conditions[args])
-        if name == "Fn::Equals":
-            assert all(isinstance(a, str) for a in args), expression  # resolved values
-            return bool(args[0] == args[1])
-        if name == "Fn::Not":
-            return not holds(args[0])
-        if name == "Fn::And":
-            return all(holds(a) for a in args)
-        if name == "Fn::Or":
-            return any(holds(a) for a in args)
-        raise AssertionError(f"not a condition function: {name}")
-
-    template["Resources"] = {
-        name: resource
-        for name, resource in template["Resources"].items()
-        if "Condition" not in resource or holds(conditions[resource["Condition"]])
-    }
-    return template
 
 
 def ref(name: str) -> dict[str, str]:
@@ -145,20 +92,6 @@ def test_every_http_function_has_reserved_concurrency_from_a_parameter() -> None
 
 
 # -- C: no function may use every SQS queue -------------------------------------------------
-def role_of(function: str, template: dict[str, Any]) -> dict[str, Any]:
-    role = template["Resources"][function]["Properties"]["Role"]
-    properties: dict[str, Any] = template["Resources"][role["Fn::GetAtt"][0]]["Properties"]
-    return properties
-
-
-def statements_of(role: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for p in role.get("Policies", []) for s in p["PolicyDocument"]["Statement"]]
-
-
-def as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
 @pytest.mark.parametrize("overrides", [{}, VPC], ids=["no-vpc", "vpc"])
 def test_no_function_role_grants_sqs_on_every_queue(overrides: dict[str, str]) -> None:
     """Given the template as SAM expands it, then every function's role grants SQS actions
@@ -225,7 +158,6 @@ def test_records_are_kept_as_long_as_the_template_says(
 ) -> None:
     """Given each function's environment as SAM resolves it, when a request runs under
     idempotency, then its record expires JobRetentionSeconds later."""
-    from tests.template.test_template import sam_environments
 
     default = int(parameters()["JobRetentionSeconds"]["Default"])
     environments = sam_environments({})

@@ -22,6 +22,7 @@ from local.template import (
     queue_definitions,
     queue_sources,
 )
+from tests.support.template_reading import sam_environments
 
 pytestmark = pytest.mark.template
 BIN = Path(sys.executable).parent
@@ -240,20 +241,6 @@ LOCAL_ENDPOINTS = {
     "LocalDynamoDbEndpoint": "AWS_ENDPOINT_URL_DYNAMODB",
     "LocalSqsEndpoint": "AWS_ENDPOINT_URL_SQS",
 }
-
-
-def sam_environments(overrides: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Each function's environment as SAM resolves it (parameters and Globals merged)."""
-    from samcli.lib.providers.sam_function_provider import SamFunctionProvider
-    from samcli.lib.providers.sam_stack_provider import SamLocalStackProvider
-
-    stacks, _ = SamLocalStackProvider.get_stacks(
-        str(ROOT / "template.yaml"), parameter_overrides=overrides
-    )
-    return {
-        fn.name: (fn.environment or {}).get("Variables", {})
-        for fn in SamFunctionProvider(stacks).get_all()
-    }
 
 
 def test_a_default_deploy_carries_no_local_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:

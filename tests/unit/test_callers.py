@@ -19,7 +19,6 @@ from hermes.callers import (
     acting_as,
     api_keys,
     caller_from_event,
-    caller_pool,
     prompt_tokens_bound,
     with_output_cap,
 )
@@ -27,11 +26,18 @@ from hermes.config import ConfigError, load_config
 from hermes.limiter import Counter
 from hermes.service import get_service
 from tests.integration.conftest import TEST_MODELS
+from tests.support.lambda_calls import (
+    ALICE,
+    LambdaContext,
+    event,
+    hold_caller_slot,
+    iam_event,
+    load_function,
+    logged,
+)
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
-from tests.unit.test_observability import logged
 
-ALICE = "arn:aws:iam::123456789012:user/alice"
 MODELS = {
     "models": {"gemma": TEST_MODELS["models"]["gemma"]},
     "callers": {
@@ -48,27 +54,13 @@ def env(
     aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     emulator.reset()
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(MODELS))
+    use_models(monkeypatch, tmp_path, MODELS)
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
-
-
-def iam_event(arn: str = ALICE, **changes: Any) -> dict[str, Any]:
-    data = event("llm_generate.json", **changes)
-    data["requestContext"]["authorizer"] = {"iam": {"userArn": arn, "accountId": "1"}}
-    return data
 
 
 def call(data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     response = load_function("llm").handler(data, LambdaContext())
     return response["statusCode"], json.loads(response["body"])
-
-
-def hold_caller_slot(caller: str) -> None:
-    """The caller's one slot taken, as its request on another instance would."""
-    counter = Counter("inflight", 1, 1, Exception, "x")  # type: ignore[arg-type]
-    get_service().limiter.acquire(caller_pool(caller), [counter], 60_000)
 
 
 # -- who is asking ------------------------------------------------------------------------

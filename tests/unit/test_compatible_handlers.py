@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,9 @@
-import json
 from pathlib import Path
 
 import pytest
 
 from hermes.config import ConfigError, get_settings, load_models
-
-
-def write_models(tmp_path: Path, models: object) -> Path:
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models))
-    return path
+from tests.support.models_file import write_models
 
 
 def test_default_models_are_the_seeds() -> None:

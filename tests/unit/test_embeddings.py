@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.lambda_calls import LambdaContext, event, in_flight, load_function
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import EMBED_DIM, OllamaEmulator, _vector
-from tests.unit.test_handlers import LambdaContext, event, in_flight, load_function
 
 TEXTS = [f"text number {i}" for i in range(8)]
 
@@ -42,10 +43,8 @@ def env(
     aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     emulator.reset()
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(models(emulator.url)))
+    use_models(monkeypatch, tmp_path, models(emulator.url))
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
 
 
 def post(function: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:

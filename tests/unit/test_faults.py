@@ -16,8 +16,8 @@ from hermes.aws import client
 from hermes.errors import ModelBusy
 from hermes.limiter.records import buckets_of, counters_of
 from hermes.service import get_service, host_pool
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
 class Throttle:

@@ -16,8 +16,8 @@ from hermes import ollama_api, openai_api
 from hermes.errors import HermesError
 from hermes.schemas import parse_generate_request
 from hermes.service import get_service, host_pool
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -3,77 +3,23 @@ DynamoDB is moto; Ollama is the emulator on a real loopback socket."""
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 
-from hermes.limiter import Lease
-from hermes.service import HermesService, get_service, host_pool, model_counter
-from local.template import ROOT
+from hermes.service import get_service
+from tests.support.lambda_calls import (
+    LambdaContext,
+    hold,
+    in_flight,
+    invoke,
+    load_function,
+)
+from tests.support.models_file import use_shipped_models
 from tests.support.ollama_emulator import OllamaEmulator
-
-
-class LambdaContext:
-    function_name = "hermes-test"
-    aws_request_id = "test-request"
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:hermes-test"
-    memory_limit_in_mb = 256
-
-    def __init__(self, remaining_ms: int = 60_000) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
-
-
-def load_function(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"fn_{name}", ROOT / "functions" / name / "app.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def event(
-    name: str, path: str | None = None, method: str | None = None, **changes: Any
-) -> dict[str, Any]:
-    """An events/ file, optionally sent to another path or with another method."""
-    data = copy.deepcopy(json.loads((ROOT / "events" / name).read_text()))
-    data.update(changes)
-    if path is not None:
-        data["rawPath"] = data["requestContext"]["http"]["path"] = path
-        if path.startswith("/v1/llm/"):
-            data["pathParameters"] = {"model": path.rsplit("/", 1)[1]}
-    if method is not None:
-        data["requestContext"]["http"]["method"] = method
-    return data
-
-
-def invoke(
-    function: str, name: str, context: LambdaContext | None = None, **changes: Any
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    response = load_function(function).handler(event(name, **changes), context or LambdaContext())
-    return response["statusCode"], json.loads(response["body"]), response["headers"]
-
-
-def hold(service: HermesService, model: str) -> Lease:
-    """Occupy one slot of `model` as another instance would."""
-    config = service.model(model)
-    return service.limiter.acquire(host_pool(config.host), service.counters(model, config), 60_000)
-
-
-def in_flight(model: str) -> int:
-    usage = get_service().limiter.usage([host_pool("default")])
-    return usage[host_pool("default")].get(model_counter(model), 0)
 
 
 @pytest.fixture(autouse=True)
@@ -245,22 +191,10 @@ def test_status_is_503_naming_ollama_when_it_is_down(monkeypatch: pytest.MonkeyP
     assert [h["name"] for h in body["failing"]["hosts"]] == ["default"]
 
 
-def write_models(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int, **overrides: dict
-) -> None:
-    config = json.loads((ROOT / "layers/hermes/hermes/models.json").read_text())
-    config["hosts"]["default"]["memory_budget"] = budget
-    for name, changes in overrides.items():
-        config["models"][name].update(changes)
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
-
-
 def test_when_the_memory_budget_binds_the_answer_is_host_busy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_models(tmp_path, monkeypatch, budget=4)
+    use_shipped_models(tmp_path, monkeypatch, budget=4)
     service = get_service()
     hold(service, "llama3")  # weight 4
     status, body, headers = invoke("llm", "llm_generate.json")  # gemma has free slots
@@ -273,7 +207,7 @@ def test_when_the_memory_budget_binds_the_answer_is_host_busy(
 def test_a_waiting_request_is_admitted_when_a_slot_frees(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 3000})
+    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 3000})
     service = get_service()
     held = hold(service, "llama3")
     threading.Timer(0.3, service.limiter.release, [held]).start()
@@ -286,7 +220,7 @@ def test_a_waiting_request_is_admitted_when_a_slot_frees(
 def test_waiting_ends_with_429_at_the_queue_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 500})
+    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 500})
     service = get_service()
     hold(service, "llama3")
     started = time.monotonic()
@@ -299,7 +233,7 @@ def test_waiting_ends_with_429_at_the_queue_timeout(
 def test_waiting_never_outlasts_the_lambda_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 20_000})
+    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 20_000})
     service = get_service()
     hold(service, "llama3")
     started = time.monotonic()

@@ -14,8 +14,9 @@ import pytest
 from hermes.service import get_service, host_pool
 from local.runner import ensure_queues
 from local.template import load_template
+from tests.support.lambda_calls import LambdaContext, event, load_function
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
 @pytest.fixture(autouse=True)
@@ -382,8 +383,7 @@ def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
     models["models"] = {"llama3": {**models["models"]["llama3"], "timeout": 4000}}
     models["models"]["llama3"]["max_concurrency"] = 2
     models["hosts"]["default"]["memory_budget"] = 16
-    (tmp_path / "models.json").write_text(json.dumps(models))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+    use_models(monkeypatch, tmp_path, models)
     monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "6")
     # Given two llama3 jobs whose generations take 3 s of their 4 s, in one SQS batch
     emulator.set_behaviour(model="llama3:8b", delay_ms=3000)
@@ -511,8 +511,7 @@ def test_a_job_runs_as_its_submitter_under_its_limits(
     alice = "arn:aws:iam::123456789012:user/alice"
     models = json.loads(DEFAULT_MODELS_FILE.read_text())
     models["callers"] = {alice: {"max_concurrency": 1}}
-    (tmp_path / "models.json").write_text(json.dumps(models))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(tmp_path / "models.json"))
+    use_models(monkeypatch, tmp_path, models)
     for cached in (get_settings, get_service, get_jobs):
         cached.cache_clear()
     request = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps({"prompt": "hi"}))

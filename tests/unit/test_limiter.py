@@ -23,26 +23,20 @@ from hermes.limiter import REAP_BATCH, Counter, Lease, Limiter, Ticket
 from hermes.limiter.limiter import MAX_ROUNDS
 from hermes.limiter.records import BUCKET_MS, buckets_of
 from hermes.service import get_service, host_pool
+from tests.support.clock import Clock
 from tests.support.dynamodb_limits import (
     EXPRESSIONS,
     MAX_EXPRESSION_BYTES,
     ExpressionWatch,
     item_size,
 )
+from tests.support.models_file import write_models
 from tests.support.ollama_emulator import OllamaEmulator
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(now=1_000_000.0)
 
 
 @pytest.fixture
@@ -513,10 +507,8 @@ def test_usage_reads_any_number_of_pools_100_keys_at_a_time(limiter: Limiter) ->
     assert len(usage) == 250 and usage[pools[-1]] == {"inflight_gemma": 1}
 
 
-def write_models(tmp_path: Path, models: dict[str, Any], **extra: Any) -> Path:
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps({"models": models, **extra}))
-    return path
+def models_file(tmp_path: Path, models: dict[str, Any], **extra: Any) -> Path:
+    return write_models(tmp_path, {"models": models, **extra})
 
 
 def model(max_concurrency: int, cost: str = "low", host: str = "default") -> dict[str, Any]:
@@ -532,33 +524,33 @@ def model(max_concurrency: int, cost: str = "low", host: str = "default") -> dic
 def test_a_host_serves_at_most_MAX_MODELS_PER_HOST_models(tmp_path: Path) -> None:
     models = {f"m{i:02d}": model(1) for i in range(MAX_MODELS_PER_HOST + 1)}
     with pytest.raises(ConfigError) as error:
-        load_config(write_models(tmp_path, models))
+        load_config(models_file(tmp_path, models))
     message = str(error.value)
     assert f"field 'models.m{MAX_MODELS_PER_HOST:02d}.host'" in message
     assert f"would serve {MAX_MODELS_PER_HOST + 1} models" in message
     assert f"bound of {MAX_MODELS_PER_HOST} per host" in message
     # At the bound it loads, and so do the same models split over two hosts.
-    load_config(write_models(tmp_path, dict(list(models.items())[:MAX_MODELS_PER_HOST])))
+    load_config(models_file(tmp_path, dict(list(models.items())[:MAX_MODELS_PER_HOST])))
     two = {"hosts": {"default": {"memory_budget": 100}, "other": {"memory_budget": 100}}}
     split = {name: model(1, host="other" if i % 2 else "default") for i, name in enumerate(models)}
-    load_config(write_models(tmp_path, split, **two))
+    load_config(models_file(tmp_path, split, **two))
 
 
 def test_concurrency_is_no_longer_bounded_by_what_one_item_holds(tmp_path: Path) -> None:
     """Leases are items of their own: 1,100 leases on one host load (they did not when every
     lease lived in the host's item)."""
     big = {"hosts": {"default": {"memory_budget": 100_000}}}
-    config = load_config(write_models(tmp_path, {"a": model(600), "b": model(500)}, **big))
+    config = load_config(models_file(tmp_path, {"a": model(600), "b": model(500)}, **big))
     assert config.models["a"].max_concurrency + config.models["b"].max_concurrency == 1100
 
 
 def test_a_model_name_longer_than_a_request_can_carry_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model names are at most 100 characters"):
-        load_config(write_models(tmp_path, {"x" * 101: model(1)}))
+        load_config(models_file(tmp_path, {"x" * 101: model(1)}))
 
 
 def test_a_negative_memory_weight_is_refused(tmp_path: Path) -> None:
-    path = write_models(tmp_path, {"a": model(1)}, memory_weights={"low": -1})
+    path = models_file(tmp_path, {"a": model(1)}, memory_weights={"low": -1})
     with pytest.raises(ConfigError, match=r"field 'memory_weights\.low': must be at least 0"):
         load_config(path)
 

@@ -5,7 +5,6 @@ queue (abandon, handoff, grant pass, lapsed entry dropped) takes the waiter off 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ from hermes.config import load_config
 from hermes.errors import ModelBusy, QueueFull
 from hermes.limiter import Counter, Lease, Limiter, Ticket
 from hermes.limiter.records import STATE_SK, WAITING, value, waiting_attr
+from tests.support.clock import Clock
 from tests.support.dynamodb_limits import ExpressionWatch
-from tests.unit.test_limiter import Clock
+from tests.support.models_file import write_models
 
 POOL = "host#gpu"
 WAIT_MS = 60_000
@@ -25,7 +25,7 @@ WAIT_MS = 60_000
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(now=1_000_000.0)
 
 
 @pytest.fixture
@@ -100,11 +100,9 @@ def test_max_waiting_zero_never_waits(limiter: Limiter, clock: Clock) -> None:
     assert waiting(limiter)["total"] == 0
 
 
-def write_models(tmp_path: Path, **gemma: Any) -> Path:
+def gemma_file(tmp_path: Path, **gemma: Any) -> Path:
     entry = {"max_concurrency": 2, "memory_cost": "medium", "timeout": 10_000} | gemma
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps({"models": {"gemma": {"backend_model": "g"} | entry}}))
-    return path
+    return write_models(tmp_path, {"models": {"gemma": {"backend_model": "g"} | entry}})
 
 
 @pytest.mark.parametrize(
@@ -119,5 +117,5 @@ def write_models(tmp_path: Path, **gemma: Any) -> Path:
 def test_the_default_bound_follows_the_wait_and_the_slots(
     tmp_path: Path, fields: dict[str, Any], limit: int
 ) -> None:
-    models = load_config(write_models(tmp_path, **fields)).models
+    models = load_config(gemma_file(tmp_path, **fields)).models
     assert models["gemma"].waiting_limit == limit

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from hermes import observability
+from tests.support.lambda_calls import LambdaContext, event, load_function, logged
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 PROMPT = "Explain quantum computing"  # the prompt in events/llm_generate.json
 
@@ -124,11 +124,6 @@ def emitted(out: str) -> list[tuple[str, dict[str, str], list[float]]]:
 def metrics_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     monkeypatch.delenv("POWERTOOLS_SERVICE_NAME", raising=False)
-
-
-def logged(stream: io.StringIO, message: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("message") == message]
 
 
 def test_a_grant_on_a_host_reports_in_flight_and_utilization_per_model_and_host(

@@ -13,8 +13,9 @@ import pytest
 
 from hermes.backends import OllamaClient, OpenAIClient, set_down_reason
 from hermes.errors import HermesError
+from tests.support.lambda_calls import LambdaContext, event, load_function
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +35,7 @@ def openai_host(
         },
         "hosts": {"llamacpp": {"memory_budget": 4, "kind": "openai", "url": emulator.url}},
     }
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    use_models(monkeypatch, tmp_path, config)
 
 
 def call(function: str, name: str, **changes: object) -> tuple[int, str]:

@@ -4,7 +4,6 @@ before the first byte, shared circuits, the model-wide cap, nothing leaked."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from hermes.errors import ModelBusy, UpstreamError, UpstreamUnavailable
 from hermes.limiter import Counter
 from hermes.placement import host_pool, model_counter
 from hermes.service import HermesService, get_service, model_pool
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
 
 HOSTS = ("gpu1", "gpu2", "gpu3")
@@ -50,9 +50,7 @@ def service(
         },
         "hosts": {h: {"memory_budget": 8, "url": e.url} for h, e in emulators.items()},
     }
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    use_models(monkeypatch, tmp_path, config)
     client.cache_clear()
     yield get_service()
     client.cache_clear()

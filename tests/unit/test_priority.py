@@ -14,8 +14,8 @@ import pytest
 from hermes.errors import InvalidRequest
 from hermes.http import PRIORITY_HEADER, parse_priority
 from hermes.service import HermesService
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 # Every HTTP route that admits a request: (function, event file), streamed or not.
 ADMITTING = [

@@ -15,9 +15,14 @@ import pytest
 
 from hermes.config import ConfigError, load_models
 from hermes.service import get_service
+from tests.support.lambda_calls import (
+    LambdaContext,
+    event,
+    in_flight,
+    load_function,
+)
+from tests.support.models_file import use_shipped_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, in_flight, load_function
-from tests.unit.test_handlers import write_models as write_test_models
 
 CAP = 4096  # gemma's max_num_ctx in these tests; mistral has none and allows keep_alive
 
@@ -28,7 +33,7 @@ def env(
 ) -> None:
     emulator.reset()
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
-    write_test_models(
+    use_shipped_models(
         tmp_path,
         monkeypatch,
         budget=8,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 SECRET_URL = "http://ops:hunter2@127.0.0.1:9/t/s3cret-path/?token=s3cret-query"
 SECRETS = ("ops:", "hunter2", "s3cret")

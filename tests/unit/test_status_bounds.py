@@ -15,8 +15,9 @@ import pytest
 from hermes.aws import client
 from hermes.service import get_service, host_pool
 from tests.support.dynamodb_limits import ExpressionWatch
+from tests.support.lambda_calls import LambdaContext, event, load_function
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 
 @pytest.fixture
@@ -81,9 +82,7 @@ def test_status_reports_usage_of_more_hosts_than_one_batch_get_can_read(
         }
         for i in range(150)
     }
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps({"models": models, "hosts": hosts}))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    use_models(monkeypatch, tmp_path, {"models": models, "hosts": hosts})
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     emulator.reset()
     client.cache_clear()

@@ -18,8 +18,9 @@ from hermes.service import get_service, host_pool
 from local import runner
 from local.process import free_port
 from local.template import ROOT
+from tests.support.lambda_calls import invoke
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import invoke
 
 MODELS = ("gemma", "llama3", "mistral")
 
@@ -46,9 +47,7 @@ def models_file(
         config["hosts"][name] = {"memory_budget": 8, "url": url}
     for model, pool in pools.items():
         config["models"][model]["hosts"] = pool
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(config))
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
+    use_models(monkeypatch, tmp_path, config)
 
 
 def by_name(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from hermes.http import REPLAYED_EVENT_AGE_S, gateway_age_s
+from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
 BUDGET_MS = 6_000
 COLD_START_S = 5.0  # the request reached API Gateway this long before the handler ran

@@ -14,11 +14,17 @@ import pytest
 
 from hermes.service import get_service
 from tests.integration.conftest import TEST_MODELS
+from tests.support.lambda_calls import (
+    ALICE,
+    LambdaContext,
+    event,
+    hold_caller_slot,
+    iam_event,
+    load_function,
+)
+from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
-from tests.unit.test_callers import hold_caller_slot, iam_event
-from tests.unit.test_handlers import LambdaContext, event, load_function
 
-ALICE = "arn:aws:iam::123456789012:user/alice"
 BOB = "arn:aws:iam::123456789012:user/bob"
 AUDITOR = "arn:aws:iam::123456789012:user/auditor"
 MODELS = {
@@ -32,10 +38,8 @@ def env(
     aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     emulator.reset()
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps(MODELS))
+    use_models(monkeypatch, tmp_path, MODELS)
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
-    monkeypatch.setenv("HERMES_MODELS_FILE", str(path))
 
 
 def generate(caller: str) -> int:
