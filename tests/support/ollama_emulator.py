@@ -31,6 +31,9 @@ Control API (``OllamaEmulator`` has the same as methods, acting on the state dir
   residency (the settings), loads and evictions (per tag), resident (tags, most recently used
   first), loading (tags being loaded), served (every answer's reported tokens, with its time),
   meta_calls (/api/ps and /api/show calls) and last_show (the last /api/show body).
+- ``GET /_emulator/received``: every model call received since reset (the completion and
+  embedding routes), oldest first: ``{"received": [{"path", "body", "at"}]}``, ``body`` the JSON
+  as sent, ``at`` the epoch time it arrived (the last RECEIVED_KEPT only).
 - ``POST /_emulator/reset`` (optional ``{"weights": true}`` to clear weights too).
 - ``POST /_emulator/release``: every request held by mode ``hold`` goes on as ``ok`` (with the
   behaviour's delays and tokens); answers ``{"released": n}``. Later requests are held again
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -81,7 +85,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import uvicorn
 from starlette.applications import Starlette
@@ -96,6 +100,7 @@ OLLAMA_VERSION = "0.12.0"
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 MODES = ("ok", "hang", "error", "busy", "cut_stream", "not_found", "hold")
 CUT_AFTER = 2  # chunks sent before cut_stream drops the connection
+RECEIVED_KEPT = 10_000  # bodies recorded at most (a long benchmark run keeps the latest)
 _ids = itertools.count(1)
 
 
@@ -123,6 +128,15 @@ def _error_body(openai: bool, status: int, message: str) -> dict[str, Any]:
         return {"error": message}
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class Received(NamedTuple):
+    """A model call as the emulator received it: the route, the JSON body as sent, and when
+    it arrived (epoch seconds, before any delay, load or hang)."""
+
+    path: str
+    body: dict[str, Any]
+    at: float
 
 
 class BadRequest(Exception):
@@ -294,6 +308,7 @@ class EmulatorState:
         self.served: list[tuple[float, str, int, int]] = []  # (epoch s, tag, prompt, completion)
         self.meta_calls: dict[str, int] = {}  # /api/ps, /api/show...: calls per path
         self.last_show: dict[str, Any] | None = None  # the last /api/show body, as received
+        self.received: collections.deque[Received] = collections.deque(maxlen=RECEIVED_KEPT)
         self.resident.clear()
         self.reset_at = now
 
@@ -343,6 +358,16 @@ class EmulatorState:
         """An answer's token counts, as its last object reports them, when it was sent."""
         with self._lock:
             self.served.append((time.time(), tag, prompt_tokens, completion_tokens))
+
+    def record(self, path: str, body: dict[str, Any]) -> None:
+        """A model call arrived (before its model is even looked up)."""
+        with self._lock:
+            self.received.append(Received(path, body, time.time()))
+
+    def calls(self) -> list[Received]:
+        """The model calls received since reset, oldest first."""
+        with self._lock:
+            return list(self.received)
 
     def enter(self, tag: str) -> None:
         with self._lock:
@@ -891,6 +916,7 @@ def create_app(state: EmulatorState) -> Starlette:
     def completion(api: str) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             body = await _json_body(request)
+            state.record(request.url.path, body)
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise BadRequest("model is required")
@@ -993,6 +1019,9 @@ def create_app(state: EmulatorState) -> Starlette:
     async def stats(request: Request) -> Response:
         return JSONResponse(state.stats())
 
+    async def received(request: Request) -> Response:
+        return JSONResponse({"received": [call._asdict() for call in state.calls()]})
+
     async def root(request: Request) -> Response:
         return PlainTextResponse("Ollama is running")
 
@@ -1017,6 +1046,7 @@ def create_app(state: EmulatorState) -> Starlette:
         Route("/_emulator/reset", reset, methods=post),
         Route("/_emulator/release", release, methods=post),
         Route("/_emulator/stats", stats),
+        Route("/_emulator/received", received),
     ]
     return Starlette(routes=routes, exception_handlers={BadRequest: bad_request})
 
@@ -1114,6 +1144,11 @@ class OllamaEmulator:
 
     def stats(self) -> dict[str, Any]:
         return self.state.stats()
+
+    def received(self, *paths: str) -> list[Received]:
+        """The model calls received since reset, oldest first; only those to `paths` if any
+        are given (e.g. "/api/generate", "/api/chat")."""
+        return [call for call in self.state.calls() if not paths or call.path in paths]
 
     def set_behaviour(
         self,

@@ -89,10 +89,9 @@ def test_the_llm_handler_never_answers_500(env: None, body: str, model: str) -> 
     response = load_function("llm").handler(
         event("llm_generate.json", path=path, body=body), LambdaContext()
     )
-    assert response["statusCode"] < 500 or json.loads(response["body"])["code"] in (
-        "upstream_unavailable",
-    )
     payload = json.loads(response["body"])
+    # The emulator is healthy: no 5xx at all, upstream_unavailable (503) included.
+    assert response["statusCode"] < 500, payload
     assert "detail" not in payload and (
         response["statusCode"] == 200 or isinstance(payload["error"], str)
     )

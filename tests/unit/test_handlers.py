@@ -4,15 +4,18 @@ DynamoDB is moto; Ollama is the emulator on a real loopback socket."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from hermes.service import get_service
+from hermes.http import LAMBDA_SAFETY_S
+from hermes.limiter import Lease, Ticket
+from hermes.limiter.records import waiting_attr
+from hermes.service import get_service, host_pool, model_counter
 from tests.support.lambda_calls import (
     LambdaContext,
+    event,
     hold,
     in_flight,
     invoke,
@@ -20,6 +23,8 @@ from tests.support.lambda_calls import (
 )
 from tests.support.models_file import use_shipped_models
 from tests.support.ollama_emulator import OllamaEmulator
+
+LLAMA3_WAITING = waiting_attr(model_counter("llama3"))  # its waiters' count, in usage
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +40,18 @@ def test_given_a_prompt_when_posted_then_the_result_comes_back() -> None:
     assert body["usage"]["completion_tokens"] > 0
 
 
-def test_options_and_system_reach_the_backend() -> None:
+def test_options_and_system_reach_the_backend(emulator: OllamaEmulator) -> None:
+    sent = json.loads(event("llm_generate_with_options.json")["body"])
     status, body, _ = invoke("llm", "llm_generate_with_options.json")
     assert status == 200, body
+    # The backend received the caller's system prompt and every option, as sent, and the
+    # model's backend tag in place of its Hermes name.
+    (call,) = emulator.received()
+    assert call.path == "/api/generate"
+    assert (call.body["model"], call.body["prompt"]) == ("mistral:7b", sent["prompt"])
+    assert call.body["system"] == sent["system"] == "Answer tersely."
+    context = get_service().settings.models["mistral"].max_num_ctx  # what every call runs at
+    assert call.body["options"] == {**sent["options"], "num_ctx": context}
 
 
 @pytest.mark.parametrize(
@@ -205,29 +219,52 @@ def test_when_the_memory_budget_binds_the_answer_is_host_busy(
 
 
 def test_a_waiting_request_is_admitted_when_a_slot_frees(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, emulator: OllamaEmulator
 ) -> None:
-    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 3000})
+    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 30_000})
     service = get_service()
-    held = hold(service, "llama3")
-    threading.Timer(0.3, service.limiter.release, [held]).start()
-    started = time.monotonic()
+    held = [hold(service, "llama3")]
+    waiting_then: list[int] = []
+    # The slot frees while the request waits: released (as its holder on another instance
+    # would) just before the waiter's first poll of its ticket, from the waiter's own
+    # thread, so no second thread writes to moto. A ticket means the request is queued.
+    poll = service.limiter.poll
+
+    def poll_after_the_release(ticket: Ticket) -> Lease | None:
+        if held:
+            usage = service.limiter.usage([host_pool("default")], waiting=True)
+            waiting_then.append(usage[host_pool("default")].get(LLAMA3_WAITING, 0))
+            service.limiter.release(held.pop())
+        return poll(ticket)
+
+    monkeypatch.setattr(service.limiter, "poll", poll_after_the_release)
     status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
+    # It was waiting in the queue when the slot freed, and then it was served: the queue
+    # timeout (30 s) would have answered 429.
+    assert waiting_then == [1]
     assert status == 200, body
-    assert 0.25 < time.monotonic() - started < 3
+    assert [call.body["model"] for call in emulator.received()] == ["llama3:8b"]
+    assert in_flight("llama3") == 0
 
 
 def test_waiting_ends_with_429_at_the_queue_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 500})
+    use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 1_000})
     service = get_service()
     hold(service, "llama3")
+    # The deadline (Lambda time left less LAMBDA_SAFETY_S) is 10 s: the only other bound
+    # that would end the wait, with the same 429.
+    context = LambdaContext(remaining_ms=int((LAMBDA_SAFETY_S + 10) * 1000))
     started = time.monotonic()
-    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3")
+    status, body, _ = invoke("llm", "llm_generate.json", path="/v1/llm/llama3", context=context)
     waited = time.monotonic() - started
     assert (status, body["code"]) == (429, "model_busy")
-    assert 0.3 < waited < 1.5
+    # Never before the queue timeout; long before the deadline (however loaded the machine,
+    # answering 9 s late is not load but the deadline): the queue timeout ended it.
+    assert 1.0 <= waited < 10, waited
+    usage = service.limiter.usage([host_pool("default")], waiting=True)
+    assert usage[host_pool("default")].get(LLAMA3_WAITING, 0) == 0  # its place given up
 
 
 def test_waiting_never_outlasts_the_lambda_deadline(
@@ -236,9 +273,17 @@ def test_waiting_never_outlasts_the_lambda_deadline(
     use_shipped_models(tmp_path, monkeypatch, budget=8, llama3={"queue_timeout_ms": 20_000})
     service = get_service()
     hold(service, "llama3")
+    # 1 s left to wait once LAMBDA_SAFETY_S is kept back for the answer and the releases.
+    remaining_s = LAMBDA_SAFETY_S + 1
     started = time.monotonic()
     status, body, _ = invoke(
-        "llm", "llm_generate.json", path="/v1/llm/llama3", context=LambdaContext(remaining_ms=1_600)
+        "llm",
+        "llm_generate.json",
+        path="/v1/llm/llama3",
+        context=LambdaContext(remaining_ms=int(remaining_s * 1000)),
     )
+    waited = time.monotonic() - started
     assert (status, body["code"]) == (429, "model_busy")
-    assert time.monotonic() - started < 1.2  # 1.6 s left minus the 1 s safety margin
+    # It waited until the deadline (1 s), not the queue timeout (20 s), and answered before
+    # the Lambda would have been ended (remaining_s): the contract's own bound.
+    assert 1.0 <= waited < remaining_s, waited

@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
-from hermes.service import get_service, host_pool
+from hermes.service import get_service, host_pool, model_counter
 from local.runner import ensure_queues
 from local.template import load_template
 from tests.support.lambda_calls import LambdaContext, event, load_function
@@ -186,25 +186,38 @@ def test_bad_job_submissions_are_refused_before_queueing() -> None:
 )
 def test_a_job_keeps_its_priority_until_the_worker_runs_it(
     env: dict[str, str],
+    emulator: OllamaEmulator,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     header: str | None,
     body: dict[str, Any],
     expected: str,
 ) -> None:
-    from tests.unit.test_priority import spy_admissions
+    from tests.support.priority_probe import admitted_priority, probe_models
 
-    admitted = spy_admissions(monkeypatch)
-    # Given a job submitted with a priority in its header, its body, both or neither
-    status, job, _ = submit(body=body, headers={"x-hermes-priority": header} if header else {})
-    # Then the job shows the priority it will run with
-    assert (status, job["priority"]) == (202, expected)
-    assert read(job["job_id"])[1]["priority"] == expected
-    # And when the worker runs it (a later invocation, from the stored request alone)
-    assert admitted == []
-    assert deliver(env) == {"batchItemFailures": []}
+    probe_models(tmp_path, monkeypatch, "gemma")
+    pool = host_pool("default")
+
+    def send() -> None:
+        # Given a job submitted with a priority in its header, its body, both or neither
+        headers = {"x-hermes-priority": header} if header else {}
+        calls = len(emulator.received())
+        status, job, _ = submit(body=body, headers=headers)
+        # Then the job shows the priority it will run with
+        assert (status, job["priority"]) == (202, expected)
+        assert read(job["job_id"])[1]["priority"] == expected
+        # And nothing ran yet: no model call, no slot taken but the probe's held one
+        assert len(emulator.received()) == calls
+        assert get_service().limiter.usage([pool])[pool].get(model_counter("gemma")) == 1
+        # When the worker runs it (a later invocation, from the stored request alone)
+        worked = deliver(env, context=LambdaContext(remaining_ms=120_000))
+        assert worked == {"batchItemFailures": []}
+        assert read(job["job_id"])[1]["status"] == "succeeded"
+
     # Then it was admitted with that priority
-    assert admitted == [("gemma", expected)]
-    assert read(job["job_id"])[1]["status"] == "succeeded"
+    calls = len(emulator.received())
+    assert admitted_priority(monkeypatch, "gemma", send) == expected
+    assert len(emulator.received()) - calls == (1 if expected == "high" else 2)
 
 
 def test_a_job_with_a_bad_priority_is_refused_before_queueing(env: dict[str, str]) -> None:
@@ -369,23 +382,25 @@ def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
     tmp_path: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The deployed case is llama3: 45 s jobs in a worker of 65 s. Scaled down here to a 4 s
-    model, 1 s of job overhead and 1 s of start-up, i.e. a worker timeout of 6 s."""
+    """The deployed case is llama3: 45 s jobs in a worker of 65 s. Scaled down here to a 6 s
+    model, 1 s of job overhead and 3 s of start-up, i.e. a worker timeout of 10 s. (A loaded
+    machine has 3 s to start the worker and 3 s more than the generation's 3 s to finish the
+    first job; the second cannot get its 6 s however fast the first ran: 10 - 3 < 6 + 1.)"""
     import hermes.config
     import hermes.http
 
     monkeypatch.setattr(hermes.config, "JOB_OVERHEAD_S", 1, raising=False)
-    monkeypatch.setattr(hermes.config, "WORKER_START_S", 1, raising=False)
+    monkeypatch.setattr(hermes.config, "WORKER_START_S", 3, raising=False)
     # The time kept back for the release, scaled down with the rest (it is part of the
     # overhead: 3.5 s of the deployed 15 s).
     monkeypatch.setattr(hermes.http, "LAMBDA_SAFETY_S", 0.5)
     models = json.loads(hermes.config.DEFAULT_MODELS_FILE.read_text())
-    models["models"] = {"llama3": {**models["models"]["llama3"], "timeout": 4000}}
+    models["models"] = {"llama3": {**models["models"]["llama3"], "timeout": 6000}}
     models["models"]["llama3"]["max_concurrency"] = 2
     models["hosts"]["default"]["memory_budget"] = 16
     use_models(monkeypatch, tmp_path, models)
-    monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "6")
-    # Given two llama3 jobs whose generations take 3 s of their 4 s, in one SQS batch
+    monkeypatch.setenv("HERMES_WORKER_TIMEOUT_S", "10")
+    # Given two llama3 jobs whose generations take 3 s of their 6 s, in one SQS batch
     emulator.set_behaviour(model="llama3:8b", delay_ms=3000)
     first, second = submit("llama3")[1]["job_id"], submit("llama3")[1]["job_id"]
     sqs = boto3.client("sqs")
@@ -396,8 +411,8 @@ def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
         ).get("Messages", [])
     batch.sort(key=lambda m: json.loads(m["Body"])["job_id"] != first)
     # When one worker invocation with the worker's whole timeout gets both
-    result = deliver(env, batch, ClockContext(6))
-    # Then the first ran, and the second, which could no longer get its 4 s, was handed back
+    result = deliver(env, batch, ClockContext(10))
+    # Then the first ran, and the second, which could no longer get its 6 s, was handed back
     # as a fresh message: no attempt used up, no failure reported, the model never called
     assert result == {"batchItemFailures": []}
     assert read(first)[1]["status"] == "succeeded"
@@ -408,7 +423,7 @@ def test_two_long_jobs_in_one_batch_each_get_their_model_s_whole_timeout(
     assert [json.loads(m["Body"])["job_id"] for m in again] == [second]
     assert again[0]["Attributes"]["ApproximateReceiveCount"] == "1"
     # And the next invocation runs it with its whole timeout
-    assert deliver(env, again, ClockContext(6)) == {"batchItemFailures": []}
+    assert deliver(env, again, ClockContext(10)) == {"batchItemFailures": []}
     done = read(second)[1]
     assert (done["status"], done["attempts"]) == ("succeeded", 1)
 

@@ -5,6 +5,7 @@ limiter sends here is checked against DynamoDB's documented limits (`dynamodb_li
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from tests.support.dynamodb_limits import (
 )
 from tests.support.models_file import write_models
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
 
 
 @pytest.fixture
@@ -234,17 +236,28 @@ SAFETY_S = 0.25  # hermes.service.LEASE_SAFETY_MS
 
 
 @pytest.fixture
+def solo_clock() -> Clock:
+    """The clock of the `solo` service's limiter (leases, their expiry, what is left of them),
+    moved by hand: a whole second, so that lease times are exact milliseconds."""
+    return Clock(now=float(int(time.time())))
+
+
+@pytest.fixture
 def solo(
     aws: None,
     emulator: OllamaEmulator,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     dynamodb_limits: ExpressionWatch,
+    solo_clock: Clock,
 ) -> list[Lease]:
     """A service whose model `solo` allows 1 call of 1 s (lease margin 200 ms), whose backend
-    hangs, and whose granted leases are recorded (returned list)."""
+    hangs, whose limiter runs on `solo_clock`, and whose granted leases are recorded
+    (returned list)."""
+    import hermes.service
     from hermes.aws import client
 
+    monkeypatch.setattr(hermes.service, "Limiter", functools.partial(Limiter, clock=solo_clock))
     models = tmp_path / "models.json"
     models.write_text(json.dumps(SOLO_MODELS))
     monkeypatch.setenv("HERMES_MODELS_FILE", str(models))
@@ -267,14 +280,15 @@ def solo(
     client.cache_clear()
 
 
-def answers_late(seconds: float, times: int = 1) -> None:
-    """The next `times` writes land at once; their answers come `seconds` later."""
+def answers_late(clock: Clock, seconds: float, times: int = 1) -> None:
+    """The next `times` writes land at once; their answers come `seconds` later by the
+    limiter's clock, which the test moves: real time (a loaded machine) adds nothing."""
     left = [times]
 
     def late(**_: Any) -> None:
         if left[0] > 0:
             left[0] -= 1
-            time.sleep(seconds)
+            clock.advance(seconds)
 
     get_service().limiter._ddb.meta.events.register("after-call.dynamodb.UpdateItem", late)
 
@@ -284,37 +298,42 @@ def run_solo() -> Any:
 
 
 def test_a_late_admission_answer_shortens_the_call_to_what_its_lease_has_left(
-    solo: list[Lease], emulator: OllamaEmulator
+    solo: list[Lease], solo_clock: Clock, emulator: OllamaEmulator
 ) -> None:
     # Lease = 1 s + margin + safety = 1.45 s from the write; its answer comes 0.6 s late.
-    answers_late(0.6)
+    answers_late(solo_clock, 0.6)
     with pytest.raises(UpstreamTimeout) as timeout:
         run_solo()
-    ended = time.time()
     (lease,) = solo
-    # The call ran what the lease had left less margin and safety (~0.4 s), not the model's
-    # 1 s from the late answer (which would end 0.15 s AFTER the lease expired), and was over
-    # at least the margin before the expiry: no other instance could take the slot meanwhile.
-    assert lease.expires_at_ms / 1000 - ended > MARGIN_S
-    assert 300 <= timeout.value.extra["timeout_ms"] <= 420
+    run_ms = timeout.value.extra["timeout_ms"]
+    # The call ran what the lease had left less margin and safety (1.45 - 0.6 - 0.45 = 0.4 s,
+    # to the millisecond), not the model's 1 s from the late answer (which would end 0.15 s
+    # AFTER the lease expired), so it was over at least the margin (and the safety) before
+    # the expiry: no other instance could take the slot meanwhile.
+    assert abs(run_ms - 400) <= 1, run_ms
+    granted_ms = solo_clock.now_ms()  # the clock stood still since the late answer
+    assert lease.expires_at_ms - (granted_ms + run_ms) >= (MARGIN_S + SAFETY_S) * 1000 - 1
     assert "slow to grant" in timeout.value.message
     assert emulator.stats()["requests"]["llama3:8b"] == 1
 
 
 def test_a_stream_admitted_late_ends_before_its_lease_too(
-    solo: list[Lease], emulator: OllamaEmulator
+    solo: list[Lease], solo_clock: Clock, emulator: OllamaEmulator
 ) -> None:
     emulator.set_behaviour(model="llama3:8b", mode="ok", tokens=50, token_delay_ms=100)
-    answers_late(0.6)
+    answers_late(solo_clock, 0.6)
 
     async def stream() -> list[dict[str, Any]]:
         chunks = await get_service().open_stream("solo", "/api/generate", {"prompt": "hi"})
         return [chunk async for chunk in chunks]
 
-    with pytest.raises(UpstreamTimeout, match="slow to grant"):
-        asyncio.run(stream())  # 5 s of tokens; the lease left ~0.4 s of them
+    with pytest.raises(UpstreamTimeout, match="slow to grant") as timeout:
+        asyncio.run(stream())  # 5 s of tokens; the lease left 0.4 s of them
     (lease,) = solo
-    assert lease.expires_at_ms / 1000 - time.time() > MARGIN_S
+    run_ms = timeout.value.extra["timeout_ms"]
+    assert abs(run_ms - 400) <= 1, run_ms
+    granted_ms = solo_clock.now_ms()
+    assert lease.expires_at_ms - (granted_ms + run_ms) >= (MARGIN_S + SAFETY_S) * 1000 - 1
 
 
 DIALECTS: dict[str, Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[Any]]] = {
@@ -342,16 +361,17 @@ def test_a_stream_closed_before_its_first_item_frees_its_slot(
     # Then the slot is free at once, not when the lease expires
     assert asyncio.run(closed_unread()) == 0
     # And Ollama saw the call end
-    deadline = time.monotonic() + 2
-    while emulator.stats()["in_flight"]["llama3:8b"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert emulator.stats()["in_flight"]["llama3:8b"] == 0
+    wait_until(
+        lambda: emulator.stats()["in_flight"]["llama3:8b"] == 0,
+        30,
+        "the emulator sees the closed stream's call end",
+    )
 
 
 def test_a_lease_granted_too_late_to_use_is_given_back_with_503(
-    solo: list[Lease], emulator: OllamaEmulator
+    solo: list[Lease], solo_clock: Clock, emulator: OllamaEmulator
 ) -> None:
-    answers_late(1.1)  # past the lease less margin and safety: nothing left to run
+    answers_late(solo_clock, 1.1)  # past the lease less margin and safety: nothing left to run
     with pytest.raises(LimiterUnavailable, match="left no time to run it") as error:
         run_solo()
     assert error.value.retry_after == 1

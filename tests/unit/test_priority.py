@@ -1,21 +1,23 @@
 """Request priority (issue 12): the X-Hermes-Priority header on every route that admits a
 request, the `priority` body field of /v1/llm and jobs, and the direct invoke's `priority`
-key, each reaching admission (HermesService.admit) as high, normal or low."""
+key, each reaching admission as high, normal or low: seen by where the request waits in its
+model's queue (tests/support/priority_probe.py)."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hermes.errors import InvalidRequest
 from hermes.http import PRIORITY_HEADER, parse_priority
-from hermes.service import HermesService
+from hermes.service import get_service, host_pool
 from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.priority_probe import admitted_priority, probe_models
 
 # Every HTTP route that admits a request: (function, event file), streamed or not.
 ADMITTING = [
@@ -38,32 +40,24 @@ ADMITTING_PATHS = {
 }
 
 
-def spy_admissions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(model, priority) of every HermesService.admit call from now on; admission itself
-    runs as before."""
-    seen: list[tuple[str, str]] = []
-    original = HermesService.admit
-    signature = inspect.signature(original)
-
-    async def admit(self: HermesService, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        seen.append((bound.arguments["name"], bound.arguments["priority"]))
-        return await original(self, *args, **kwargs)
-
-    monkeypatch.setattr(HermesService, "admit", admit)
-    return seen
-
-
 @pytest.fixture(autouse=True)
-def env(aws: None, emulator: OllamaEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+def env(
+    aws: None, emulator: OllamaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     emulator.reset()
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    probe_models(tmp_path, monkeypatch, "gemma", "mistral")  # the models the events name
 
 
-@pytest.fixture
-def admitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    return spy_admissions(monkeypatch)
+def model_of(function: str, name: str) -> str:
+    return "mistral" if name == "openai_completions.json" else "gemma"
+
+
+def nothing_admitted(emulator: OllamaEmulator) -> bool:
+    """No backend call, no slot held, no place in a queue: the request was refused before
+    admission, as far as anything outside the process can tell."""
+    pool = host_pool("default")
+    return emulator.received() == [] and not get_service().limiter.usage([pool], True)[pool]
 
 
 def http(
@@ -104,7 +98,8 @@ def error_of(body: dict[str, Any]) -> tuple[str, str]:
     [("high", "high"), ("LOW", "low"), (" Normal ", "normal"), (None, "normal")],
 )
 def test_the_priority_header_reaches_admission_on_every_route(
-    admitted: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    emulator: OllamaEmulator,
     function: str,
     name: str,
     value: str | None,
@@ -112,25 +107,32 @@ def test_the_priority_header_reaches_admission_on_every_route(
 ) -> None:
     # Given a request with (or without) X-Hermes-Priority, in any case
     headers = {"x-hermes-priority": value} if value is not None else {}
-    # When it is served
-    status, body, _ = http(function, name, headers)
-    # Then it is answered, and was admitted once with that priority (normal by default)
-    assert status == 200, body
-    assert [priority for _, priority in admitted] == [expected]
+
+    def send() -> None:
+        # When it is served
+        status, body, _ = http(function, name, headers)
+        assert status == 200, body
+
+    # Then it was admitted with that priority (normal by default), and called the model
+    # once per request (one request probes a high priority, two the others)
+    assert admitted_priority(monkeypatch, model_of(function, name), send) == expected
+    assert len(emulator.received()) == (1 if expected == "high" else 2)
 
 
 def test_the_header_name_is_case_insensitive_as_a_rest_api_event_keeps_it(
-    admitted: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    status, body, _ = http("llm", "llm_generate.json", {"X-Hermes-Priority": "high"})
-    assert status == 200, body
-    assert admitted == [("gemma", "high")]
+    def send() -> None:
+        status, body, _ = http("llm", "llm_generate.json", {"X-Hermes-Priority": "high"})
+        assert status == 200, body
+
+    assert admitted_priority(monkeypatch, "gemma", send) == "high"
 
 
 @pytest.mark.parametrize(("function", "name"), [*ADMITTING, ("jobs", "jobs_submit.json")])
 @pytest.mark.parametrize("value", ["urgent", "", "hi gh", "1"])
 def test_a_bad_priority_header_is_a_400_naming_the_header_and_the_allowed_values(
-    admitted: list[tuple[str, str]], function: str, name: str, value: str
+    emulator: OllamaEmulator, function: str, name: str, value: str
 ) -> None:
     # Given a request whose X-Hermes-Priority is none of high, normal, low
     # When it is served
@@ -140,7 +142,7 @@ def test_a_bad_priority_header_is_a_400_naming_the_header_and_the_allowed_values
     message, code = error_of(body)
     assert code == "invalid_request"
     assert PRIORITY_HEADER in message and "high, normal, low" in message
-    assert admitted == []
+    assert nothing_admitted(emulator)
 
 
 def test_a_bad_header_on_hermes_own_routes_names_the_field_and_the_values() -> None:
@@ -170,25 +172,28 @@ def test_the_header_is_ignored_on_routes_that_admit_nothing() -> None:
     ],
 )
 def test_the_body_priority_wins_over_the_header_on_v1_llm(
-    admitted: list[tuple[str, str]], header: str | None, field: str | None, expected: str
+    monkeypatch: pytest.MonkeyPatch, header: str | None, field: str | None, expected: str
 ) -> None:
     headers = {"x-hermes-priority": header} if header is not None else {}
-    status, body, _ = http(
-        "llm", "llm_generate.json", headers, body={"prompt": "hi", "priority": field}
-    )
-    assert status == 200, body
-    assert admitted == [("gemma", expected)]
+
+    def send() -> None:
+        status, body, _ = http(
+            "llm", "llm_generate.json", headers, body={"prompt": "hi", "priority": field}
+        )
+        assert status == 200, body
+
+    assert admitted_priority(monkeypatch, "gemma", send) == expected
 
 
 @pytest.mark.parametrize("value", ["urgent", "HIGH", 1, ["high"]])
 def test_a_bad_body_priority_is_a_400_naming_the_field_and_the_allowed_values(
-    admitted: list[tuple[str, str]], value: Any
+    emulator: OllamaEmulator, value: Any
 ) -> None:
     status, body, _ = http("llm", "llm_generate.json", body={"prompt": "hi", "priority": value})
     assert (status, body["code"], body["field"]) == (400, "invalid_request", "priority")
     assert body["error"].startswith("field 'priority'")
     assert all(f"'{allowed}'" in body["error"] for allowed in ("high", "normal", "low"))
-    assert admitted == []
+    assert nothing_admitted(emulator)
 
 
 def test_the_compatible_apis_take_priority_from_the_header_only() -> None:
@@ -206,16 +211,25 @@ def direct(payload: dict[str, Any]) -> dict[str, Any]:
     return load_function("llm").handler(payload, LambdaContext())  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"model": "gemma", "prompt": "hi", "priority": "high"}, "high"),
+        ({"model": "gemma", "prompt": "hi", "priority": "low"}, "low"),
+        ({"model": "gemma", "prompt": "hi"}, "normal"),
+    ],
+)
 def test_a_direct_invoke_passes_its_priority_to_admission(
-    admitted: list[tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch, payload: dict[str, Any], expected: str
 ) -> None:
-    assert direct({"model": "gemma", "prompt": "hi", "priority": "high"})["result"]
-    assert direct({"model": "gemma", "prompt": "hi"})["result"]
-    assert admitted == [("gemma", "high"), ("gemma", "normal")]
+    def send() -> None:
+        assert direct(payload)["result"]
+
+    assert admitted_priority(monkeypatch, "gemma", send) == expected
 
 
 def test_a_direct_invoke_with_a_bad_priority_gets_an_error_object(
-    admitted: list[tuple[str, str]],
+    emulator: OllamaEmulator,
 ) -> None:
     answer = direct({"model": "gemma", "prompt": "hi", "priority": "urgent"})
     assert (answer["status"], answer["code"], answer["field"]) == (
@@ -224,7 +238,7 @@ def test_a_direct_invoke_with_a_bad_priority_gets_an_error_object(
         "priority",
     )
     assert "'high', 'normal' or 'low'" in answer["error"]
-    assert admitted == []
+    assert nothing_admitted(emulator)
 
 
 def test_a_retried_direct_invoke_may_change_its_priority_and_gets_the_stored_answer(

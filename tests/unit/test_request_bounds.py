@@ -3,7 +3,8 @@ context size or pin the model in memory. Per model, `max_num_ctx` is the context
 runs with (a larger one is a 400 naming the field, never clamped; a smaller one or none is
 replaced, as another num_ctx reloads the model in Ollama), callers' `keep_alive` is dropped
 unless `allow_keep_alive`, and the Ollama-native routes pass only documented fields and options.
-Through the real Lambda handlers with events/ files; what reaches the backend is recorded."""
+Through the real Lambda handlers with events/ files; what reaches the backend is what the
+emulator received."""
 
 from __future__ import annotations
 
@@ -42,24 +43,13 @@ def env(
     )
 
 
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Every body Hermes sends to the backend, as sent."""
-    bodies: list[dict[str, Any]] = []
-    backend = get_service().backends["default"]
-    complete, stream = backend.complete, backend.stream
-
-    async def recording_complete(path: str, body: dict[str, Any], timeout_s: float) -> Any:
-        bodies.append(body)
-        return await complete(path, body, timeout_s)
-
-    def recording_stream(path: str, body: dict[str, Any], timeout_s: float) -> Any:
-        bodies.append(body)
-        return stream(path, body, timeout_s)
-
-    monkeypatch.setattr(backend, "complete", recording_complete)
-    monkeypatch.setattr(backend, "stream", recording_stream)
-    return bodies
+def sent(emulator: OllamaEmulator) -> list[dict[str, Any]]:
+    """Every model call's body as the backend (the emulator) received it, less the `stream`
+    flag Hermes' client sets on each call."""
+    return [
+        {k: v for k, v in call.body.items() if k != "stream"}
+        for call in emulator.received("/api/generate", "/api/chat")
+    ]
 
 
 def call(function: str, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -126,12 +116,13 @@ def test_a_bad_bound_is_named_in_the_config_error(
     ],
 )
 def test_a_context_over_the_models_cap_is_refused_naming_the_field(
-    function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
+    function: str, name: str, body: dict[str, Any], emulator: OllamaEmulator
 ) -> None:
     status, answer = call(function, name, {**body, "options": {"num_ctx": CAP + 1}})
     assert (status, answer["code"]) == (400, "invalid_request"), answer
     assert "options.num_ctx" in message(answer) and str(CAP) in message(answer)
-    assert sent == [] and in_flight("gemma") == 0  # refused before any slot or backend call
+    # Refused before any slot or backend call
+    assert sent(emulator) == [] and in_flight("gemma") == 0
 
 
 def test_the_llm_400_carries_the_field_and_the_cap() -> None:
@@ -151,23 +142,25 @@ def test_the_llm_400_carries_the_field_and_the_cap() -> None:
     ],
 )
 def test_every_request_runs_at_the_models_context_whatever_it_asked_within_it(
-    function: str, name: str, body: dict[str, Any], sent: list[dict[str, Any]]
+    function: str, name: str, body: dict[str, Any], emulator: OllamaEmulator
 ) -> None:
     """CAP, a smaller context and none: the backend sees CAP each time, so the model is
     loaded once at the context its memory_cost was charged for."""
     for options in ({"num_ctx": CAP}, {"num_ctx": 512}, {}):
         status, _ = call(function, name, {**body, "options": options})
         assert status == 200
-    assert [b["options"]["num_ctx"] for b in sent] == [CAP, CAP, CAP]
+    assert [b["options"]["num_ctx"] for b in sent(emulator)] == [CAP, CAP, CAP]
 
 
-def test_a_model_without_a_cap_takes_any_valid_context(sent: list[dict[str, Any]]) -> None:
+def test_a_model_without_a_cap_takes_any_valid_context(emulator: OllamaEmulator) -> None:
     status, _ = call(
         "ollama_api",
         "ollama_generate.json",
         {"model": "mistral", "prompt": "hi", "options": {"num_ctx": 131072}},
     )
-    assert status == 200 and sent[0]["options"]["num_ctx"] == 131072
+    assert status == 200
+    (received,) = sent(emulator)
+    assert received["options"]["num_ctx"] == 131072
 
 
 @pytest.mark.parametrize("value", [True, "4096", 0, -1, 1.5])
@@ -181,7 +174,7 @@ def test_a_context_size_that_is_not_a_positive_integer_is_refused(value: Any) ->
 
 
 def test_the_openai_routes_have_no_context_field_and_pass_none(
-    sent: list[dict[str, Any]],
+    emulator: OllamaEmulator,
 ) -> None:
     """OpenAI's API has no context size; extra fields are accepted and ignored, so neither a
     smuggled options.num_ctx nor keep_alive reaches the backend: it runs at max_num_ctx."""
@@ -193,7 +186,8 @@ def test_the_openai_routes_have_no_context_field_and_pass_none(
     }
     status, _ = call("openai_api", "openai_chat.json", body)
     assert status == 200
-    assert sent[0]["options"]["num_ctx"] == CAP and "keep_alive" not in sent[0]
+    (received,) = sent(emulator)
+    assert received["options"]["num_ctx"] == CAP and "keep_alive" not in received
 
 
 # --- keep_alive ----------------------------------------------------------------------------
@@ -201,7 +195,7 @@ def test_the_openai_routes_have_no_context_field_and_pass_none(
 
 @pytest.mark.parametrize("name", ["ollama_generate.json", "ollama_chat.json"])
 def test_keep_alive_is_dropped_unless_the_model_allows_it(
-    name: str, sent: list[dict[str, Any]]
+    name: str, emulator: OllamaEmulator
 ) -> None:
     for model in ("gemma", "mistral"):
         body = {"model": model, "prompt": "hi", "keep_alive": -1}
@@ -212,7 +206,7 @@ def test_keep_alive_is_dropped_unless_the_model_allows_it(
                 "keep_alive": -1,
             }
         assert call("ollama_api", name, body)[0] == 200
-    pinned = {b["model"]: b.get("keep_alive") for b in sent}
+    pinned = {b["model"]: b.get("keep_alive") for b in sent(emulator)}
     assert pinned == {"gemma3:1b": None, "mistral:7b": -1}
 
 
@@ -243,15 +237,15 @@ def test_keep_alive_is_dropped_unless_the_model_allows_it(
     ],
 )
 def test_an_undocumented_field_or_option_is_a_400_naming_it(
-    name: str, body: dict[str, Any], field: str, sent: list[dict[str, Any]]
+    name: str, body: dict[str, Any], field: str, emulator: OllamaEmulator
 ) -> None:
     status, answer = call("ollama_api", name, body)
     assert (status, answer["code"]) == (400, "invalid_request"), answer
     assert f"'{field}'" in message(answer)
-    assert sent == []
+    assert sent(emulator) == []
 
 
-def test_every_documented_generate_field_passes_through(sent: list[dict[str, Any]]) -> None:
+def test_every_documented_generate_field_passes_through(emulator: OllamaEmulator) -> None:
     body = {
         "model": "gemma",
         "prompt": "def f(",
@@ -273,10 +267,10 @@ def test_every_documented_generate_field_passes_through(sent: list[dict[str, Any
     expected = {k: v for k, v in body.items() if k not in ("stream", "keep_alive")}
     expected["options"] = {"temperature": 0.1, "min_p": 0.05, "repeat_penalty": 1.1}
     expected["options"]["num_ctx"] = CAP  # the context the model runs with
-    assert sent == [{**expected, "model": "gemma3:1b"}]
+    assert sent(emulator) == [{**expected, "model": "gemma3:1b"}]
 
 
-def test_every_documented_chat_field_passes_through(sent: list[dict[str, Any]]) -> None:
+def test_every_documented_chat_field_passes_through(emulator: OllamaEmulator) -> None:
     tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
     message_ = {
         "role": "user",
@@ -299,10 +293,12 @@ def test_every_documented_chat_field_passes_through(sent: list[dict[str, Any]]) 
         "top_logprobs": 3,
     }
     assert call("ollama_api", "ollama_chat.json", body)[0] == 200
-    assert sent == [{**{k: v for k, v in body.items() if k != "stream"}, "model": "mistral:7b"}]
+    assert sent(emulator) == [
+        {**{k: v for k, v in body.items() if k != "stream"}, "model": "mistral:7b"}
+    ]
 
 
-def test_jobs_and_direct_invokes_refuse_a_context_over_the_cap(sent: list[dict[str, Any]]) -> None:
+def test_jobs_and_direct_invokes_refuse_a_context_over_the_cap(emulator: OllamaEmulator) -> None:
     over = {"prompt": "hi", "options": {"num_ctx": CAP + 1}}
     job = event("jobs_submit.json", path="/v1/jobs/gemma", body=json.dumps(over))
     job["pathParameters"] = {"model": "gemma"}
@@ -312,4 +308,4 @@ def test_jobs_and_direct_invokes_refuse_a_context_over_the_cap(sent: list[dict[s
     assert "options.num_ctx" in message(answer)
     direct = load_function("llm").handler({"model": "gemma", **over}, LambdaContext())
     assert (direct["code"], direct["status"]) == ("invalid_request", 400)
-    assert sent == [] and in_flight("gemma") == 0
+    assert sent(emulator) == [] and in_flight("gemma") == 0

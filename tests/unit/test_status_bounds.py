@@ -84,6 +84,9 @@ def test_status_reports_usage_of_more_hosts_than_one_batch_get_can_read(
     }
     use_models(monkeypatch, tmp_path, {"models": models, "hosts": hosts})
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
+    # What is tested here is the usage of 150 hosts, not how fast a loaded machine probes
+    # them (that bound has its own tests above and below): probes time out at 45 s here.
+    monkeypatch.setenv("HERMES_PROBE_TIMEOUT_S", "30")
     emulator.reset()
     client.cache_clear()
     service = get_service()
@@ -93,15 +96,47 @@ def test_status_reports_usage_of_more_hosts_than_one_batch_get_can_read(
     service.limiter.acquire(host_pool("gpu99"), service.counters("m99", m99), 60_000)
 
     status = load_function("status").handler
-    # No warm-up: the first call creates one httpx client per host, and they share one TLS
-    # context (one each took ~65 ms, which held the loop past the probes' 1.5 s).
     response = status(event("status.json"), LambdaContext())
     body = json.loads(response["body"])
     assert body["checks"]["dynamodb"]["status"] == "ok", body["checks"]
     assert body["checks"]["ollama"]["status"] == "ok", body["checks"]
+    assert emulator.stats()["meta_calls"]["/api/ps"] == 150  # every host probed, once
     in_flight = {m["name"]: m["in_flight"] for m in body["models"]}
     assert len(in_flight) == 150 and in_flight["m99"] == 1
     assert sum(in_flight.values()) == 1
     memory = {h["name"]: h["memory_in_use"] for h in body["hosts"]}
     assert memory["gpu99"] == 2 and sum(memory.values()) == 2
     client.cache_clear()
+
+
+def test_the_probes_of_many_hosts_run_at_once(
+    aws: None, silent_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts are probed concurrently: 20 wedged hosts cost one probe's wait, not 20. A host
+    that never answers holds its probe for HERMES_PROBE_TIMEOUT_S at least, so a serial
+    status could not answer before 20 x 0.5 s = 10 s however fast the machine: answering
+    sooner proves the concurrency (a loaded machine only adds to the concurrent time)."""
+    hosts = {f"gpu{i}": {"memory_budget": 8} for i in range(20)}
+    models = {
+        f"m{i}": {
+            "max_concurrency": 1,
+            "memory_cost": "low",
+            "timeout": 1000,
+            "backend_model": "gemma3:1b",
+            "host": f"gpu{i}",
+        }
+        for i in range(20)
+    }
+    use_models(monkeypatch, tmp_path, {"models": models, "hosts": hosts})
+    monkeypatch.setenv("OLLAMA_URL", silent_server)  # every host: accepts, never answers
+    probe_s = 0.5
+    monkeypatch.setenv("HERMES_PROBE_TIMEOUT_S", str(probe_s))
+    status = load_function("status").handler
+    started = time.monotonic()
+    response = status(event("status.json"), LambdaContext())
+    elapsed = time.monotonic() - started
+    body = json.loads(response["body"])
+    assert (response["statusCode"], body["status"]) == (503, "unhealthy")
+    assert len(body["failing"]["hosts"]) == 20  # every host probed, and each probe cut
+    assert elapsed >= probe_s  # the probes were waited for
+    assert elapsed < 20 * probe_s, elapsed  # and all at once, not one after the other
