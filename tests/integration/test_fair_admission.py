@@ -31,6 +31,7 @@ from tests.support.clock import Clock
 from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.dynamodb_limits import ExpressionWatch, item_size
 from tests.support.dynamodb_meter import WRITES, Meter
+from tests.support.threads import Background, results
 
 POOL = "host#gpu"
 
@@ -329,19 +330,17 @@ def serve_in_turn(limiter: Limiter, tickets: list[Ticket], held: Lease) -> list[
 
     def waiter(ticket: Ticket) -> None:
         lease = limiter.wait(ticket)
-        assert lease is not None
+        assert lease is not None, f"ticket {ticket.seq} timed out"
         with lock:
             order.append(ticket.ticket_id)
         time.sleep(0.005)
         limiter.release(lease)
 
-    threads = [threading.Thread(target=waiter, args=(t,)) for t in tickets]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.1)
+    # Each waiter's failure (an assert included) is raised here, in the test's thread.
+    waiters = [Background(waiter, t) for t in tickets]
+    # The order is the queue's, whenever the threads start polling: no need to wait for them.
     limiter.release(held)
-    for thread in threads:
-        thread.join(30)
+    results(waiters, timeout_s=60)
     return order
 
 
@@ -625,33 +624,35 @@ def documented_wcu(sizes: list[int], transaction: bool = True) -> int:
     return sum((2 if transaction else 1) * math.ceil(max(size, 1) / 1024) for size in sizes)
 
 
-@pytest.mark.parametrize("live", [1, 100, 1000])
-def test_the_cost_of_an_admission_grows_only_by_the_lease_ids_it_holds(
-    dynamodb: DynamoDBLocal, table: str, live: int
-) -> None:
-    """With `live` leases held on one host: a direct admission, a queued one (enqueue, handoff
-    in the holder's release, poll) and their releases cost the same requests at any scale;
-    the state item, which holds the live leases' ids, grows by at most 20 bytes a lease
-    (WCU: one per KB of it), every other item stays under 1 KB."""
-    client = client_of(dynamodb)
+def cost_at(db: ConflictingDynamoDB, table: str, live: int) -> dict[str, Any]:
+    """With `live` leases held on a host of its own: what a direct admission, a queued one
+    (enqueue, handoff in the holder's release, poll) and their releases cost, by request
+    and by WCU, and the sizes of the items they write (a client of its own: its meter
+    counts this size only)."""
+    client = client_of(db)
+    pool = f"host#live{live}"
     limiter = Limiter(client, table, notice_poller=False)  # every read counted here
     counters = [slot("gemma", live + 1), budget(10 * (live + 1), 2)]
 
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: persist(limiter.acquire, POOL, counters, 600_000), range(live - 1)))
+    with ThreadPoolExecutor(4) as threads:
+        list(
+            threads.map(
+                lambda _: persist(limiter.acquire, pool, counters, 600_000), range(live - 1)
+            )
+        )
     meter = Meter(client)
 
-    direct = limiter.acquire(POOL, counters, 600_000)
+    direct = limiter.acquire(pool, counters, 600_000)
     admit_wcu, admit_ops = meter.units(WRITES), dict(meter.ops())
     meter.reset()
     assert limiter.release(direct)
     release_wcu = meter.units(WRITES)
 
-    direct = limiter.acquire(POOL, counters, 600_000)
-    last = limiter.acquire(POOL, counters, 600_000)  # now full: live + 1
+    direct = limiter.acquire(pool, counters, 600_000)
+    last = limiter.acquire(pool, counters, 600_000)  # now full: live + 1
     meter.reset()
     ticket = limiter.enqueue(
-        POOL, counters, 600_000, wait_until_ms=int(time.time() * 1000) + 60_000
+        pool, counters, 600_000, wait_until_ms=int(time.time() * 1000) + 60_000
     )
     assert isinstance(ticket, Ticket)
     enqueue_wcu, enqueue_ops = meter.units(WRITES), dict(meter.ops())
@@ -663,7 +664,7 @@ def test_the_cost_of_an_admission_grows_only_by_the_lease_ids_it_holds(
     assert granted is not None
     poll_ops = dict(meter.ops())
 
-    state = client.get_item(TableName=table, Key={"pk": {"S": POOL}, "sk": {"S": "state"}})["Item"]
+    state = client.get_item(TableName=table, Key={"pk": {"S": pool}, "sk": {"S": "state"}})["Item"]
     notice = client.get_item(
         TableName=table, Key={"pk": {"S": f"grant#{granted.lease_id}"}, "sk": {"S": "grant"}}
     )["Item"]
@@ -673,7 +674,7 @@ def test_the_cost_of_an_admission_grows_only_by_the_lease_ids_it_holds(
     granted_release_wcu = meter.units(WRITES)
     limiter.release(direct)
 
-    figures = {
+    return {
         "live": live,
         "admit WCU": admit_wcu,
         "release WCU": release_wcu,
@@ -688,17 +689,25 @@ def test_the_cost_of_an_admission_grows_only_by_the_lease_ids_it_holds(
         "handoff ops": handoff_ops,
         "poll ops": poll_ops,
     }
-    print(f"\n  cost at {live} live leases: {figures}")
-    COST[live] = figures
-    assert admit_ops == {"UpdateItem": 1}
-    assert sizes["notice"] < 1024 and sizes["state"] < 600 + 20 * (live + 2)
-    if len(COST) > 1:
-        first = next(iter(COST.values()))
-        for key in ("admit ops", "enqueue ops", "handoff ops", "poll ops"):
-            assert figures[key] == first[key], key
 
 
-COST: dict[int, dict[str, Any]] = {}
+def test_the_cost_of_an_admission_grows_only_by_the_lease_ids_it_holds(
+    dynamodb: DynamoDBLocal, table: str
+) -> None:
+    """With 1, 100 and 1,000 leases held on one host (each size measured here, on a host of
+    its own): a direct admission, a queued one (enqueue, handoff in the holder's release,
+    poll) and their releases cost the same requests at every scale; the state item, which
+    holds the live leases' ids, grows by at most 20 bytes a lease (WCU: one per KB of it),
+    every other item stays under 1 KB."""
+    costs = [cost_at(dynamodb, table, live) for live in (1, 100, 1000)]
+    for figures in costs:
+        live = figures["live"]
+        print(f"\n  cost at {live} live leases: {figures}")
+        assert figures["admit ops"] == {"UpdateItem": 1}, figures
+        assert figures["sizes"]["notice"] < 1024, figures
+        assert figures["sizes"]["state"] < 600 + 20 * (live + 2), figures
+    for key in ("admit ops", "enqueue ops", "handoff ops", "poll ops"):
+        assert [figures[key] for figures in costs] == [costs[0][key]] * len(costs), key
 
 
 def test_a_waiter_writes_a_bounded_number_of_times_however_long_it_waits(
@@ -721,11 +730,10 @@ def test_a_waiter_writes_a_bounded_number_of_times_however_long_it_waits(
         result["lease"] = limiter.wait(got)
         result["waited_s"] = time.monotonic() - started
 
-    thread = threading.Thread(target=waiter, name="waiter")
-    thread.start()
-    time.sleep(3.0)
+    waiting = Background(waiter, name="waiter")  # its failures are raised by result()
+    time.sleep(3.0)  # how long it waits: what is measured, not a synchronization
     limiter.release(held)
-    thread.join(10)
+    waiting.result(timeout_s=30)
     writes, reads = meter.writes("waiter"), meter.reads("waiter")
     polls = meter.reads("hermes-notices")  # the process's notice poller, for every waiter
     print(

@@ -15,12 +15,16 @@ does) and counts what really reached the "GPU".
    served phase 1 admit 1,000 concurrent requests again, and not one more; all 1,000 answer
    200 and /v1/status shows nothing in flight at the end.
 
-Written against HTTP behaviour only (no limiter internals), so it holds for any limiter
-design. The model's timeout (hence its lease) has to outlast the admission of all 1,000:
-with a shorter one the first holders time out and free their slots before the last are
-admitted, and 1,000 are never held at once. DynamoDB Local grants a few dozen admissions a
-second on one host (one hot partition), so that takes tens of seconds, and so does the
-wait for the crashed leases to expire.
+Written against HTTP behaviour (no limiter internals; the lease table is read to know when
+each crashed lease's expiry bucket ends, the moment its slot may come back), so it holds
+for any limiter design. The model's timeout (hence its lease) has to outlast the admission
+of all 1,000: with a shorter one the first holders time out and free their slots before the
+last are admitted, and 1,000 are never held at once. DynamoDB Local grants a few dozen
+admissions a second on one host (one hot partition): about 20 s here on two loaded cores,
+40 s seen before. So the timeout is 120 s, room for a machine several times slower: the time
+taken is printed, never asserted; what is asserted is structural (no request answered, so
+none refused, before all 1,000 are in flight; exactly 1,000 leases in the lease table;
+capacity back exactly when the crashed leases' buckets end).
 
 The figures (time to admit all 1,000, admissions per second, wall times, peak in flight,
 time for capacity to come back against the lease) print with `-s`:
@@ -38,27 +42,31 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 
-from hermes.limiter.records import BUCKET_MS, bucket_of
+from hermes.limiter.records import BUCKET_MS, bucket_of, buckets_of
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
+from tests.support.lease_state import held_lease_ids
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 CAPACITY = 1000  # hermes.config.MAX_LEASES_PER_HOST, the most one host may hold
 MODEL = "wide"
 TAG = "gemma3:1b"  # its backend model, as the emulator counts it
-TIMEOUT_MS = 50_000  # room to admit 1,000 at ~25 a second on two loaded cores
+# Room to admit 1,000 at ~8 a second: several times slower than two loaded cores (~25-50).
+TIMEOUT_MS = 120_000
 MARGIN_MS = 500
-# A lease is the model's timeout + LeaseMarginMs + hermes.service.LEASE_SAFETY_MS (250 ms).
-# Until MIN_LEASE_S after a request was sent its lease cannot have expired.
-MIN_LEASE_S = (TIMEOUT_MS + MARGIN_MS) / 1000
-LEASE_S = MIN_LEASE_S + 0.25
+# A lease is the model's timeout + LeaseMarginMs + hermes.service.LEASE_SAFETY_MS (250 ms),
+# from the runner's clock when it admits: until LEASE_S after a request was sent its lease
+# cannot have expired.
+LEASE_MS = TIMEOUT_MS + MARGIN_MS + 250
+LEASE_S = LEASE_MS / 1000
 OVERFLOW = 30  # requests sent beyond the capacity while it is full
 MODELS = {
     "models": {
@@ -106,7 +114,14 @@ class Burst:
         self.outcomes: list[Outcome] = []
         self.started_at = 0.0
         self.wall_s = 0.0
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.error: BaseException | None = None  # what broke the burst itself, if anything
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # raised in the test's thread by join()
+            self.error = exc
 
     def start(self) -> Burst:
         self.started_at = time.monotonic()
@@ -120,6 +135,8 @@ class Burst:
     def join(self, timeout_s: float = 120) -> list[Outcome]:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), f"{self.n} requests still running after {timeout_s} s"
+        if self.error is not None:
+            raise self.error
         return self.outcomes
 
     async def _run(self) -> None:
@@ -137,10 +154,9 @@ class Burst:
         started = time.monotonic()
         try:
             response = await client.post(f"{url}/v1/llm/{MODEL}", json={"prompt": f"hi {i}"})
-        except httpx.TransportError as exc:
+            self.outcomes.append(outcome(response, started))
+        except (httpx.TransportError, ValueError) as exc:  # no answer, or not JSON
             self.outcomes.append(Outcome(None, None, None, time.monotonic() - started, repr(exc)))
-            return
-        self.outcomes.append(outcome(response, started))
 
 
 def tally(outcomes: Sequence[Outcome]) -> Counter[tuple[int | None, str | None]]:
@@ -157,23 +173,47 @@ def emulator_in_flight(emulator: EmulatorProcess) -> int:
 
 
 def wait_for_all_in_flight(emulator: EmulatorProcess, burst: Burst) -> float:
-    """Seconds from the burst's start until the emulator holds all of it at once. Before
-    the model's timeout: after it the first holders give their slots back."""
+    """Seconds from the burst's start until the emulator holds all of it at once (printed,
+    not bounded). No request of the burst may be answered before: the backend holds every
+    admitted one, and capacity is free until all are in, so any answer is a refusal with
+    capacity free (or an error), reported with the in-flight count and its text. The model's
+    timeout is not a bound the test sets but what holding them all at once needs (after it
+    the first holders are answered, which is reported the same way)."""
     deadline = burst.started_at + TIMEOUT_MS / 1000
     marks: dict[int, float] = {}
     while (seen := emulator_in_flight(emulator)) < burst.n:
         marks.setdefault(seen // 100 * 100, round(time.monotonic() - burst.started_at, 1))
-        assert not burst.done, (
-            f"the burst ended with {seen} in flight: {tally(burst.outcomes)}: "
-            f"{errors(burst.outcomes)}"
+        assert not burst.outcomes, (
+            f"answered with {seen} of {burst.n} in flight, capacity {CAPACITY} (seconds to "
+            f"reach each hundred: {marks}): {tally(burst.outcomes)}: {errors(burst.outcomes)}"
         )
+        assert burst.error is None, f"the burst broke with {seen} in flight: {burst.error!r}"
         assert time.monotonic() < deadline, (
-            f"only {seen} of {burst.n} admitted within the model's timeout of "
-            f"{TIMEOUT_MS / 1000:g} s (seconds to reach each hundred: {marks}); answered "
-            f"so far: {tally(burst.outcomes)}: {errors(burst.outcomes)}"
+            f"only {seen} of {burst.n} in flight within the model's timeout of "
+            f"{TIMEOUT_MS / 1000:g} s, none answered (seconds to reach each hundred: {marks})"
         )
         time.sleep(0.05)
     return time.monotonic() - burst.started_at
+
+
+def bucket_ends_ms(client: Any) -> list[int]:
+    """When each expiry bucket that holds a lease ends (epoch ms), as the lease table says:
+    a slot comes back once its lease's bucket has ended (records.Bucket.expired)."""
+    items: list[dict[str, Any]] = []
+    request: dict[str, Any] = {"TableName": "LeaseTable", "ConsistentRead": True}
+    while True:
+        page = client.scan(**request)
+        items += page["Items"]
+        if "LastEvaluatedKey" not in page:
+            break
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return sorted(
+        bucket.end * BUCKET_MS
+        for item in items
+        if item["sk"]["S"] == "state"
+        for bucket in buckets_of(item).values()
+        if bucket.ids
+    )
 
 
 def post_once(runner: HermesProcess) -> Outcome:
@@ -203,6 +243,8 @@ def spread(outcomes: Sequence[Outcome]) -> str:
 @dataclass
 class Fleet:
     emulator: EmulatorProcess
+    table: Any  # a DynamoDB client of the lease table's store (DynamoDB Local itself)
+    store: ConflictingDynamoDB
     doomed: list[HermesProcess]  # serve phase 1, then are SIGKILLed
     fresh: list[HermesProcess]  # never serve phase 1: one watches the crash, all serve phase 3
 
@@ -232,7 +274,7 @@ def fleet(
         started = time.monotonic()
         runners = [stack.enter_context(HermesProcess(env)) for _ in range(6)]
         print(f"\n6 runners started in {time.monotonic() - started:.1f} s")
-        yield Fleet(emulator, runners[:3], runners[3:])
+        yield Fleet(emulator, dynamodb_local.client(), conflict_store, runners[:3], runners[3:])
 
 
 def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fleet) -> None:
@@ -243,17 +285,37 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     # Phase 1: 1,000 admitted together over three runners, not one more.
     emulator.reset()
     emulator.set_behaviour(TAG, "hang")  # held until their runners die
+    fleet.store.reset()
+    sent_ms = time.time() * 1000  # no lease of phase 1 was granted before this
     burst = Burst([r.url for r in doomed], CAPACITY).start()
-    sent_at = burst.started_at  # no lease of phase 1 was granted before this
+    sent_at = burst.started_at
     admit_1 = wait_for_all_in_flight(emulator, burst)
     all_in_at = time.monotonic()  # every lease of phase 1 was granted before this
+    all_in_ms = time.time() * 1000
+    requests = sum(fleet.store.calls.values())
+    conflicts = sum(fleet.store.conflicts.values())
     held = watcher.in_flight(MODEL)
+    leases = held_lease_ids(fleet.table)
+    ends = bucket_ends_ms(fleet.table)
     assert_full(doomed + fresh)
     stats = emulator.stats()
     assert (held, stats["peak_in_flight"][TAG], stats["requests"][TAG]) == (CAPACITY,) * 3
+    # Exactly the 1,000 leases in the lease table (no leak, none lost), each for the whole
+    # lease from the request, each bucket ending at most one bucket after the lease.
+    assert (len(leases), len(set(leases))) == (CAPACITY, CAPACITY)
+    # An admission is one conditional write to the host's state item (1.0 a request here):
+    # twice that would be retries or reads on the hot item, whatever the machine's speed.
+    assert requests <= 2 * CAPACITY, dict(fleet.store.calls)
+    bucket_ms = bucket_of(1, LEASE_MS) * BUCKET_MS
+    assert sent_ms + LEASE_MS <= ends[0] and ends[-1] <= all_in_ms + LEASE_MS + bucket_ms, (
+        sent_ms,
+        all_in_ms,
+        ends,
+    )
     print(
         f"phase 1: all {CAPACITY} in flight {admit_1:.1f} s after the first was sent "
-        f"({CAPACITY / admit_1:.0f} admissions/s over 3 runners); /v1/status said {held}; "
+        f"({CAPACITY / admit_1:.0f} admissions/s over 3 runners; {requests} DynamoDB "
+        f"requests, {conflicts} conflicts); /v1/status said {held}; "
         f"{OVERFLOW} more got 429 model_busy; peak in flight {stats['peak_in_flight'][TAG]}"
     )
 
@@ -268,18 +330,29 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     held = watcher.in_flight(MODEL)
     busy = post_once(watcher)
     busy_at = time.monotonic()
+    assert time.time() * 1000 < ends[0], "too slow to tell held capacity from expired leases"
     assert (busy.status, busy.code) == (429, "model_busy"), busy.error
     assert busy.retry_after is not None
     assert held == CAPACITY
-    assert busy_at - sent_at < MIN_LEASE_S, "too slow to tell held capacity from expired leases"
     probes = 0
-    while (probe := post_once(watcher)).status != 200:
+    while True:
+        probe_sent_ms = time.time() * 1000
+        probe = post_once(watcher)
+        if probe.status == 200:
+            break
         assert (probe.status, probe.code) == (429, "model_busy"), probe.error
-        assert time.monotonic() - all_in_at < LEASE_S + 30, "capacity never came back"
+        # Once the first crashed lease's bucket has ended, the next request takes its slot.
+        assert probe_sent_ms <= ends[0], (
+            f"refused {(probe_sent_ms - ends[0]) / 1000:.2f} s after the first crashed "
+            f"lease's bucket ended: {probe.error}"
+        )
+        assert time.monotonic() - all_in_at < LEASE_S + 60, "capacity never came back"
         probes += 1
         time.sleep(0.25)
     first_back = time.monotonic() - sent_at
-    assert first_back >= MIN_LEASE_S, "a lease was taken over before it expired"
+    # Never early: not within the lease of the first request, nor before its bucket ended.
+    assert first_back >= LEASE_S, "a lease was taken over before it expired"
+    assert time.time() * 1000 > ends[0], "a slot came back before its lease's bucket ended"
     print(
         f"phase 2: SIGKILL of the 3 runners took {killed_at - all_in_at:.2f} s; then "
         f"/v1/status said {held} in flight and a new request got 429 model_busy "
@@ -289,9 +362,8 @@ def test_1000_leases_on_one_host_across_three_runners_and_their_crash(fleet: Fle
     )
 
     # Phase 3: once the last lease of phase 1 has expired and its expiry bucket ended (at
-    # most one bucket later), all 1,000 slots are back.
-    bucket_s = bucket_of(1, int(LEASE_S * 1000)) * BUCKET_MS / 1000
-    time.sleep(max(0.0, all_in_at + LEASE_S + bucket_s + 0.1 - time.monotonic()))
+    # most one bucket later: asserted above), all 1,000 slots are back.
+    time.sleep(max(0.0, (ends[-1] - time.time() * 1000) / 1000 + 0.01))
     emulator.reset()
     emulator.set_behaviour(TAG, "hold")  # until released below
     burst = Burst([r.url for r in fresh], CAPACITY).start()
