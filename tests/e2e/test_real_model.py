@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from local.cpu_variant import choose_for_this_machine, llama_cpp_lib_dir
 from local.dynamodb_local import DynamoDBLocal, free_port
 from local.embedded_model import ALIAS, ModelServer
 from tests.support.hermes_process import HermesProcess
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.real_model
 
@@ -80,20 +80,30 @@ def test_two_requests_beyond_a_limit_of_one_give_one_200_and_one_429(hermes: Her
     first: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: first.update(response=generate(hermes, tokens=96)))
     worker.start()
-    deadline = time.monotonic() + 30
-    while hermes.in_flight("gemma") < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: hermes.in_flight("gemma") >= 1, 30, "the first request holds gemma's slot")
     second = generate(hermes)
     worker.join(timeout=120)
     assert (second.status_code, second.json()["code"]) == (429, "model_busy")
     assert first["response"].status_code == 200
 
 
-def test_a_tiny_timeout_gives_504_and_frees_the_slot(hermes: HermesProcess) -> None:
-    response = generate(hermes, "gemma_hasty", tokens=400)
+def test_a_tiny_timeout_gives_504_and_frees_the_slot(
+    hermes: HermesProcess, model_server: ModelServer
+) -> None:
+    # 64 tokens take seconds on a CPU, far beyond 150 ms, and the abandoned generation
+    # (llama_cpp.server finishes what it started) holds the server only that long.
+    response = generate(hermes, "gemma_hasty", tokens=64)
     assert (response.status_code, response.json()["code"]) == (504, "upstream_timeout")
     assert hermes.in_flight("gemma_hasty") == 0
-    time.sleep(2)  # let the model server finish the abandoned generation before the next test
+    # The model server idle again before the next test: it runs one generation at a time
+    # (llama_cpp.server's lock), so a one-token completion sent to it directly is answered
+    # once the abandoned generation is over.
+    idle = httpx.post(
+        f"{model_server.url}/v1/completions",
+        json={"model": ALIAS, "prompt": "x", "max_tokens": 1},
+        timeout=120,
+    )
+    assert idle.status_code == 200, idle.text
 
 
 def test_the_official_openai_client_streams_real_tokens_through_hermes(

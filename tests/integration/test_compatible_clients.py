@@ -14,8 +14,13 @@ import openai
 import pytest
 
 from local.dynamodb_local import DynamoDBLocal
+from tests.integration.conftest import TEST_MODELS
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
+
+# llama3's timeout: a call Hermes forgot would be cut then (and its lease end later still).
+LLAMA3_TIMEOUT_S = TEST_MODELS["models"]["llama3"]["timeout"] / 1000
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,9 @@ def hold_llama3(hermes: HermesProcess, emulator: OllamaEmulator) -> threading.Th
         daemon=True,
     )
     holder.start()
-    while emulator.stats()["in_flight"].get("llama3:8b", 0) < 1:
-        time.sleep(0.01)
+    wait_until(
+        lambda: emulator.stats()["in_flight"].get("llama3:8b", 0) >= 1, 15, "llama3's slot held"
+    )
     return holder
 
 
@@ -113,22 +119,32 @@ def test_ollama_errors_are_the_clients_own_exceptions(
         ollama_client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
     assert busy.value.status_code == 429 and "capacity" in busy.value.error
     holder.join(timeout=15)
+    assert not holder.is_alive(), "the held llama3 request never ended"
 
 
 def test_a_client_that_disconnects_mid_stream_releases_its_slot(
     ollama_client: ollama.Client, hermes: HermesProcess, emulator: OllamaEmulator
 ) -> None:
+    # Given a stream of 200 tokens at 50 ms (10 s: longer than llama3's 5 s timeout)
     emulator.set_behaviour(model="llama3:8b", mode="ok", tokens=200, token_delay_ms=50)
+    started = time.monotonic()  # before the admission: the timeout and lease start later
     stream = ollama_client.generate(model="llama3", prompt="a long story", stream=True)
     next(stream)
     assert hermes.in_flight("llama3") == 1
-    stream.close()  # closes the HTTP response mid-stream
+    # When the client closes the HTTP response mid-stream
+    stream.close()
     ollama_client._client.close()
-    deadline = time.monotonic() + 2
-    while hermes.in_flight("llama3") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert hermes.in_flight("llama3") == 0
-    assert emulator.stats()["in_flight"].get("llama3:8b", 0) == 0  # Ollama was told to stop
+    # Then the slot is free and Ollama was told to stop, before llama3's timeout could have
+    # ended the call (and so before its lease, longer still, could have expired): released
+    # because the client left, however slow the machine is up to that bound.
+    before_timeout = started + LLAMA3_TIMEOUT_S
+    wait_until(lambda: hermes.in_flight("llama3") == 0, 30, "llama3's slot released")
+    wait_until(
+        lambda: emulator.stats()["in_flight"].get("llama3:8b", 0) == 0, 30, "Ollama told to stop"
+    )
+    freed_in = time.monotonic() - started
+    print(f"released {freed_in:.2f} s after the request started")
+    assert time.monotonic() < before_timeout, f"released only {freed_in:.2f} s after the start"
 
 
 # -- openai ----------------------------------------------------------------------------
@@ -184,3 +200,4 @@ def test_openai_errors_are_the_clients_own_exceptions(
         )
     assert busy.value.response.headers["retry-after"]
     holder.join(timeout=15)
+    assert not holder.is_alive(), "the held llama3 request never ended"

@@ -17,6 +17,7 @@ import pytest
 from local.embedded_moto import start_embedded_moto
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +90,17 @@ def test_a_duplicate_delivery_calls_the_model_once(
         QueueUrl=queue, MessageBody=json.dumps({"job_id": job_id})
     )  # SQS at-least-once
     assert wait_for(runner, job_id)[-1]["status"] == "succeeded"
-    time.sleep(1)  # let the duplicate be consumed too
-    assert (
-        sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])[
-            "Attributes"
-        ]["ApproximateNumberOfMessages"]
-        == "0"
-    )
+
+    # Both deliveries consumed: none waiting and none received but not yet deleted (the poller
+    # deletes a message once the worker has handled it, so the duplicate's run is over).
+    def consumed() -> bool:
+        counts = sqs.get_queue_attributes(
+            QueueUrl=queue,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return set(counts.values()) == {"0"}
+
+    wait_until(consumed, 20, "both deliveries of the job consumed")
     assert emulator.stats()["requests"]["gemma3:1b"] == 1
 
 
@@ -108,8 +113,9 @@ def test_a_busy_model_delays_a_job_instead_of_failing_it(
         daemon=True,
     )
     holder.start()
-    while emulator.stats()["in_flight"].get("llama3:8b", 0) < 1:
-        time.sleep(0.01)
+    wait_until(
+        lambda: emulator.stats()["in_flight"].get("llama3:8b", 0) >= 1, 15, "llama3's slot held"
+    )
     emulator.set_behaviour(model="llama3:8b", mode="ok")  # later calls answer
     states = wait_for(runner, submit(runner, "llama3"), timeout_s=30)
     assert ("queued", "model_busy") in [(s["status"], s.get("code")) for s in states]
@@ -126,14 +132,15 @@ def test_a_poisoned_job_lands_in_the_dead_letter_queue_and_reads_failed(
     final = wait_for(runner, job_id, timeout_s=30)[-1]
     assert (final["status"], final["code"], final["attempts"]) == ("failed", "upstream_error", 3)
     dlq = sqs.get_queue_url(QueueName="JobsDLQ")["QueueUrl"]
-    bodies: list[str] = []
-    deadline = time.monotonic() + 10
-    while not bodies and time.monotonic() < deadline:
-        bodies = [
+    bodies = wait_until(
+        lambda: [
             m["Body"]
             for m in sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10).get("Messages", [])
-        ]
-        time.sleep(0.2)
+        ],
+        10,
+        "a message in the dead-letter queue",
+        interval_s=0.2,
+    )
     assert {"job_id": job_id} in [json.loads(b) for b in bodies]
 
 

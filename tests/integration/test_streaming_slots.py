@@ -16,11 +16,22 @@ import pytest
 
 from hermes.limiter import Limiter
 from hermes.placement import host_pool
+from hermes.service import LEASE_SAFETY_MS
 from local.dynamodb_local import DynamoDBLocal
 from tests.support.hermes_process import HermesProcess
 from tests.support.ollama_emulator import OllamaEmulator
+from tests.support.polling import wait_until
 
+# A lease is the call's time plus the reserve (HERMES_LEASE_MARGIN_MS + LEASE_SAFETY_MS) that
+# covers ending the call and releasing. What these tests prove is measured against the leases:
+# whatever happens before a lease could have expired did not wait for it to expire. A margin
+# of 2 s (the default is 5 s) leaves a loaded machine time to end and release a call, while
+# the calls themselves are cut by the models' timeouts as before.
+LEASE_MARGIN_MS = 2000
+RESERVE_S = (LEASE_MARGIN_MS + LEASE_SAFETY_MS) / 1000
 BRIEF_TIMEOUT_S = 1.5
+SOLO_TIMEOUT_S = 10
+SOLO_QUEUE_TIMEOUT_S = 8
 MODELS = {
     "models": {
         # A short call: its lease ends long before the emulator's answer would.
@@ -34,8 +45,8 @@ MODELS = {
         "solo": {
             "max_concurrency": 1,
             "memory_cost": "low",
-            "timeout": 10_000,
-            "queue_timeout_ms": 8_000,
+            "timeout": SOLO_TIMEOUT_S * 1000,
+            "queue_timeout_ms": SOLO_QUEUE_TIMEOUT_S * 1000,
             "backend_model": "llama3:8b",
         },
     }
@@ -53,7 +64,12 @@ def hermes(
     dynamodb_local.reset_tables()
     models = tmp_path_factory.mktemp("streaming") / "models.json"
     models.write_text(json.dumps(MODELS))
-    env = {**runner_env, "HERMES_MODELS_FILE": str(models), "HERMES_MAX_PROMPT_CHARS": "50000"}
+    env = {
+        **runner_env,
+        "HERMES_MODELS_FILE": str(models),
+        "HERMES_MAX_PROMPT_CHARS": "50000",
+        "HERMES_LEASE_MARGIN_MS": str(LEASE_MARGIN_MS),
+    }
     with HermesProcess(env) as process:
         yield process
 
@@ -101,14 +117,13 @@ def read_body(sock: socket.socket) -> bytes:
     return bytes(body)
 
 
-def until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> float:
-    """Seconds until `condition` held (polled); inf if it never did within `timeout_s`."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(interval_s)
-    return float("inf")
+def by(condition: Callable[[], bool], limit: float, what: str) -> float:
+    """Poll `condition` until it holds, and fail naming `what` unless it held by `limit` (a
+    time.monotonic() instant). Returns the instant it was seen to hold."""
+    wait_until(condition, max(limit - time.monotonic(), 0) + 5, what, interval_s=0.05)
+    seen = time.monotonic()
+    assert seen < limit, f"{what}: only {seen - limit:.2f} s after the bound"
+    return seen
 
 
 def test_a_slow_reader_cannot_keep_the_backend_call_past_its_lease(
@@ -118,14 +133,21 @@ def test_a_slow_reader_cannot_keep_the_backend_call_past_its_lease(
     emulator.set_behaviour(model="mistral:7b", mode="ok", tokens=2000, token_delay_ms=2)
     body = {"model": "brief", "prompt": WORD, "stream": True}
     # When a client asks for it and then reads nothing
+    sent = time.monotonic()  # before the lease was taken: it expires after sent + its length
+    lease_ends = sent + BRIEF_TIMEOUT_S + RESERVE_S
     sock = send_request(hermes.url, "/api/generate", body, rcvbuf=4096)
     try:
-        assert until(lambda: emulator.stats()["requests"].get("mistral:7b") == 1, 5) < 5
-        ended_in = until(lambda: emulator.stats()["in_flight"]["mistral:7b"] == 0, 6)
-        print(f"the backend call ended {ended_in:.2f} s after it started")
-        # Then the backend call ended with the lease, while the client still read nothing
-        assert ended_in < BRIEF_TIMEOUT_S + 1.5, "the backend call outlived its lease"
-        assert until(lambda: hermes.in_flight("brief") == 0, 2) < 2  # slot released
+        wait_until(lambda: emulator.stats()["requests"].get("mistral:7b") == 1, 30, "the call")
+        # Then the backend call ended before its lease could have expired, while the client
+        # still read nothing (a call that waited for the reader would go on for ever)
+        ended = by(
+            lambda: emulator.stats()["in_flight"]["mistral:7b"] == 0,
+            lease_ends,
+            "the backend call ended within its lease",
+        )
+        print(f"the backend call ended {ended - sent:.2f} s after the request was sent")
+        # And its slot was released, not left to expire
+        by(lambda: hermes.in_flight("brief") == 0, lease_ends, "brief's slot released")
         # And when the client finally reads, the stream ends with the timeout line
         lines = read_body(sock).splitlines()
     finally:
@@ -167,27 +189,40 @@ def test_a_streamed_request_whose_client_left_while_waiting_frees_its_place_and_
     holder = threading.Thread(
         target=lambda: first.append(read_body(send_request(hermes.url, path, body))), daemon=True
     )
+    # Every lease of solo (the first's, and one handed to the second) is taken after this, so
+    # none can expire before it + solo's lease length
+    first_sent = time.monotonic()
     holder.start()
-    assert until(lambda: emulator.stats()["in_flight"]["llama3:8b"] == 1, 5) < 5
+    wait_until(lambda: emulator.stats()["in_flight"]["llama3:8b"] == 1, 30, "solo's slot held")
     # And a second streamed request waiting for that slot
+    waiter_sent = time.monotonic()  # its place lapses after waiter_sent + its queue timeout
     waiter = send_request(hermes.url, path, body)
-    assert until(lambda: limiter.waiting(pool) == 1, 5) < 5
+    wait_until(lambda: limiter.waiting(pool) == 1, 30, "the second request waiting")
 
     # When the second client disconnects
+    left = time.monotonic()
     waiter.close()
 
-    # Then its place in the queue is given back at once
-    freed_in = until(lambda: limiter.waiting(pool) == 0, 3)
-    print(f"the place was given back {freed_in:.2f} s after the client left")
-    assert freed_in < 3, "the place was kept"
-    # And when the first request ends, the slot is free (not held until its lease expires)
+    # Then its place in the queue is given back before it could have lapsed
+    freed = by(
+        lambda: limiter.waiting(pool) == 0,
+        waiter_sent + SOLO_QUEUE_TIMEOUT_S,
+        "the place given back before its queue timeout",
+    )
+    print(f"the place was given back {freed - left:.2f} s after the client left")
+    # And when the first request ends, the slot is free before any lease of solo could have
+    # expired (not held until then)
     emulator.set_behaviour(model="llama3:8b", mode="ok")
     release(emulator)
-    holder.join(10)
+    holder.join(30)
     assert first and first[0], "the first request did not complete"
-    free_in = until(lambda: hermes.in_flight("solo") == 0, 3)
-    print(f"the slot was free {free_in:.2f} s after the first request ended")
-    assert free_in < 3, "the slot was kept"
+    ended = time.monotonic()
+    free = by(
+        lambda: hermes.in_flight("solo") == 0,
+        first_sent + SOLO_TIMEOUT_S + RESERVE_S,
+        "solo's slot free before a lease of it could have expired",
+    )
+    print(f"the slot was free {free - ended:.2f} s after the first request ended")
     third = httpx.post(f"{hermes.url}/v1/llm/solo", json={"prompt": "hi"}, timeout=15)
     assert third.status_code == 200, third.text
     assert emulator.stats()["requests"]["llama3:8b"] == 2  # the second never reached Ollama
