@@ -19,7 +19,8 @@ def client(service: str) -> Any:
         # "standard" mode waits up to 1 then 2 s: throttling and conflicts are ridden out by
         # the limiter itself, with jitter and within each request's deadline, and a release
         # near an invocation's end cannot afford seconds inside one call. Worst case for one
-        # call: 3 x (1 + 2) s + 0.15 s. The limiter stays safe whatever the latency (a
+        # call: 3 x (1 + 2) s + 0.15 s, after the limiter's own first try on its light client
+        # (2 s) for the calls it makes that way. The limiter stays safe whatever the latency (a
         # holder's run time comes from the lease as granted, and a write whose answer is
         # lost is withdrawn), so these only bound how long a caller waits.
         config=Config(
