@@ -53,6 +53,10 @@ def hermes(
         "HERMES_MODELS_FILE": str(path),
         "HERMES_LEASE_MARGIN_MS": "1000",
         "HERMES_EMBEDDED_MODEL": "0",  # this test brings its own model server
+        # Status answers for the moment it is asked (no cached probe from a moment the CPU
+        # was generating), and a probe of a CPU-bound server on a loaded machine gets 5 s.
+        "HERMES_STATUS_PROBE_INTERVAL_S": "0",
+        "HERMES_PROBE_TIMEOUT_S": "5",
     }
     with HermesProcess(env) as runner:
         yield runner
