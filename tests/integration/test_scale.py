@@ -52,7 +52,7 @@ from local.dynamodb_local import DynamoDBLocal
 from tests.support.conflict_store import ConflictingDynamoDB
 from tests.support.emulator_process import EmulatorProcess
 from tests.support.hermes_process import HermesProcess
-from tests.support.lease_state import held_lease_ids
+from tests.support.lease_state import held_lease_ids, state_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -199,18 +199,9 @@ def wait_for_all_in_flight(emulator: EmulatorProcess, burst: Burst) -> float:
 def bucket_ends_ms(client: Any) -> list[int]:
     """When each expiry bucket that holds a lease ends (epoch ms), as the lease table says:
     a slot comes back once its lease's bucket has ended (records.Bucket.expired)."""
-    items: list[dict[str, Any]] = []
-    request: dict[str, Any] = {"TableName": "LeaseTable", "ConsistentRead": True}
-    while True:
-        page = client.scan(**request)
-        items += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            break
-        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     return sorted(
         bucket.end * BUCKET_MS
-        for item in items
-        if item["sk"]["S"] == "state"
+        for item in state_items(client)
         for bucket in buckets_of(item).values()
         if bucket.ids
     )

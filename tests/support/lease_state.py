@@ -8,8 +8,8 @@ from typing import Any
 from hermes.limiter.records import buckets_of
 
 
-def held_lease_ids(client: Any, table: str = "LeaseTable") -> list[str]:
-    """The ids of every lease the table's state items hold, expired or not."""
+def state_items(client: Any, table: str = "LeaseTable") -> list[dict[str, Any]]:
+    """Every pool's state item, read consistently, all pages."""
     items: list[dict[str, Any]] = []
     request: dict[str, Any] = {"TableName": table, "ConsistentRead": True}
     while True:
@@ -18,10 +18,14 @@ def held_lease_ids(client: Any, table: str = "LeaseTable") -> list[str]:
         if "LastEvaluatedKey" not in page:
             break
         request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return [item for item in items if item["sk"]["S"] == "state"]
+
+
+def held_lease_ids(client: Any, table: str = "LeaseTable") -> list[str]:
+    """The ids of every lease the table's state items hold, expired or not."""
     return [
         lease_id
-        for item in items
-        if item["sk"]["S"] == "state"
+        for item in state_items(client, table)
         for bucket in buckets_of(item).values()
         for lease_id in bucket.ids
     ]

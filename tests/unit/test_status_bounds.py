@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,21 @@ from tests.support.dynamodb_limits import ExpressionWatch
 from tests.support.lambda_calls import LambdaContext, event, load_function
 from tests.support.models_file import use_models
 from tests.support.ollama_emulator import OllamaEmulator
+
+
+def a_model_per_host(n: int, max_concurrency: int, cost: str) -> dict[str, Any]:
+    """A models file of `n` hosts gpu0… with one model m0… each."""
+    models = {
+        f"m{i}": {
+            "max_concurrency": max_concurrency,
+            "memory_cost": cost,
+            "timeout": 1000,
+            "backend_model": "gemma3:1b",
+            "host": f"gpu{i}",
+        }
+        for i in range(n)
+    }
+    return {"models": models, "hosts": {f"gpu{i}": {"memory_budget": 8} for i in range(n)}}
 
 
 @pytest.fixture
@@ -71,18 +87,7 @@ def test_status_reports_usage_of_more_hosts_than_one_batch_get_can_read(
     dynamodb_limits: ExpressionWatch,
 ) -> None:
     """BatchGetItem reads at most 100 keys per call: 150 hosts take two."""
-    hosts = {f"gpu{i}": {"memory_budget": 8} for i in range(150)}
-    models = {
-        f"m{i}": {
-            "max_concurrency": 2,
-            "memory_cost": "medium",
-            "timeout": 1000,
-            "backend_model": "gemma3:1b",
-            "host": f"gpu{i}",
-        }
-        for i in range(150)
-    }
-    use_models(monkeypatch, tmp_path, {"models": models, "hosts": hosts})
+    use_models(monkeypatch, tmp_path, a_model_per_host(150, max_concurrency=2, cost="medium"))
     monkeypatch.setenv("OLLAMA_URL", emulator.url)
     # What is tested here is the usage of 150 hosts, not how fast a loaded machine probes
     # them (that bound has its own tests above and below): probes time out at 45 s here.
@@ -116,18 +121,7 @@ def test_the_probes_of_many_hosts_run_at_once(
     that never answers holds its probe for HERMES_PROBE_TIMEOUT_S at least, so a serial
     status could not answer before 20 x 0.5 s = 10 s however fast the machine: answering
     sooner proves the concurrency (a loaded machine only adds to the concurrent time)."""
-    hosts = {f"gpu{i}": {"memory_budget": 8} for i in range(20)}
-    models = {
-        f"m{i}": {
-            "max_concurrency": 1,
-            "memory_cost": "low",
-            "timeout": 1000,
-            "backend_model": "gemma3:1b",
-            "host": f"gpu{i}",
-        }
-        for i in range(20)
-    }
-    use_models(monkeypatch, tmp_path, {"models": models, "hosts": hosts})
+    use_models(monkeypatch, tmp_path, a_model_per_host(20, max_concurrency=1, cost="low"))
     monkeypatch.setenv("OLLAMA_URL", silent_server)  # every host: accepts, never answers
     probe_s = 0.5
     monkeypatch.setenv("HERMES_PROBE_TIMEOUT_S", str(probe_s))
